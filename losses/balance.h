@@ -1,0 +1,63 @@
+// Load-balancing losses and balance statistics, as pure functions (see shared spec
+// global-lbl.md). Letters: T tokens, B sequences, S positions, E experts, K top-k.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <string>
+
+namespace gbmoe {
+
+/// The set of tokens over which the selection frequencies f are computed.
+/// Micro: the rank's own micro-batch. Sequence: each sequence, losses averaged over sequences.
+enum class BalanceScope { Micro, Sequence };
+
+std::string to_string(BalanceScope s);
+BalanceScope balance_scope_from_string(const std::string& name);
+
+/// Example:
+///   BalanceOptions().scope(BalanceScope::Micro).alpha(0.01)
+struct BalanceOptions {
+  TORCH_ARG(BalanceScope, scope) = BalanceScope::Micro;
+  /// Weight alpha of the load-balancing loss; the loss equals alpha at perfect balance.
+  TORCH_ARG(double, alpha) = 0.01;
+
+ public:
+  void validate() const;
+};
+
+/// Selection frequencies f_i = c_i / (K n): counts (E,) of n tokens' top-K selections.
+/// Returned in fp64, without gradient.
+torch::Tensor selection_frequency(const torch::Tensor& counts, double num_tokens, int64_t top_k);
+
+/// Mean score P_i = (1/n) sum_{t valid} s_{t,i}. scores: (T, E); valid: (T,) bool or undefined.
+/// Differentiable in scores.
+torch::Tensor mean_scores(const torch::Tensor& scores, const torch::Tensor& valid = {});
+
+/// LBL(f, P) = alpha * E * sum_i f_i * P_i, with f = counts / (K * num_tokens).
+/// counts and num_tokens may be counted over a larger set than P (the global batch): only P
+/// carries gradient. Equals alpha at perfect balance and alpha * E when every token picks
+/// the same expert with K = 1.
+torch::Tensor load_balancing_loss(const torch::Tensor& counts, double num_tokens,
+                                  const torch::Tensor& prob_mean, int64_t top_k, double alpha);
+
+/// Micro-batch LBL: f and P both over the valid tokens of this micro-batch.
+/// scores: (T, E); expert_ids: (T, K); valid: (T,) bool or undefined.
+torch::Tensor micro_load_balancing_loss(const torch::Tensor& scores,
+                                        const torch::Tensor& expert_ids, const torch::Tensor& valid,
+                                        double alpha);
+
+/// Sequence LBL (DeepSeek seq-aux): for each sequence b with n_b > 0 valid tokens,
+/// LBL(f(b), P(b)); averaged over those sequences.
+/// scores: (B, S, E); expert_ids: (B, S, K); valid: (B, S) bool or undefined.
+torch::Tensor sequence_load_balancing_loss(const torch::Tensor& scores,
+                                           const torch::Tensor& expert_ids,
+                                           const torch::Tensor& valid, double alpha);
+
+/// Router z-loss (ST-MoE): beta * mean_{t valid} (logsumexp_i z_{t,i})^2. logits: (T, E).
+torch::Tensor router_z_loss(const torch::Tensor& logits, const torch::Tensor& valid, double beta);
+
+/// MaxVio = (max_i c_i - mean_i c_i) / mean_i c_i of selection counts (E,); 0 when empty.
+double max_violation(const torch::Tensor& counts);
+
+}  // namespace gbmoe

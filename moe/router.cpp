@@ -1,0 +1,91 @@
+// Router: fp32 gate, score function, top-k selection, counts over valid tokens.
+#include "moe/router.h"
+
+namespace gbmoe {
+
+std::string to_string(ScoreFunction f) {
+  return f == ScoreFunction::Softmax ? "softmax" : "sigmoid";
+}
+
+ScoreFunction score_function_from_string(const std::string& name) {
+  if (name == "softmax") return ScoreFunction::Softmax;
+  if (name == "sigmoid") return ScoreFunction::Sigmoid;
+  TORCH_CHECK(false, "score_function (", name, ") must be softmax or sigmoid");
+}
+
+void RouterOptions::validate() const {
+  TORCH_CHECK(dim() > 0, "router dim (", dim(), ") must be > 0");
+  TORCH_CHECK(num_experts() > 0, "num_experts (", num_experts(), ") must be > 0");
+  TORCH_CHECK(top_k() >= 1 && top_k() <= num_experts(), "top_k (", top_k(),
+              ") must be in [1, num_experts (", num_experts(), ")]");
+  TORCH_CHECK(z_loss_coef() >= 0, "z_loss_coef (", z_loss_coef(), ") must be >= 0");
+  TORCH_CHECK(init_std() > 0, "router init_std (", init_std(), ") must be > 0");
+}
+
+RouterImpl::RouterImpl(RouterOptions options_) : options(std::move(options_)) { reset(); }
+
+void RouterImpl::reset() {
+  options.validate();
+  weight = register_parameter("weight", torch::empty({options.num_experts(), options.dim()}));
+  expert_bias = register_buffer("expert_bias", torch::zeros({options.num_experts()}));
+  reset_parameters();
+}
+
+void RouterImpl::reset_parameters() {
+  torch::NoGradGuard no_grad;
+  weight.normal_(0.0, options.init_std());
+  expert_bias.zero_();
+}
+
+void RouterImpl::pretty_print(std::ostream& stream) const {
+  stream << "gbmoe::Router(dim=" << options.dim() << ", num_experts=" << options.num_experts()
+         << ", top_k=" << options.top_k() << ", score=" << to_string(options.score_function())
+         << ", renormalize=" << options.renormalize() << ")";
+}
+
+torch::Tensor count_selections(const torch::Tensor& expert_ids, const torch::Tensor& valid,
+                               int64_t num_experts) {
+  torch::NoGradGuard no_grad;
+  auto ids = expert_ids.index({valid}).reshape({-1});
+  auto counts = torch::zeros({num_experts}, expert_ids.options().dtype(torch::kLong));
+  return counts.index_add_(0, ids, torch::ones_like(ids));
+}
+
+RoutingResult RouterImpl::forward(const torch::Tensor& x, const torch::Tensor& mask) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == options.dim(), "router input must be (T, ",
+              options.dim(), "), got ", x.sizes());
+  const int64_t T = x.size(0);
+  RoutingResult r;
+  r.top_k = options.top_k();
+  if (mask.defined()) {
+    TORCH_CHECK(mask.dim() == 1 && mask.size(0) == T, "router mask must be (", T, "), got ",
+                mask.sizes());
+    r.valid = mask.to(x.device(), torch::kBool);
+  } else {
+    r.valid = torch::ones({T}, x.options().dtype(torch::kBool));
+  }
+  // The gate runs in fp32 whatever the activations' dtype: routing is precision-sensitive.
+  r.logits = torch::nn::functional::linear(x.to(torch::kFloat), weight.to(torch::kFloat));
+  torch::Tensor gates_TE;
+  if (options.score_function() == ScoreFunction::Softmax) {
+    r.scores = torch::softmax(r.logits, -1);
+    gates_TE = r.scores;
+  } else {
+    gates_TE = torch::sigmoid(r.logits);
+    r.scores = gates_TE / gates_TE.sum(-1, true);
+  }
+  {
+    torch::NoGradGuard no_grad;
+    auto selection_TE = gates_TE.detach() + expert_bias.to(gates_TE.device());
+    r.expert_ids = std::get<1>(selection_TE.topk(options.top_k(), -1));
+  }
+  r.weights = gates_TE.gather(-1, r.expert_ids);
+  if (options.renormalize() && options.top_k() > 1) {
+    r.weights = r.weights / r.weights.sum(-1, true);
+  }
+  r.counts = count_selections(r.expert_ids, r.valid, options.num_experts());
+  r.num_valid = r.valid.sum().item<int64_t>();
+  return r;
+}
+
+}  // namespace gbmoe

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs every dependency of gbmoe: Debian packages and the LibTorch (torch wheel) venv.
+# Idempotent: a second run installs nothing new. Downloads only from Debian and PyPI mirrors.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+
+debian_packages=(
+  build-essential cmake ninja-build ccache clang-format git pkg-config
+  openmpi-bin libopenmpi-dev
+  libcxxopts-dev libyaml-cpp-dev
+  libgtest-dev libgmock-dev googletest
+  libbenchmark-dev
+  libsentencepiece-dev sentencepiece
+)
+
+missing=()
+for p in "${debian_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# LibTorch comes from the CPU torch wheel, in a venv inside the project (ignored by git).
+torch_version=${GBMOE_TORCH_VERSION:-2.13.0}
+venv="$root/.venv"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+if ! "$venv/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$torch_version' else 1)" 2>/dev/null; then
+  echo "setup: installing torch==$torch_version into $venv"
+  "$venv/bin/pip" install -q "torch==$torch_version" numpy
+fi
+"$venv/bin/python" -c "import numpy" 2>/dev/null || "$venv/bin/pip" install -q numpy
+echo "setup: done (torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'))"

@@ -1,0 +1,32 @@
+// Helpers shared by the tests: exception-message checks and gradient comparison.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <string>
+
+namespace gbmoe {
+
+/// Runs f and expects a c10::Error (or std::exception) whose message contains needle.
+template <typename F>
+void expect_throw_with(F&& f, const std::string& needle) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find(needle), std::string::npos)
+        << "message \"" << what << "\" lacks \"" << needle << "\"";
+    return;
+  }
+  ADD_FAILURE() << "expected an exception mentioning \"" << needle << "\"";
+}
+
+/// Largest relative difference |a - b| / max(|b|, floor) over all elements.
+inline double max_rel_diff(const torch::Tensor& a, const torch::Tensor& b, double floor = 1e-12) {
+  auto ad = a.detach().to(torch::kDouble), bd = b.detach().to(torch::kDouble);
+  auto scale = torch::maximum(bd.abs().max(), torch::full({}, floor, bd.options()));
+  return ((ad - bd).abs().max() / scale).item<double>();
+}
+
+}  // namespace gbmoe
