@@ -37,9 +37,7 @@ class GroupedSwiGLUFunction : public torch::autograd::Function<GroupedSwiGLUFunc
       auto rows = h_NH.narrow(0, offsets[e], offsets[e + 1] - offsets[e]);
       torch::mm_out(rows, x_ND.narrow(0, offsets[e], offsets[e + 1] - offsets[e]), gate_up_EDH[e]);
     }
-    auto gate_NF = h_NH.narrow(1, 0, F);
-    auto up_NF = h_NH.narrow(1, F, F);
-    auto act_NF = torch::silu(gate_NF) * up_NF;
+    auto act_NF = torch::silu(h_NH.narrow(1, 0, F)).mul_(h_NH.narrow(1, F, F));
     auto y_ND = torch::empty({N, D}, x_ND.options());
     for (int64_t e = 0; e < E; ++e) {
       if (offsets[e + 1] == offsets[e]) continue;
@@ -62,31 +60,40 @@ class GroupedSwiGLUFunction : public torch::autograd::Function<GroupedSwiGLUFunc
 
     auto gate_NF = h_NH.narrow(1, 0, F);
     auto up_NF = h_NH.narrow(1, F, F);
-    auto sig_NF = torch::sigmoid(gate_NF);
-    auto silu_NF = gate_NF * sig_NF;
-    auto act_NF = silu_NF * up_NF;
-
+    // Large fresh buffers cost page faults on the CPU: reuse them in place where the order allows.
+    auto silu_NF = torch::silu(gate_NF);
     auto dact_NF = torch::empty({N, F}, dy_ND.options());
-    auto ddown = torch::zeros_like(down_EFD);
     for (int64_t e = 0; e < E; ++e) {
       const int64_t n = offsets[e + 1] - offsets[e];
       if (n == 0) continue;
-      auto dy = dy_ND.narrow(0, offsets[e], n);
       auto dact = dact_NF.narrow(0, offsets[e], n);
-      auto ddown_e = ddown[e];
-      torch::mm_out(dact, dy, down_EFD[e].t());
-      torch::mm_out(ddown_e, act_NF.narrow(0, offsets[e], n).t(), dy);
+      torch::mm_out(dact, dy_ND.narrow(0, offsets[e], n), down_EFD[e].t());
     }
-    // d silu(g)/dg = sig * (1 + g * (1 - sig))
     auto dh_NH = torch::empty({N, 2 * F}, dy_ND.options());
-    dh_NH.narrow(1, 0, F).copy_(dact_NF * up_NF * sig_NF * (1 + gate_NF * (1 - sig_NF)));
-    dh_NH.narrow(1, F, F).copy_(dact_NF * silu_NF);
+    auto dgate_NF = dh_NH.narrow(1, 0, F);
+    auto dup_NF = dh_NH.narrow(1, F, F);
+    torch::mul_out(dup_NF, dact_NF, silu_NF);  // dup = dact * silu(gate)
+    auto act_NF = silu_NF.mul_(up_NF);         // act = silu(gate) * up, as in forward
+    auto ddown = torch::empty_like(down_EFD);
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n = offsets[e + 1] - offsets[e];
+      auto ddown_e = ddown[e];
+      if (n == 0) {
+        ddown_e.zero_();  // an expert without rows gets an exact zero gradient
+        continue;
+      }
+      torch::mm_out(ddown_e, act_NF.narrow(0, offsets[e], n).t(), dy_ND.narrow(0, offsets[e], n));
+    }
+    torch::silu_backward_out(dgate_NF, dact_NF.mul_(up_NF), gate_NF);  // dgate = silu'(g) dact up
 
     auto dx_ND = torch::empty_like(x_ND);
-    auto dgate_up = torch::zeros_like(gate_up_EDH);
+    auto dgate_up = torch::empty_like(gate_up_EDH);
     for (int64_t e = 0; e < E; ++e) {
       const int64_t n = offsets[e + 1] - offsets[e];
-      if (n == 0) continue;
+      if (n == 0) {
+        dgate_up[e].zero_();
+        continue;
+      }
       auto dh = dh_NH.narrow(0, offsets[e], n);
       auto dx = dx_ND.narrow(0, offsets[e], n);
       auto dgate_up_e = dgate_up[e];
