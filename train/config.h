@@ -1,0 +1,193 @@
+// The experiment configuration of gbmoe-train: one table of every setting (key, type, default,
+// allowed values, help) that drives YAML loading, --set overrides, --help and the resolved dump.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace gbmoe {
+
+/// A setting that cannot be used. The message names the key, the value, where it came from
+/// (file:line:column or --set) and, for cross-field checks, the settings to change.
+class ConfigError : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+// The field lists: X(type, name, default, allowed values, help) per setting, the only place a
+// setting is declared. The allowed-value checks (AnyValue, AtLeast, Above, AtLeastBelow, OneOf,
+// LayerList) are evaluated in config.cpp.
+// clang-format off
+#define GBMOE_MODEL_FIELDS(X)                                                                      \
+  X(int64_t, vocab_size, 0, AtLeast(0), "vocabulary size; 0 = take it from the dataset")           \
+  X(int64_t, dim, 256, AtLeast(1), "model width D")                                                \
+  X(int64_t, num_layers, 4, AtLeast(1), "transformer blocks")                                      \
+  X(int64_t, num_heads, 4, AtLeast(1), "attention heads; must divide model.dim")                   \
+  X(std::string, moe_layers, "all", LayerList(),                                                   \
+    "blocks whose feed-forward is a MoE layer: all, every_other (1, 3, 5, ...) or a list of "      \
+    "block indices like 1,3; the others use a dense SwiGLU")                                       \
+  X(int64_t, num_experts, 8, AtLeast(1), "routed experts E per MoE layer")                         \
+  X(int64_t, top_k, 2, AtLeast(1), "experts K selected per token")                                 \
+  X(int64_t, expert_hidden, 256, AtLeast(1), "hidden size F of each routed expert")                \
+  X(int64_t, shared_experts, 0, AtLeast(0),                                                        \
+    "always-on shared experts (one SwiGLU of hidden shared_experts * expert_hidden); 0 = none")    \
+  X(std::string, score_function, "softmax", OneOf("softmax", "sigmoid"),                           \
+    "router scores: softmax over experts, or sigmoid normalized over the selected experts")        \
+  X(bool, renormalize, true, AnyValue(), "renormalize the top-k weights of each token to sum 1")   \
+  X(double, capacity_factor, 0.0, AtLeast(0.0),                                                    \
+    "expert capacity = ceil(capacity_factor * tokens * K / E); 0 = dropless")                      \
+  X(std::string, drop_policy, "position", OneOf("position", "score"),                              \
+    "which assignments an over-full expert keeps: the earliest tokens, or the highest scores")     \
+  X(int64_t, dense_hidden, 1024, AtLeast(1), "hidden size of the dense SwiGLU of non-MoE blocks")  \
+  X(bool, tie_embeddings, true, AnyValue(), "share the input embedding with the output head")      \
+  X(double, rope_theta, 10000.0, Above(0.0), "rotary position embedding base")                     \
+  X(double, init_std, 0.02, Above(0.0), "standard deviation of the normal weight initialization")  \
+  X(double, norm_eps, 1e-5, Above(0.0), "epsilon of the RMSNorm layers")
+
+#define GBMOE_BALANCE_FIELDS(X)                                                                    \
+  X(std::string, scope, "global", OneOf("micro", "sequence", "global", "group"),                   \
+    "tokens the expert selection frequencies f are counted over: micro (the rank's micro-batch), " \
+    "sequence (each sequence), global (all ranks x all accumulation micro-batches of the step), "  \
+    "group (like global within groups of balance.group_size consecutive ranks)")                   \
+  X(double, alpha, 0.01, AtLeast(0.0), "weight of the load-balancing loss; 0 = off")               \
+  X(double, micro_alpha, 0.0, AtLeast(0.0),                                                        \
+    "weight of an extra micro-batch load-balancing loss added to a global or group one "           \
+    "(the paper used 1% of balance.alpha); 0 = off")                                               \
+  X(int64_t, group_size, 0, AtLeast(0),                                                            \
+    "ranks per balance group for balance.scope group; must divide the world size; 0 = all ranks")  \
+  X(double, z_loss, 0.001, AtLeast(0.0), "weight of the router z-loss; 0 = off")                   \
+  X(std::string, method, "aux_loss", OneOf("aux_loss", "loss_free"),                               \
+    "aux_loss: the load-balancing loss; loss_free: per-expert routing bias updated from counts")   \
+  X(double, bias_update_rate, 0.001, AtLeast(0.0),                                                 \
+    "step size of the loss_free expert bias update")                                               \
+  X(std::string, loss_free_counts, "global", OneOf("global", "micro"),                             \
+    "counts the loss_free bias update reads: the global batch, or the rank's micro-batch")
+
+#define GBMOE_DATA_FIELDS(X)                                                                       \
+  X(std::string, dir, "data/corpus", AnyValue(), "directory of the tokenized multi-domain corpus") \
+  X(int64_t, seq_len, 256, AtLeast(1), "tokens per training sequence")                             \
+  X(int64_t, micro_batch_size, 4, AtLeast(1), "sequences per micro-batch on each rank")            \
+  X(int64_t, grad_accum, 4, AtLeast(1), "micro-batches accumulated per optimizer step")            \
+  X(int64_t, val_batches_per_domain, 4, AtLeast(0),                                                \
+    "validation micro-batches per domain at each evaluation")
+
+#define GBMOE_OPTIM_FIELDS(X)                                                                      \
+  X(double, lr, 1e-3, Above(0.0), "peak learning rate (AdamW)")                                    \
+  X(double, min_lr, 1e-4, AtLeast(0.0), "final learning rate of the cosine decay")                 \
+  X(int64_t, warmup_steps, 50, AtLeast(0), "steps of linear warmup to optim.lr")                   \
+  X(double, weight_decay, 0.1, AtLeast(0.0), "decoupled weight decay of the matrices")             \
+  X(double, beta1, 0.9, AtLeastBelow(0.0, 1.0), "AdamW beta1")                                     \
+  X(double, beta2, 0.95, AtLeastBelow(0.0, 1.0), "AdamW beta2")                                    \
+  X(double, eps, 1e-8, Above(0.0), "AdamW epsilon")                                                \
+  X(double, grad_clip, 1.0, AtLeast(0.0), "maximum global gradient norm; 0 = no clipping")
+
+#define GBMOE_TRAIN_FIELDS(X)                                                                      \
+  X(int64_t, steps, 300, AtLeast(1), "optimizer steps")                                            \
+  X(int64_t, eval_every, 100, AtLeast(0), "evaluate every N steps and at the end; 0 = never")      \
+  X(int64_t, log_every, 10, AtLeast(1), "log training metrics every N steps")                      \
+  X(int64_t, checkpoint_every, 100, AtLeast(0),                                                    \
+    "save a checkpoint every N steps and at the end; 0 = never")                                   \
+  X(int64_t, keep_checkpoints, 3, AtLeast(1), "most recent checkpoints kept in the run directory") \
+  X(int64_t, seed, 1234, AtLeast(0), "seed of initialization and data order")                      \
+  X(std::string, run_dir, "runs/default", AnyValue(),                                              \
+    "directory of logs, checkpoints and the resolved config")                                      \
+  X(std::string, resume, "", AnyValue(),                                                           \
+    "\"\" = start fresh, auto = the latest checkpoint in train.run_dir if any, "                   \
+    "else the path of a checkpoint")                                                               \
+  X(std::string, device, "cpu", OneOf("cpu", "cuda"), "device of each rank")                       \
+  X(std::string, dtype, "float32", OneOf("float32", "bfloat16"),                                   \
+    "compute dtype (parameters and optimizer state stay float32)")                                 \
+  X(bool, activation_checkpointing, false, AnyValue(),                                             \
+    "recompute each block's activations in the backward pass to save memory")                      \
+  X(int64_t, threads, 1, AtLeast(1), "intra-op CPU threads per rank")
+
+#define GBMOE_PARALLEL_FIELDS(X)                                                                   \
+  X(int64_t, expert_parallel, 1, AtLeast(1),                                                       \
+    "ranks that share one copy of the experts (each holds num_experts / expert_parallel); "        \
+    "must divide the world size and model.num_experts")
+
+// S(struct, member, field list) per section, in the order of the YAML file and of --help.
+#define GBMOE_CONFIG_SECTIONS(S)                                                                   \
+  S(ModelConfig, model, GBMOE_MODEL_FIELDS)                                                        \
+  S(BalanceConfig, balance, GBMOE_BALANCE_FIELDS)                                                  \
+  S(DataConfig, data, GBMOE_DATA_FIELDS)                                                           \
+  S(OptimConfig, optim, GBMOE_OPTIM_FIELDS)                                                        \
+  S(TrainConfig, train, GBMOE_TRAIN_FIELDS)                                                        \
+  S(ParallelConfig, parallel, GBMOE_PARALLEL_FIELDS)
+// clang-format on
+
+#define GBMOE_CONFIG_DECLARE_FIELD(type, name, default_value, allowed, help) \
+  type name = default_value;
+
+struct ModelConfig {
+  GBMOE_MODEL_FIELDS(GBMOE_CONFIG_DECLARE_FIELD)
+
+  /// The block indices whose feed-forward is a MoE layer, ascending (from moe_layers and
+  /// num_layers). Throws ConfigError when moe_layers is malformed or names a missing block.
+  std::vector<int64_t> moe_layer_indices() const;
+};
+struct BalanceConfig {
+  GBMOE_BALANCE_FIELDS(GBMOE_CONFIG_DECLARE_FIELD)
+};
+struct DataConfig {
+  GBMOE_DATA_FIELDS(GBMOE_CONFIG_DECLARE_FIELD)
+};
+struct OptimConfig {
+  GBMOE_OPTIM_FIELDS(GBMOE_CONFIG_DECLARE_FIELD)
+};
+struct TrainConfig {
+  GBMOE_TRAIN_FIELDS(GBMOE_CONFIG_DECLARE_FIELD)
+};
+struct ParallelConfig {
+  GBMOE_PARALLEL_FIELDS(GBMOE_CONFIG_DECLARE_FIELD)
+};
+#undef GBMOE_CONFIG_DECLARE_FIELD
+
+/// The whole experiment configuration. Built from the defaults, then a YAML file (any key may
+/// be omitted), then `--set section.key=value` overrides, then validated. Every setting is
+/// addressed by its key "section.name" (see keys() and help_text()).
+///
+/// Example:
+///   Config cfg = Config::from_yaml_file("configs/default.yaml");
+///   cfg.apply_overrides({"balance.scope=micro", "train.run_dir=runs/micro"});
+///   cfg.validate_for_world(world_size);
+///   write_file(cfg.train.run_dir + "/config.yaml", cfg.to_yaml());
+struct Config {
+#define GBMOE_CONFIG_DECLARE_SECTION(type, member, fields) type member;
+  GBMOE_CONFIG_SECTIONS(GBMOE_CONFIG_DECLARE_SECTION)
+#undef GBMOE_CONFIG_DECLARE_SECTION
+
+  /// The defaults overridden by the settings of a YAML file of sections of keys.
+  static Config from_yaml_file(const std::string& path);
+  /// As from_yaml_file; source names the text in error messages.
+  static Config from_yaml_string(const std::string& text,
+                                 const std::string& source = "<yaml string>");
+
+  /// Applies one "section.key=value" override (the value is parsed by the key's type).
+  void apply_override(const std::string& key_eq_value);
+  /// Applies overrides in order; a later one wins.
+  void apply_overrides(const std::vector<std::string>& key_eq_values);
+  /// Sets one key from its string form, checking type and allowed values.
+  void set(const std::string& key, const std::string& value);
+  /// The string form of one key's value, as written by to_yaml (strings unquoted).
+  std::string get(const std::string& key) const;
+
+  /// Every key "section.name", in declaration order.
+  static std::vector<std::string> keys();
+  /// Every key with its type, default, allowed values and help: the text of --help.
+  static std::string help_text();
+  /// The full resolved configuration as YAML, one commented line per key; from_yaml_string
+  /// of it gives back an equal Config.
+  std::string to_yaml() const;
+
+  /// Checks every value against its allowed values and the settings against each other.
+  /// Throws one ConfigError listing every problem and the settings to change.
+  void validate() const;
+  /// validate() plus the checks that need the number of ranks (expert parallelism, balance
+  /// groups).
+  void validate_for_world(int world_size) const;
+};
+
+}  // namespace gbmoe
