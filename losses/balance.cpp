@@ -11,14 +11,30 @@ std::string to_string(BalanceScope s) {
       return "micro";
     case BalanceScope::Sequence:
       return "sequence";
+    case BalanceScope::Global:
+      return "global";
+    case BalanceScope::Group:
+      return "group";
   }
   return "?";
+}
+
+std::string to_string(BalanceMethod m) {
+  return m == BalanceMethod::AuxLoss ? "aux_loss" : "loss_free";
+}
+
+BalanceMethod balance_method_from_string(const std::string& name) {
+  if (name == "aux_loss") return BalanceMethod::AuxLoss;
+  if (name == "loss_free") return BalanceMethod::LossFree;
+  TORCH_CHECK(false, "balance method (", name, ") must be one of aux_loss, loss_free");
 }
 
 BalanceScope balance_scope_from_string(const std::string& name) {
   if (name == "micro") return BalanceScope::Micro;
   if (name == "sequence") return BalanceScope::Sequence;
-  TORCH_CHECK(false, "balance scope (", name, ") must be one of micro, sequence");
+  if (name == "global") return BalanceScope::Global;
+  if (name == "group") return BalanceScope::Group;
+  TORCH_CHECK(false, "balance scope (", name, ") must be one of micro, sequence, global, group");
 }
 
 void BalanceOptions::validate() const {

@@ -10,7 +10,16 @@ namespace gbmoe {
 
 /// The set of tokens over which the selection frequencies f are computed.
 /// Micro: the rank's own micro-batch. Sequence: each sequence, losses averaged over sequences.
-enum class BalanceScope { Micro, Sequence };
+/// Global: every rank and every accumulation micro-batch of the optimizer step (counts are
+/// all-reduced; P stays local). Group: like Global within consecutive groups of group_size ranks.
+enum class BalanceScope { Micro, Sequence, Global, Group };
+
+/// How balance is enforced. AuxLoss: the load-balancing loss. LossFree: no balancing loss; a
+/// per-expert selection bias is moved after each optimizer step against the load (DeepSeek-V3).
+enum class BalanceMethod { AuxLoss, LossFree };
+
+std::string to_string(BalanceMethod m);
+BalanceMethod balance_method_from_string(const std::string& name);
 
 std::string to_string(BalanceScope s);
 BalanceScope balance_scope_from_string(const std::string& name);
@@ -21,6 +30,16 @@ struct BalanceOptions {
   TORCH_ARG(BalanceScope, scope) = BalanceScope::Micro;
   /// Weight alpha of the load-balancing loss; the loss equals alpha at perfect balance.
   TORCH_ARG(double, alpha) = 0.01;
+  /// Weight of an extra micro-batch LBL added to a global or group loss (the paper used 1% of
+  /// alpha to keep each rank's experts locally busy). 0 = none.
+  TORCH_ARG(double, micro_alpha) = 0.0;
+  /// Ranks per balance group for scope Group (consecutive ranks).
+  TORCH_ARG(int64_t, group_size) = 0;
+  TORCH_ARG(BalanceMethod, method) = BalanceMethod::AuxLoss;
+  /// Loss-free balancing: bias step u in b_i += u * sign(mean_j c_j - c_i) per optimizer step,
+  /// from the counts of the scope (all ranks for global, the group for group, this rank's own
+  /// for micro and sequence).
+  TORCH_ARG(double, bias_update_rate) = 1e-3;
 
  public:
   void validate() const;
@@ -40,6 +59,11 @@ torch::Tensor mean_scores(const torch::Tensor& scores, const torch::Tensor& vali
 /// the same expert with K = 1.
 torch::Tensor load_balancing_loss(const torch::Tensor& counts, double num_tokens,
                                   const torch::Tensor& prob_mean, int64_t top_k, double alpha);
+
+/// True for the scopes whose counts are reduced over ranks and micro-batches.
+inline bool is_synchronized(BalanceScope s) {
+  return s == BalanceScope::Global || s == BalanceScope::Group;
+}
 
 /// Micro-batch LBL: f and P both over the valid tokens of this micro-batch.
 /// scores: (T, E); expert_ids: (T, K); valid: (T,) bool or undefined.

@@ -1,6 +1,8 @@
 // MoELayer forward: route, dispatch, compute, combine; then the layer's balance statistics.
 #include "moe/moe_layer.h"
 
+#include "moe/recompute.h"
+
 namespace gbmoe {
 
 RouterOptions MoELayerOptions::resolved_router() const {
@@ -72,6 +74,7 @@ torch::Tensor MoELayerImpl::forward(const torch::Tensor& x, const torch::Tensor&
   auto mask_T = mask.defined() ? mask.reshape({-1}) : torch::Tensor();
 
   routing_ = router->forward(x_TD, mask_T);
+  if (routing_hook_ && is_training() && !is_recomputing()) routing_hook_(routing_);
   auto dispatched = dispatcher_->dispatch(x_TD, routing_);
   auto expert_out = experts->forward(dispatched.tokens, dispatched.group_sizes);
   auto y_TD = dispatcher_->combine(expert_out, dispatched);

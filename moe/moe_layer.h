@@ -4,6 +4,7 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <memory>
 
 #include "losses/balance.h"
@@ -48,7 +49,9 @@ struct MoEStats {
   torch::Tensor counts;        // (E,) int64 selections c_i, no gradient
   int64_t num_tokens = 0;      // n: valid tokens
   torch::Tensor prob_mean;     // (E,) P_i over valid tokens, differentiable
-  torch::Tensor balance_loss;  // scalar: the load-balancing loss of the layer's scope
+  torch::Tensor balance_loss;  // scalar: LBL of the micro-batch (micro, global, group scopes)
+                               // or of the sequences (sequence scope); global and group
+                               // objectives are formed by gbmoe::Balancer from counts
   torch::Tensor z_loss;        // scalar: router z-loss (0 when disabled)
   int64_t num_dropped = 0;     // assignments dropped by capacity
   double max_violation = 0.0;  // MaxVio of counts
@@ -82,6 +85,11 @@ class MoELayerImpl : public torch::nn::Cloneable<MoELayerImpl> {
   /// Routing of the most recent forward (for analysis and for model-level balancing).
   const RoutingResult& last_routing() const { return routing_; }
 
+  /// Called right after routing in training forwards that are not recomputations, so that
+  /// model-level balancing (gbmoe::Balancer) can start reducing counts while experts compute.
+  using RoutingHook = std::function<void(const RoutingResult&)>;
+  void set_routing_hook(RoutingHook hook) { routing_hook_ = std::move(hook); }
+
   /// Replaces the token dispatcher (expert parallelism swaps in an all-to-all one).
   void set_dispatcher(std::shared_ptr<TokenDispatcher> dispatcher);
   TokenDispatcher& dispatcher() { return *dispatcher_; }
@@ -93,6 +101,7 @@ class MoELayerImpl : public torch::nn::Cloneable<MoELayerImpl> {
 
  private:
   std::shared_ptr<TokenDispatcher> dispatcher_;
+  RoutingHook routing_hook_;
   MoEStats stats_;
   RoutingResult routing_;
 };

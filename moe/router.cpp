@@ -64,8 +64,10 @@ RoutingResult RouterImpl::forward(const torch::Tensor& x, const torch::Tensor& m
   } else {
     r.valid = torch::ones({T}, x.options().dtype(torch::kBool));
   }
-  // The gate runs in fp32 whatever the activations' dtype: routing is precision-sensitive.
-  r.logits = torch::nn::functional::linear(x.to(torch::kFloat), weight.to(torch::kFloat));
+  // The gate runs in fp32 (fp64 for fp64 inputs) whatever the activations' dtype: routing is
+  // precision-sensitive.
+  const auto gate_dtype = x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  r.logits = torch::nn::functional::linear(x.to(gate_dtype), weight.to(gate_dtype));
   torch::Tensor gates_TE;
   if (options.score_function() == ScoreFunction::Softmax) {
     r.scores = torch::softmax(r.logits, -1);

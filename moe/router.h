@@ -44,8 +44,8 @@ struct RouterOptions {
 
 /// Everything the rest of the layer needs to know about one routing decision.
 struct RoutingResult {
-  torch::Tensor logits;      // (T, E) fp32 router logits z
-  torch::Tensor scores;      // (T, E) fp32 scores s (softmax or normalized sigmoid)
+  torch::Tensor logits;      // (T, E) fp32 (fp64 for fp64 input) router logits z
+  torch::Tensor scores;      // (T, E) scores s (softmax or normalized sigmoid), dtype of logits
   torch::Tensor expert_ids;  // (T, K) int64 selected experts S_t
   torch::Tensor weights;     // (T, K) fp32 combine weights of the selected experts
   torch::Tensor valid;       // (T,) bool: tokens that take part in routing statistics and losses
@@ -54,7 +54,7 @@ struct RoutingResult {
   int64_t top_k = 0;         // K
 };
 
-/// Bias-free linear gate (E, D) evaluated in fp32, followed by top-k selection.
+/// Bias-free linear gate (E, D) evaluated in fp32 (fp64 for fp64 input), then top-k selection.
 /// The buffer expert_bias (E) is added to the scores for selection only (loss-free balancing);
 /// it never changes the combine weights or the balancing loss.
 ///
