@@ -1,0 +1,164 @@
+// DataParallel: bucket layout, parameter broadcast, fused gradient averaging.
+#include "parallel/data_parallel.h"
+
+#include <map>
+#include <tuple>
+
+namespace gbmoe {
+
+bool is_expert_parameter(const std::string& name) {
+  return name.find("experts.") != std::string::npos;
+}
+
+void DataParallelOptions::validate() const {
+  TORCH_CHECK(bucket_bytes() > 0, "bucket_bytes (", bucket_bytes(), ") must be > 0");
+  TORCH_CHECK(static_cast<bool>(expert_rule()),
+              "expert_rule must be set (use is_expert_parameter)");
+}
+
+DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module,
+                           std::shared_ptr<Communicator> data_parallel,
+                           std::shared_ptr<Communicator> expert_data_parallel,
+                           DataParallelOptions options)
+    : module_(std::move(module)),
+      data_parallel_(std::move(data_parallel)),
+      expert_data_parallel_(std::move(expert_data_parallel)),
+      options_(std::move(options)) {
+  options_.validate();
+  TORCH_CHECK(module_, "DataParallel needs a module, got null");
+  TORCH_CHECK(data_parallel_, "DataParallel needs a data-parallel communicator, got null");
+  if (expert_data_parallel_) {
+    TORCH_CHECK(data_parallel_->size() % expert_data_parallel_->size() == 0,
+                "expert-data-parallel size (", expert_data_parallel_->size(),
+                ") must divide data-parallel size (", data_parallel_->size(), ")");
+  }
+  // Open bucket of each (expert, dtype, device); reverse registration order approximates the
+  // order in which backward finishes the gradients.
+  using Key = std::tuple<bool, int, std::string>;
+  std::map<Key, size_t> open;
+  std::vector<int64_t> bucket_numel;
+  auto named = module_->named_parameters(/*recurse=*/true);
+  for (auto it = named.items().rbegin(); it != named.items().rend(); ++it) {
+    const auto& name = it->key();
+    const auto& p = it->value();
+    if (!p.requires_grad()) continue;
+    const bool expert = expert_data_parallel_ && options_.expert_rule()(name);
+    const Key key{expert, static_cast<int>(p.scalar_type()), p.device().str()};
+    const int64_t bytes = p.numel() * static_cast<int64_t>(p.element_size());
+    auto found = open.find(key);
+    if (found == open.end() ||
+        (bucket_numel[found->second] * static_cast<int64_t>(p.element_size()) + bytes >
+             options_.bucket_bytes() &&
+         bucket_numel[found->second] > 0)) {
+      buckets_.emplace_back();
+      buckets_.back().expert = expert;
+      bucket_numel.push_back(0);
+      open[key] = buckets_.size() - 1;
+      found = open.find(key);
+    }
+    auto& bucket = buckets_[found->second];
+    bucket.params.push_back(p);
+    bucket.names.push_back(name);
+    bucket_numel[found->second] += p.numel();
+  }
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    buckets_[b].flat = torch::zeros({bucket_numel[b]}, buckets_[b].params.front().options());
+  }
+}
+
+Communicator& DataParallel::comm_of(const GradientBucket& bucket) const {
+  return bucket.expert ? *expert_data_parallel_ : *data_parallel_;
+}
+
+int64_t DataParallel::gradient_bytes() const {
+  int64_t bytes = 0;
+  for (const auto& bucket : buckets_) bytes += bucket.flat.nbytes();
+  return bytes;
+}
+
+void DataParallel::broadcast_parameters() {
+  TORCH_CHECK(pending_.empty(),
+              "broadcast_parameters called between start_gradient_averaging and "
+              "finish_gradient_averaging");
+  torch::NoGradGuard no_grad;
+  for (auto& bucket : buckets_) {
+    int64_t offset = 0;
+    for (const auto& p : bucket.params) {
+      bucket.flat.narrow(0, offset, p.numel()).view(p.sizes()).copy_(p);
+      offset += p.numel();
+    }
+    comm_of(bucket).broadcast(bucket.flat, 0);
+    offset = 0;
+    for (const auto& p : bucket.params) {
+      p.copy_(bucket.flat.narrow(0, offset, p.numel()).view(p.sizes()));
+      offset += p.numel();
+    }
+  }
+  // Frozen parameters and buffers are few and small: one broadcast each.
+  auto broadcast_one = [this](const std::string& name, const torch::Tensor& t) {
+    const bool expert = expert_data_parallel_ && options_.expert_rule()(name);
+    (expert ? *expert_data_parallel_ : *data_parallel_).broadcast(t, 0);
+  };
+  for (const auto& item : module_->named_parameters(/*recurse=*/true)) {
+    if (!item.value().requires_grad()) broadcast_one(item.key(), item.value());
+  }
+  for (const auto& item : module_->named_buffers(/*recurse=*/true)) {
+    broadcast_one(item.key(), item.value());
+  }
+}
+
+void DataParallel::average_gradients() {
+  start_gradient_averaging();
+  finish_gradient_averaging();
+}
+
+void DataParallel::start_gradient_averaging() {
+  TORCH_CHECK(pending_.empty(),
+              "start_gradient_averaging called twice without finish_gradient_averaging");
+  torch::NoGradGuard no_grad;
+  for (auto& bucket : buckets_) {
+    int64_t offset = 0;
+    for (size_t i = 0; i < bucket.params.size(); ++i) {
+      const auto& p = bucket.params[i];
+      const auto& grad = p.grad();
+      auto slice = bucket.flat.narrow(0, offset, p.numel());
+      if (grad.defined()) {
+        TORCH_CHECK(!grad.is_sparse(), "DataParallel does not support sparse gradients (",
+                    bucket.names[i], ")");
+        slice.view(p.sizes()).copy_(grad);
+      } else {
+        slice.zero_();
+      }
+      offset += p.numel();
+    }
+    // Expert shards: sum over the replicas of the shard, then divide by the data-parallel size
+    // (see the class comment).
+    pending_.push_back(comm_of(bucket).all_reduce_async(
+        bucket.flat, bucket.expert ? ReduceOp::Sum : ReduceOp::Avg));
+  }
+}
+
+void DataParallel::finish_gradient_averaging() {
+  TORCH_CHECK(pending_.size() == buckets_.size(),
+              "finish_gradient_averaging called without start_gradient_averaging");
+  torch::NoGradGuard no_grad;
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    auto& bucket = buckets_[b];
+    pending_[b]->wait();
+    if (bucket.expert) bucket.flat.div_(data_parallel_->size());
+    int64_t offset = 0;
+    for (auto& p : bucket.params) {
+      auto averaged = bucket.flat.narrow(0, offset, p.numel()).view(p.sizes());
+      auto& grad = p.mutable_grad();
+      if (grad.defined()) {
+        grad.copy_(averaged);
+      } else {
+        grad = averaged.clone();
+      }
+      offset += p.numel();
+    }
+  }
+  pending_.clear();
+}
+
+}  // namespace gbmoe

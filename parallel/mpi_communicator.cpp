@@ -1,0 +1,223 @@
+// MPI backend: CPU tensors, blocking and non-blocking MPI collectives, 16-bit floats reduced in
+// fp32.
+#include "parallel/mpi_communicator.h"
+
+#include <climits>
+#include <functional>
+#include <sstream>
+#include <stdexcept>
+
+namespace gbmoe {
+namespace detail {
+
+void throw_mpi_error(int code, const char* expr, const char* file, int line) {
+  char text[MPI_MAX_ERROR_STRING] = {0};
+  int len = 0;
+  if (MPI_Error_string(code, text, &len) != MPI_SUCCESS) {
+    std::snprintf(text, sizeof(text), "unknown MPI error");
+  }
+  std::ostringstream message;
+  message << "MPI error " << code << " (" << text << ") in " << expr << " at " << file << ":"
+          << line;
+  throw std::runtime_error(message.str());
+}
+
+}  // namespace detail
+
+namespace {
+
+bool mpi_finalized() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  return finalized != 0;
+}
+
+// The request of one non-blocking MPI collective and what must outlive it.
+class MpiWork : public Work {
+ public:
+  MpiWork(MPI_Request request, torch::Tensor result, std::vector<torch::Tensor> buffers,
+          std::shared_ptr<void> arrays, std::function<void()> finish)
+      : request_(request),
+        buffers_(std::move(buffers)),
+        arrays_(std::move(arrays)),
+        finish_(std::move(finish)) {
+    result_ = std::move(result);
+  }
+
+  ~MpiWork() override {
+    if (done_ || mpi_finalized()) return;
+    try {
+      wait();
+    } catch (const std::exception&) {
+      // A destructor cannot report; the error reaches whoever waits on the next collective.
+    }
+  }
+
+  void wait() override {
+    if (done_) return;
+    done_ = true;
+    GBMOE_MPI_CHECK(MPI_Wait(&request_, MPI_STATUS_IGNORE));
+    if (finish_) finish_();
+    buffers_.clear();
+    arrays_.reset();
+  }
+
+ private:
+  MPI_Request request_;
+  std::vector<torch::Tensor> buffers_;
+  std::shared_ptr<void> arrays_;  // count and displacement arrays of MPI_Ialltoallv
+  std::function<void()> finish_;
+  bool done_ = false;
+};
+
+int checked_count(int64_t n, const char* what) {
+  TORCH_CHECK(n <= INT_MAX, what, " moves ", n, " elements, more than MPI's int count allows (",
+              INT_MAX, "); split the tensor");
+  return static_cast<int>(n);
+}
+
+void check_cpu(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.defined(), "MpiCommunicator::", what, " got an undefined tensor");
+  TORCH_CHECK(t.device().is_cpu(), "MpiCommunicator::", what, " needs CPU tensors, got one on ",
+              t.device(), "; use NcclCommunicator for CUDA tensors");
+}
+
+bool is_16bit_float(torch::ScalarType dtype) {
+  return dtype == torch::kBFloat16 || dtype == torch::kHalf;
+}
+
+}  // namespace
+
+MPI_Datatype mpi_datatype(torch::ScalarType dtype) {
+  switch (dtype) {
+    case torch::kFloat:
+      return MPI_FLOAT;
+    case torch::kDouble:
+      return MPI_DOUBLE;
+    case torch::kBFloat16:
+    case torch::kHalf:
+      return MPI_UINT16_T;
+    case torch::kChar:
+      return MPI_INT8_T;
+    case torch::kShort:
+      return MPI_INT16_T;
+    case torch::kInt:
+      return MPI_INT32_T;
+    case torch::kLong:
+      return MPI_INT64_T;
+    case torch::kByte:
+      return MPI_UINT8_T;
+    case torch::kBool:
+      return MPI_C_BOOL;
+    default:
+      TORCH_CHECK(false, "MpiCommunicator does not support dtype ", dtype,
+                  "; supported: float, double, bfloat16, half, int8, int16, int32, int64, uint8, "
+                  "bool");
+  }
+}
+
+MpiCommunicator::MpiCommunicator(MPI_Comm comm, bool take_ownership)
+    : comm_(comm), owned_(take_ownership) {
+  TORCH_CHECK(comm != MPI_COMM_NULL, "MpiCommunicator needs a valid MPI_Comm, got MPI_COMM_NULL");
+  GBMOE_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+  GBMOE_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+}
+
+MpiCommunicator::~MpiCommunicator() {
+  if (owned_ && !mpi_finalized()) MPI_Comm_free(&comm_);
+}
+
+std::shared_ptr<Work> MpiCommunicator::all_reduce_async(const torch::Tensor& t, ReduceOp op) {
+  check_cpu(t, "all_reduce");
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(op != ReduceOp::Avg || torch::isFloatingType(dtype), "all_reduce with ",
+              to_string(op), " needs a floating-point tensor, got ", dtype, "; use sum and divide");
+  torch::Tensor buffer;
+  if (is_16bit_float(dtype)) {
+    buffer = t.to(torch::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  } else {
+    buffer = t.is_contiguous() ? t : t.contiguous();
+  }
+  MPI_Op mpi_op = MPI_SUM;
+  if (buffer.scalar_type() == torch::kBool) {
+    mpi_op = MPI_LOR;
+  } else if (op == ReduceOp::Max) {
+    mpi_op = MPI_MAX;
+  }
+  const int count = checked_count(buffer.numel(), "all_reduce");
+  MPI_Request request;
+  GBMOE_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buffer.data_ptr(), count,
+                                 mpi_datatype(buffer.scalar_type()), mpi_op, comm_, &request));
+  const int world = size_;
+  auto finish = [t, buffer, op, world]() {
+    if (op == ReduceOp::Avg) buffer.div_(world);
+    if (!buffer.is_same(t)) t.copy_(buffer);
+  };
+  return std::make_shared<MpiWork>(request, t, std::vector<torch::Tensor>{t, buffer}, nullptr,
+                                   std::move(finish));
+}
+
+torch::Tensor MpiCommunicator::all_gather(const torch::Tensor& t) {
+  check_cpu(t, "all_gather");
+  auto input = t.contiguous();
+  auto shape = input.sizes().vec();
+  if (shape.empty()) {
+    shape = {size_};
+  } else {
+    shape[0] *= size_;
+  }
+  auto output = torch::empty(shape, input.options());
+  const int count = checked_count(input.numel(), "all_gather");
+  const auto type = mpi_datatype(input.scalar_type());
+  GBMOE_MPI_CHECK(
+      MPI_Allgather(input.data_ptr(), count, type, output.data_ptr(), count, type, comm_));
+  return output;
+}
+
+std::shared_ptr<Work> MpiCommunicator::all_to_all_async(const torch::Tensor& input,
+                                                        const std::vector<int64_t>& send_splits,
+                                                        const std::vector<int64_t>& recv_splits) {
+  check_cpu(input, "all_to_all");
+  const int64_t recv_rows = check_all_to_all_splits(input, send_splits, recv_splits, size_);
+  auto in = input.contiguous();
+  auto shape = in.sizes().vec();
+  int64_t row_elems = 1;
+  for (size_t d = 1; d < shape.size(); ++d) row_elems *= shape[d];
+  shape[0] = recv_rows;
+  auto out = torch::empty(shape, in.options());
+
+  // send counts, send displacements, recv counts, recv displacements: in elements.
+  auto arrays = std::make_shared<std::vector<int>>(4 * size_);
+  int* send_counts = arrays->data();
+  int* send_displs = send_counts + size_;
+  int* recv_counts = send_displs + size_;
+  int* recv_displs = recv_counts + size_;
+  int64_t send_offset = 0, recv_offset = 0;
+  for (int j = 0; j < size_; ++j) {
+    send_counts[j] = checked_count(send_splits[j] * row_elems, "all_to_all");
+    recv_counts[j] = checked_count(recv_splits[j] * row_elems, "all_to_all");
+    send_displs[j] = checked_count(send_offset, "all_to_all");
+    recv_displs[j] = checked_count(recv_offset, "all_to_all");
+    send_offset += send_splits[j] * row_elems;
+    recv_offset += recv_splits[j] * row_elems;
+  }
+  const auto type = mpi_datatype(in.scalar_type());
+  MPI_Request request;
+  GBMOE_MPI_CHECK(MPI_Ialltoallv(in.data_ptr(), send_counts, send_displs, type, out.data_ptr(),
+                                 recv_counts, recv_displs, type, comm_, &request));
+  return std::make_shared<MpiWork>(request, out, std::vector<torch::Tensor>{in, out}, arrays,
+                                   nullptr);
+}
+
+void MpiCommunicator::broadcast(const torch::Tensor& t, int root) {
+  check_cpu(t, "broadcast");
+  TORCH_CHECK(root >= 0 && root < size_, "broadcast root (", root, ") must be in [0, ", size_, ")");
+  auto buffer = t.is_contiguous() ? t : t.contiguous();
+  GBMOE_MPI_CHECK(MPI_Bcast(buffer.data_ptr(), checked_count(buffer.numel(), "broadcast"),
+                            mpi_datatype(buffer.scalar_type()), root, comm_));
+  if (!buffer.is_same(t)) t.copy_(buffer);
+}
+
+void MpiCommunicator::barrier() { GBMOE_MPI_CHECK(MPI_Barrier(comm_)); }
+
+}  // namespace gbmoe

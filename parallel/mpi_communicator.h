@@ -1,0 +1,73 @@
+// The MPI backend of Communicator, for CPU tensors, and the GBMOE_MPI_CHECK macro.
+#pragma once
+
+#include <mpi.h>
+
+#include <string>
+
+#include "parallel/communicator.h"
+
+namespace gbmoe {
+namespace detail {
+[[noreturn]] void throw_mpi_error(int code, const char* expr, const char* file, int line);
+}  // namespace detail
+
+/// Throws std::runtime_error with the file, line, call and MPI_Error_string when an MPI call
+/// fails. Communicators made by gbmoe return errors instead of aborting, so the check sees them.
+#define GBMOE_MPI_CHECK(expr)                                                     \
+  do {                                                                            \
+    const int gbmoe_mpi_rc_ = (expr);                                             \
+    if (gbmoe_mpi_rc_ != MPI_SUCCESS) {                                           \
+      ::gbmoe::detail::throw_mpi_error(gbmoe_mpi_rc_, #expr, __FILE__, __LINE__); \
+    }                                                                             \
+  } while (0)
+
+/// The MPI datatype that moves elements of a dtype (bfloat16 and half travel as 16-bit words).
+/// Throws for dtypes MPI cannot carry, listing the supported ones.
+MPI_Datatype mpi_datatype(torch::ScalarType dtype);
+
+/// Communicator over an MPI communicator, for contiguous or strided CPU tensors of float,
+/// double, bfloat16, half, int8/16/32/64, uint8 and bool. MPI has no 16-bit float reductions,
+/// so bfloat16 and half are reduced in fp32 and rounded back once. Sum and Max on bool are
+/// logical or. Asynchronous calls use non-blocking MPI collectives (MPI_Iallreduce,
+/// MPI_Ialltoallv); a Work owns the request and the buffers.
+///
+/// Example:
+///   MpiRuntime mpi(&argc, &argv);
+///   MpiCommunicator world(MPI_COMM_WORLD);
+///   auto x = torch::ones({4});
+///   auto work = world.all_reduce_async(x, ReduceOp::Avg);
+///   compute_something_else();
+///   work->wait();
+class MpiCommunicator : public Communicator {
+ public:
+  /// Wraps comm. With take_ownership the communicator is freed (MPI_Comm_free) on
+  /// destruction, unless MPI is already finalized.
+  explicit MpiCommunicator(MPI_Comm comm, bool take_ownership = false);
+  ~MpiCommunicator() override;
+  MpiCommunicator(const MpiCommunicator&) = delete;
+  MpiCommunicator& operator=(const MpiCommunicator&) = delete;
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string backend() const override { return "mpi"; }
+
+  std::shared_ptr<Work> all_reduce_async(const torch::Tensor& t,
+                                         ReduceOp op = ReduceOp::Sum) override;
+  torch::Tensor all_gather(const torch::Tensor& t) override;
+  std::shared_ptr<Work> all_to_all_async(const torch::Tensor& input,
+                                         const std::vector<int64_t>& send_splits,
+                                         const std::vector<int64_t>& recv_splits) override;
+  void broadcast(const torch::Tensor& t, int root = 0) override;
+  void barrier() override;
+
+  MPI_Comm comm() const { return comm_; }
+
+ private:
+  MPI_Comm comm_;
+  bool owned_;
+  int rank_ = 0;
+  int size_ = 1;
+};
+
+}  // namespace gbmoe

@@ -1,0 +1,72 @@
+// Process-wide MPI lifetime, failure handling that ends the whole job, and rank-aware logging.
+#pragma once
+
+#include <c10/util/StringUtil.h>
+
+#include <functional>
+#include <string>
+
+namespace gbmoe {
+
+/// Initializes MPI (MPI_Init_thread, serialized threads) unless it already is, and finalizes it
+/// on destruction if it initialized it. MPI_COMM_WORLD returns errors instead of aborting, so
+/// GBMOE_MPI_CHECK reports them, and an uncaught exception anywhere aborts the whole job with a
+/// "[rank r]" message instead of leaving the other ranks waiting. Create one, first thing in
+/// main; destroy communicators before it.
+///
+/// Example:
+///   int main(int argc, char** argv) {
+///     MpiRuntime mpi(&argc, &argv);
+///     return run_distributed([&] { return train(mpi.rank(), mpi.size()); });
+///   }
+class MpiRuntime {
+ public:
+  explicit MpiRuntime(int* argc = nullptr, char*** argv = nullptr);
+  ~MpiRuntime();
+  MpiRuntime(const MpiRuntime&) = delete;
+  MpiRuntime& operator=(const MpiRuntime&) = delete;
+
+  /// Rank and size in MPI_COMM_WORLD.
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  /// The thread support MPI granted (MPI_THREAD_*).
+  int thread_level() const { return thread_level_; }
+
+ private:
+  bool owns_mpi_ = false;
+  int rank_ = 0;
+  int size_ = 1;
+  int thread_level_ = 0;
+};
+
+/// This process's rank in MPI_COMM_WORLD, or 0 when MPI is not running.
+int world_rank();
+
+/// "[rank r] " for messages that every rank prints.
+std::string rank_prefix();
+
+/// Prints "[rank r] error: <message>" to stderr and ends the whole job with MPI_Abort (exit 1
+/// without MPI).
+[[noreturn]] void abort_job(const std::string& message);
+
+/// Runs body and returns its exit code. An exception on any rank prints "[rank r] error: what"
+/// and aborts the whole job at once, so mpirun exits non-zero instead of the peers hanging in
+/// their next collective.
+int run_distributed(const std::function<int()>& body);
+
+/// Writes one line to stdout.
+void write_log_line(const std::string& line);
+
+/// Logs a line from world rank 0 only: the default for progress messages.
+template <typename... Args>
+void log0(const Args&... args) {
+  if (world_rank() == 0) write_log_line(c10::str(args...));
+}
+
+/// Logs a line from every rank, prefixed with "[rank r] ".
+template <typename... Args>
+void log_all(const Args&... args) {
+  write_log_line(c10::str(rank_prefix(), args...));
+}
+
+}  // namespace gbmoe

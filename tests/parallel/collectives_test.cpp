@@ -1,0 +1,203 @@
+// Every collective of the MPI communicator against values computed by hand on each rank, over
+// several dtypes, strided tensors, uneven and zero all_to_all splits, and the autograd all_to_all.
+#include <gtest/gtest.h>
+
+#include "parallel/mpi_communicator.h"
+#include "tests/parallel/mpi_test_util.h"
+#include "tests/test_util.h"
+
+namespace gbmoe {
+namespace {
+
+const std::vector<torch::ScalarType> kReduceDtypes = {
+    torch::kFloat, torch::kDouble, torch::kBFloat16, torch::kHalf,
+    torch::kInt,   torch::kLong,   torch::kByte};
+
+// Rank r's contribution: small integers, exact in every dtype above, different per rank.
+torch::Tensor contribution(int r, torch::ScalarType dtype) {
+  return (torch::arange(12, torch::kLong).view({3, 4}) % 5 + 3 * r).to(dtype);
+}
+
+TEST(Collectives, AllReduceSumMaxAvgEqualHandComputed) {
+  auto world = test_world();
+  const int R = world->size();
+  for (auto dtype : kReduceDtypes) {
+    auto sum = torch::zeros({3, 4}, torch::kDouble),
+         max = torch::full({3, 4}, -1.0, torch::kDouble);
+    for (int r = 0; r < R; ++r) {
+      sum += contribution(r, torch::kDouble);
+      max = torch::maximum(max, contribution(r, torch::kDouble));
+    }
+    auto x = contribution(world->rank(), dtype);
+    world->all_reduce(x, ReduceOp::Sum);
+    EXPECT_EQ(x.scalar_type(), dtype);
+    EXPECT_TRUE(torch::equal(x.to(torch::kDouble), sum)) << dtype;
+    auto m = contribution(world->rank(), dtype);
+    world->all_reduce(m, ReduceOp::Max);
+    EXPECT_TRUE(torch::equal(m.to(torch::kDouble), max)) << dtype;
+    if (torch::isFloatingType(dtype)) {
+      auto a = contribution(world->rank(), dtype);
+      world->all_reduce(a, ReduceOp::Avg);
+      const double tol = dtype == torch::kBFloat16 ? 1e-2 : (dtype == torch::kHalf ? 1e-3 : 1e-7);
+      EXPECT_LT(max_rel_diff(a, sum / R), tol) << dtype;
+    }
+  }
+}
+
+TEST(Collectives, AllReduceBoolIsLogicalOr) {
+  auto world = test_world();
+  auto x = torch::zeros({world->size() + 1}, torch::kBool);
+  x[world->rank()] = true;
+  world->all_reduce(x, ReduceOp::Sum);
+  auto expected = torch::ones({world->size() + 1}, torch::kBool);
+  expected[world->size()] = false;
+  EXPECT_TRUE(torch::equal(x, expected));
+}
+
+TEST(Collectives, AllReduceWritesIntoStridedAndEmptyTensors) {
+  auto world = test_world();
+  const int R = world->size();
+  auto base = torch::ones({4, 6}, torch::kFloat) * (world->rank() + 1);
+  auto strided = base.t();  // (6, 4), not contiguous
+  world->all_reduce(strided, ReduceOp::Sum);
+  EXPECT_TRUE(torch::equal(base, torch::full({4, 6}, R * (R + 1) / 2.0)));
+  auto column = base.select(1, 2);  // a strided view into base
+  world->all_reduce(column, ReduceOp::Max);
+  EXPECT_TRUE(torch::equal(base.select(1, 2), torch::full({4}, R * (R + 1) / 2.0)));
+  auto empty = torch::empty({0, 3});
+  world->all_reduce(empty, ReduceOp::Avg);
+  EXPECT_EQ(empty.numel(), 0);
+}
+
+TEST(Collectives, AllReduceAsyncOverlapsSeveralOperations) {
+  auto world = test_world();
+  const int R = world->size();
+  auto a = torch::full({1000}, world->rank() + 1.0, torch::kDouble);
+  auto b = torch::full({64}, static_cast<float>(world->rank()), torch::kFloat);
+  auto wa = world->all_reduce_async(a, ReduceOp::Sum);
+  auto wb = world->all_reduce_async(b, ReduceOp::Max);
+  auto busy = torch::randn({64, 64}).matmul(torch::randn({64, 64}));  // work while in flight
+  wb->wait();
+  wa->wait();
+  EXPECT_TRUE(torch::equal(a, torch::full({1000}, R * (R + 1) / 2.0, torch::kDouble)));
+  EXPECT_TRUE(torch::equal(b, torch::full({64}, R - 1.0f)));
+  EXPECT_TRUE(wa->result().is_same(a));
+}
+
+TEST(Collectives, AllReduceAvgRejectsIntegers) {
+  auto x = torch::ones({2}, torch::kLong);
+  expect_throw_with([&] { test_world()->all_reduce(x, ReduceOp::Avg); },
+                    "all_reduce with avg needs a floating-point tensor, got Long");
+}
+
+TEST(Collectives, AllGatherConcatenatesRanksInOrder) {
+  auto world = test_world();
+  const int R = world->size();
+  for (auto dtype :
+       {torch::kFloat, torch::kDouble, torch::kBFloat16, torch::kInt, torch::kLong, torch::kBool}) {
+    auto x = contribution(world->rank(), torch::kLong).t().remainder(2).to(dtype);  // strided
+    auto gathered = world->all_gather(x);
+    std::vector<torch::Tensor> parts;
+    for (int r = 0; r < R; ++r)
+      parts.push_back(contribution(r, torch::kLong).t().remainder(2).to(dtype));
+    EXPECT_TRUE(torch::equal(gathered, torch::cat(parts))) << dtype;
+  }
+  auto scalar = torch::tensor(static_cast<int64_t>(world->rank()) * 10);
+  EXPECT_TRUE(torch::equal(world->all_gather(scalar), torch::arange(R, torch::kLong) * 10));
+}
+
+// Rows that rank src sends to rank dst: (src + 2 dst) % 3 of them, zero allowed.
+int64_t rows_between(int src, int dst) { return (src + 2 * dst) % 3; }
+
+// Row i from src to dst, 2 columns: encodes (src, dst, i) so misplaced rows are visible.
+torch::Tensor rows_from(int src, int dst, torch::ScalarType dtype) {
+  const int64_t n = rows_between(src, dst);
+  auto i = torch::arange(n, torch::kLong).unsqueeze(1);
+  return torch::cat({i + 10 * dst + 40 * src, -i}, 1).to(dtype);
+}
+
+TEST(Collectives, AllToAllUnevenSplitsEqualHandComputed) {
+  auto world = test_world();
+  const int R = world->size(), me = world->rank();
+  for (auto dtype :
+       {torch::kFloat, torch::kDouble, torch::kBFloat16, torch::kInt, torch::kLong, torch::kByte}) {
+    std::vector<int64_t> send(R), recv(R);
+    std::vector<torch::Tensor> outgoing, expected;
+    for (int j = 0; j < R; ++j) {
+      send[j] = rows_between(me, j);
+      recv[j] = rows_between(j, me);
+      outgoing.push_back(rows_from(me, j, dtype));
+      expected.push_back(rows_from(j, me, dtype));
+    }
+    auto out = world->all_to_all(torch::cat(outgoing), send, recv);
+    EXPECT_TRUE(torch::equal(out, torch::cat(expected))) << dtype;
+    auto work = world->all_to_all_async(torch::cat(outgoing).view({-1, 2, 1}), send, recv);
+    work->wait();
+    EXPECT_TRUE(torch::equal(work->result(), torch::cat(expected).view({-1, 2, 1}))) << dtype;
+  }
+}
+
+TEST(Collectives, AllToAllWithNothingToSend) {
+  auto world = test_world();
+  const int R = world->size();
+  std::vector<int64_t> zeros(R, 0);
+  auto out = world->all_to_all(torch::empty({0, 5}), zeros, zeros);
+  EXPECT_EQ(out.sizes(), (std::vector<int64_t>{0, 5}));
+}
+
+TEST(Collectives, AllToAllChecksSplitsWithValues) {
+  auto world = test_world();
+  const int R = world->size();
+  std::vector<int64_t> ones(R, 1);
+  expect_throw_with(
+      [&] {
+        world->all_to_all(torch::zeros({R + 1, 2}), ones, ones);
+      },
+      c10::str("send_splits sum to ", R, " but the input has ", R + 1, " rows"));
+  expect_throw_with(
+      [&] {
+        world->all_to_all(torch::zeros({1, 2}), {1}, {1, 0, 0, 0, 0});
+      },
+      c10::str("recv_splits 5 entries for a group of size ", R));
+}
+
+TEST(Collectives, AllToAllAutogradSendsGradientsHome) {
+  auto world = test_world();
+  const int R = world->size(), me = world->rank();
+  std::vector<int64_t> send(R), recv(R);
+  std::vector<torch::Tensor> outgoing;
+  for (int j = 0; j < R; ++j) {
+    send[j] = rows_between(me, j);
+    recv[j] = rows_between(j, me);
+    outgoing.push_back(rows_from(me, j, torch::kDouble));
+  }
+  auto x = torch::cat(outgoing).requires_grad_(true);
+  auto y = all_to_all_autograd(world, x * 3, send, recv);
+  // d/dy of 0.5 * sum(y^2) is y itself; home again it is 3x, times 3 from x * 3.
+  (0.5 * y.square().sum()).backward();
+  EXPECT_TRUE(torch::allclose(x.grad(), 9 * x.detach()));
+}
+
+TEST(Collectives, BroadcastCopiesRootIntoEveryRank) {
+  auto world = test_world();
+  const int root = world->size() - 1;
+  for (auto dtype : {torch::kFloat, torch::kBFloat16, torch::kLong, torch::kBool}) {
+    auto base = torch::full({3, 5}, world->rank() == root ? 1 : 0, dtype);
+    auto strided = base.t();
+    world->broadcast(strided, root);
+    EXPECT_TRUE(torch::equal(base, torch::ones({3, 5}, dtype))) << dtype;
+  }
+  auto x = torch::zeros({1});
+  expect_throw_with(
+      [&] { world->broadcast(x, world->size()); },
+      c10::str("broadcast root (", world->size(), ") must be in [0, ", world->size()));
+  world->barrier();
+}
+
+TEST(Collectives, MpiRejectsUnsupportedDtypesByName) {
+  expect_throw_with([] { mpi_datatype(torch::kComplexFloat); },
+                    "does not support dtype ComplexFloat");
+}
+
+}  // namespace
+}  // namespace gbmoe
