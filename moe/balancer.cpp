@@ -116,6 +116,7 @@ torch::Tensor Balancer::micro_batch_loss() {
 
     auto& st = stats_[l];
     st.frequency = selection_frequency(counts, tokens, K);
+    st.local_counts = local_running_.narrow(0, offsets_[l], E).clone();
     st.tokens = tokens;
     st.max_violation = max_violation(counts);
     st.micro_max_violation += (max_violation(local) - st.micro_max_violation) / micro_batches_;
