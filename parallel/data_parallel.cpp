@@ -107,9 +107,61 @@ void DataParallel::broadcast_parameters() {
   }
 }
 
+namespace {
+
+// Copies the bucket's gradients into its flat buffer; a missing gradient counts as zeros.
+void flatten_gradients(GradientBucket& bucket) {
+  int64_t offset = 0;
+  for (size_t i = 0; i < bucket.params.size(); ++i) {
+    const auto& p = bucket.params[i];
+    const auto& grad = p.grad();
+    auto slice = bucket.flat.narrow(0, offset, p.numel());
+    if (grad.defined()) {
+      TORCH_CHECK(!grad.is_sparse(), "DataParallel does not support sparse gradients (",
+                  bucket.names[i], ")");
+      slice.view(p.sizes()).copy_(grad);
+    } else {
+      slice.zero_();
+    }
+    offset += p.numel();
+  }
+}
+
+// Expert shards are summed over the replicas of the shard, then divided by the data-parallel
+// size (see the class comment); dense buckets are averaged by the collective.
+ReduceOp bucket_op(const GradientBucket& bucket) {
+  return bucket.expert ? ReduceOp::Sum : ReduceOp::Avg;
+}
+
+// Writes the reduced buffer back into the gradients, creating those that were missing.
+void unflatten_gradients(GradientBucket& bucket, int data_parallel_size) {
+  if (bucket.expert) bucket.flat.div_(data_parallel_size);
+  int64_t offset = 0;
+  for (auto& p : bucket.params) {
+    auto averaged = bucket.flat.narrow(0, offset, p.numel()).view(p.sizes());
+    auto& grad = p.mutable_grad();
+    if (grad.defined()) {
+      grad.copy_(averaged);
+    } else {
+      grad = averaged.clone();
+    }
+    offset += p.numel();
+  }
+}
+
+}  // namespace
+
 void DataParallel::average_gradients() {
-  start_gradient_averaging();
-  finish_gradient_averaging();
+  TORCH_CHECK(pending_.empty(),
+              "average_gradients called between start_gradient_averaging and "
+              "finish_gradient_averaging");
+  torch::NoGradGuard no_grad;
+  // One bucket at a time with blocking collectives: MPI's blocking all-reduce is its fastest.
+  for (auto& bucket : buckets_) {
+    flatten_gradients(bucket);
+    comm_of(bucket).all_reduce(bucket.flat, bucket_op(bucket));
+    unflatten_gradients(bucket, data_parallel_->size());
+  }
 }
 
 void DataParallel::start_gradient_averaging() {
@@ -117,24 +169,8 @@ void DataParallel::start_gradient_averaging() {
               "start_gradient_averaging called twice without finish_gradient_averaging");
   torch::NoGradGuard no_grad;
   for (auto& bucket : buckets_) {
-    int64_t offset = 0;
-    for (size_t i = 0; i < bucket.params.size(); ++i) {
-      const auto& p = bucket.params[i];
-      const auto& grad = p.grad();
-      auto slice = bucket.flat.narrow(0, offset, p.numel());
-      if (grad.defined()) {
-        TORCH_CHECK(!grad.is_sparse(), "DataParallel does not support sparse gradients (",
-                    bucket.names[i], ")");
-        slice.view(p.sizes()).copy_(grad);
-      } else {
-        slice.zero_();
-      }
-      offset += p.numel();
-    }
-    // Expert shards: sum over the replicas of the shard, then divide by the data-parallel size
-    // (see the class comment).
-    pending_.push_back(comm_of(bucket).all_reduce_async(
-        bucket.flat, bucket.expert ? ReduceOp::Sum : ReduceOp::Avg));
+    flatten_gradients(bucket);
+    pending_.push_back(comm_of(bucket).all_reduce_async(bucket.flat, bucket_op(bucket)));
   }
 }
 
@@ -143,20 +179,8 @@ void DataParallel::finish_gradient_averaging() {
               "finish_gradient_averaging called without start_gradient_averaging");
   torch::NoGradGuard no_grad;
   for (size_t b = 0; b < buckets_.size(); ++b) {
-    auto& bucket = buckets_[b];
     pending_[b]->wait();
-    if (bucket.expert) bucket.flat.div_(data_parallel_->size());
-    int64_t offset = 0;
-    for (auto& p : bucket.params) {
-      auto averaged = bucket.flat.narrow(0, offset, p.numel()).view(p.sizes());
-      auto& grad = p.mutable_grad();
-      if (grad.defined()) {
-        grad.copy_(averaged);
-      } else {
-        grad = averaged.clone();
-      }
-      offset += p.numel();
-    }
+    unflatten_gradients(buckets_[b], data_parallel_->size());
   }
   pending_.clear();
 }

@@ -81,7 +81,8 @@ class DataParallel {
   /// data-parallel group, expert shards from rank 0 of their expert-data-parallel group.
   void broadcast_parameters();
 
-  /// Averages every trainable parameter's gradient over the ranks; start + finish.
+  /// Averages every trainable parameter's gradient over the ranks, bucket by bucket, with
+  /// blocking collectives (the fastest path when there is nothing to overlap).
   void average_gradients();
   /// Flattens the gradients into the buckets and launches their all-reduces without waiting,
   /// so other work can overlap the communication.

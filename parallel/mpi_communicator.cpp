@@ -127,34 +127,98 @@ MpiCommunicator::~MpiCommunicator() {
   if (owned_ && !mpi_finalized()) MPI_Comm_free(&comm_);
 }
 
-std::shared_ptr<Work> MpiCommunicator::all_reduce_async(const torch::Tensor& t, ReduceOp op) {
+namespace {
+
+// An all_reduce ready for MPI: the contiguous buffer reduced in place (fp32 for 16-bit floats).
+struct ReducePlan {
+  torch::Tensor buffer;
+  MPI_Datatype type;
+  MPI_Op op;
+  int count;
+};
+
+ReducePlan plan_reduce(const torch::Tensor& t, ReduceOp op) {
   check_cpu(t, "all_reduce");
   const auto dtype = t.scalar_type();
   TORCH_CHECK(op != ReduceOp::Avg || torch::isFloatingType(dtype), "all_reduce with ",
               to_string(op), " needs a floating-point tensor, got ", dtype, "; use sum and divide");
-  torch::Tensor buffer;
+  ReducePlan plan;
   if (is_16bit_float(dtype)) {
-    buffer = t.to(torch::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+    plan.buffer = t.to(torch::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
   } else {
-    buffer = t.is_contiguous() ? t : t.contiguous();
+    plan.buffer = t.is_contiguous() ? t : t.contiguous();
   }
-  MPI_Op mpi_op = MPI_SUM;
-  if (buffer.scalar_type() == torch::kBool) {
-    mpi_op = MPI_LOR;
+  plan.type = mpi_datatype(plan.buffer.scalar_type());
+  plan.op = MPI_SUM;
+  if (dtype == torch::kBool) {
+    plan.op = MPI_LOR;
   } else if (op == ReduceOp::Max) {
-    mpi_op = MPI_MAX;
+    plan.op = MPI_MAX;
   }
-  const int count = checked_count(buffer.numel(), "all_reduce");
+  plan.count = checked_count(plan.buffer.numel(), "all_reduce");
+  return plan;
+}
+
+void finish_reduce(const torch::Tensor& t, const torch::Tensor& buffer, ReduceOp op, int size) {
+  if (op == ReduceOp::Avg) buffer.div_(size);
+  if (!buffer.is_same(t)) t.copy_(buffer);
+}
+
+// An all_to_all ready for MPI: contiguous input, output, and the four int arrays (send counts,
+// send displacements, recv counts, recv displacements, in elements) that must outlive it.
+struct AllToAllPlan {
+  torch::Tensor in;
+  torch::Tensor out;
+  std::shared_ptr<std::vector<int>> arrays;
+  MPI_Datatype type;
+  int* array(int i) const { return arrays->data() + i * (arrays->size() / 4); }
+};
+
+AllToAllPlan plan_all_to_all(const torch::Tensor& input, const std::vector<int64_t>& send_splits,
+                             const std::vector<int64_t>& recv_splits, int size) {
+  check_cpu(input, "all_to_all");
+  const int64_t recv_rows = check_all_to_all_splits(input, send_splits, recv_splits, size);
+  AllToAllPlan plan;
+  plan.in = input.contiguous();
+  auto shape = plan.in.sizes().vec();
+  int64_t row_elems = 1;
+  for (size_t d = 1; d < shape.size(); ++d) row_elems *= shape[d];
+  shape[0] = recv_rows;
+  plan.out = torch::empty(shape, plan.in.options());
+  plan.type = mpi_datatype(plan.in.scalar_type());
+  plan.arrays = std::make_shared<std::vector<int>>(4 * size);
+  int64_t send_offset = 0, recv_offset = 0;
+  for (int j = 0; j < size; ++j) {
+    plan.array(0)[j] = checked_count(send_splits[j] * row_elems, "all_to_all");
+    plan.array(1)[j] = checked_count(send_offset, "all_to_all");
+    plan.array(2)[j] = checked_count(recv_splits[j] * row_elems, "all_to_all");
+    plan.array(3)[j] = checked_count(recv_offset, "all_to_all");
+    send_offset += send_splits[j] * row_elems;
+    recv_offset += recv_splits[j] * row_elems;
+  }
+  return plan;
+}
+
+}  // namespace
+
+// The blocking calls use MPI's blocking collectives: in Open MPI they take the tuned algorithms,
+// while the non-blocking ones go through libnbc, which is slower for large buffers.
+void MpiCommunicator::all_reduce(const torch::Tensor& t, ReduceOp op) {
+  auto plan = plan_reduce(t, op);
+  GBMOE_MPI_CHECK(
+      MPI_Allreduce(MPI_IN_PLACE, plan.buffer.data_ptr(), plan.count, plan.type, plan.op, comm_));
+  finish_reduce(t, plan.buffer, op, size_);
+}
+
+std::shared_ptr<Work> MpiCommunicator::all_reduce_async(const torch::Tensor& t, ReduceOp op) {
+  auto plan = plan_reduce(t, op);
   MPI_Request request;
-  GBMOE_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buffer.data_ptr(), count,
-                                 mpi_datatype(buffer.scalar_type()), mpi_op, comm_, &request));
-  const int world = size_;
-  auto finish = [t, buffer, op, world]() {
-    if (op == ReduceOp::Avg) buffer.div_(world);
-    if (!buffer.is_same(t)) t.copy_(buffer);
-  };
+  GBMOE_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, plan.buffer.data_ptr(), plan.count, plan.type,
+                                 plan.op, comm_, &request));
+  const int size = size_;
+  auto buffer = plan.buffer;
   return std::make_shared<MpiWork>(request, t, std::vector<torch::Tensor>{t, buffer}, nullptr,
-                                   std::move(finish));
+                                   [t, buffer, op, size] { finish_reduce(t, buffer, op, size); });
 }
 
 torch::Tensor MpiCommunicator::all_gather(const torch::Tensor& t) {
@@ -174,39 +238,26 @@ torch::Tensor MpiCommunicator::all_gather(const torch::Tensor& t) {
   return output;
 }
 
+torch::Tensor MpiCommunicator::all_to_all(const torch::Tensor& input,
+                                          const std::vector<int64_t>& send_splits,
+                                          const std::vector<int64_t>& recv_splits) {
+  auto plan = plan_all_to_all(input, send_splits, recv_splits, size_);
+  GBMOE_MPI_CHECK(MPI_Alltoallv(plan.in.data_ptr(), plan.array(0), plan.array(1), plan.type,
+                                plan.out.data_ptr(), plan.array(2), plan.array(3), plan.type,
+                                comm_));
+  return plan.out;
+}
+
 std::shared_ptr<Work> MpiCommunicator::all_to_all_async(const torch::Tensor& input,
                                                         const std::vector<int64_t>& send_splits,
                                                         const std::vector<int64_t>& recv_splits) {
-  check_cpu(input, "all_to_all");
-  const int64_t recv_rows = check_all_to_all_splits(input, send_splits, recv_splits, size_);
-  auto in = input.contiguous();
-  auto shape = in.sizes().vec();
-  int64_t row_elems = 1;
-  for (size_t d = 1; d < shape.size(); ++d) row_elems *= shape[d];
-  shape[0] = recv_rows;
-  auto out = torch::empty(shape, in.options());
-
-  // send counts, send displacements, recv counts, recv displacements: in elements.
-  auto arrays = std::make_shared<std::vector<int>>(4 * size_);
-  int* send_counts = arrays->data();
-  int* send_displs = send_counts + size_;
-  int* recv_counts = send_displs + size_;
-  int* recv_displs = recv_counts + size_;
-  int64_t send_offset = 0, recv_offset = 0;
-  for (int j = 0; j < size_; ++j) {
-    send_counts[j] = checked_count(send_splits[j] * row_elems, "all_to_all");
-    recv_counts[j] = checked_count(recv_splits[j] * row_elems, "all_to_all");
-    send_displs[j] = checked_count(send_offset, "all_to_all");
-    recv_displs[j] = checked_count(recv_offset, "all_to_all");
-    send_offset += send_splits[j] * row_elems;
-    recv_offset += recv_splits[j] * row_elems;
-  }
-  const auto type = mpi_datatype(in.scalar_type());
+  auto plan = plan_all_to_all(input, send_splits, recv_splits, size_);
   MPI_Request request;
-  GBMOE_MPI_CHECK(MPI_Ialltoallv(in.data_ptr(), send_counts, send_displs, type, out.data_ptr(),
-                                 recv_counts, recv_displs, type, comm_, &request));
-  return std::make_shared<MpiWork>(request, out, std::vector<torch::Tensor>{in, out}, arrays,
-                                   nullptr);
+  GBMOE_MPI_CHECK(MPI_Ialltoallv(plan.in.data_ptr(), plan.array(0), plan.array(1), plan.type,
+                                 plan.out.data_ptr(), plan.array(2), plan.array(3), plan.type,
+                                 comm_, &request));
+  return std::make_shared<MpiWork>(request, plan.out, std::vector<torch::Tensor>{plan.in, plan.out},
+                                   plan.arrays, nullptr);
 }
 
 void MpiCommunicator::broadcast(const torch::Tensor& t, int root) {

@@ -52,9 +52,12 @@ class MpiCommunicator : public Communicator {
   int size() const override { return size_; }
   std::string backend() const override { return "mpi"; }
 
+  void all_reduce(const torch::Tensor& t, ReduceOp op = ReduceOp::Sum) override;
   std::shared_ptr<Work> all_reduce_async(const torch::Tensor& t,
                                          ReduceOp op = ReduceOp::Sum) override;
   torch::Tensor all_gather(const torch::Tensor& t) override;
+  torch::Tensor all_to_all(const torch::Tensor& input, const std::vector<int64_t>& send_splits,
+                           const std::vector<int64_t>& recv_splits) override;
   std::shared_ptr<Work> all_to_all_async(const torch::Tensor& input,
                                          const std::vector<int64_t>& send_splits,
                                          const std::vector<int64_t>& recv_splits) override;

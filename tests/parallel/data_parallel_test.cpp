@@ -38,6 +38,7 @@ std::pair<torch::Tensor, torch::Tensor> global_batch(int step, int64_t rows) {
 struct TrainCase {
   std::string optimizer;
   int micro_batches;
+  bool overlap;  // start/finish_gradient_averaging instead of average_gradients
 };
 
 class DataParallelTraining : public testing::TestWithParam<TrainCase> {};
@@ -71,7 +72,12 @@ TEST_P(DataParallelTraining, EqualsOneProcessOnTheConcatenatedBatch) {
       auto xm = x_shard.narrow(0, m * B / M, B / M), ym = y_shard.narrow(0, m * B / M, B / M);
       (torch::mse_loss(model->forward(xm), ym) / M).backward();
     }
-    dp.average_gradients();  // once per optimizer step
+    if (param.overlap) {  // once per optimizer step
+      dp.start_gradient_averaging();
+      dp.finish_gradient_averaging();
+    } else {
+      dp.average_gradients();
+    }
     opt->step();
   }
 
@@ -83,11 +89,11 @@ TEST_P(DataParallelTraining, EqualsOneProcessOnTheConcatenatedBatch) {
 }
 
 INSTANTIATE_TEST_SUITE_P(OptimizersAndAccumulation, DataParallelTraining,
-                         testing::Values(TrainCase{"sgd", 1}, TrainCase{"sgd", 2},
-                                         TrainCase{"adam", 1}, TrainCase{"adam", 4}),
+                         testing::Values(TrainCase{"sgd", 1, false}, TrainCase{"sgd", 2, true},
+                                         TrainCase{"adam", 1, true}, TrainCase{"adam", 4, false}),
                          [](const testing::TestParamInfo<TrainCase>& info) {
-                           return c10::str(info.param.optimizer, "_micro",
-                                           info.param.micro_batches);
+                           return c10::str(info.param.optimizer, "_micro", info.param.micro_batches,
+                                           info.param.overlap ? "_overlap" : "");
                          });
 
 TEST(DataParallel, BucketsFuseParametersAndMissingGradientsCountAsZero) {
