@@ -194,6 +194,19 @@ TEST(Collectives, BroadcastCopiesRootIntoEveryRank) {
   world->barrier();
 }
 
+TEST(Collectives, MpiErrorsCarryFileLineAndMpiText) {
+  auto* mpi = dynamic_cast<MpiCommunicator*>(test_world().get());
+  ASSERT_NE(mpi, nullptr);
+  int value = 0;
+  // Every rank passes the same invalid root, so the call fails the same way everywhere.
+  expect_throw_with([&] { GBMOE_MPI_CHECK(MPI_Bcast(&value, 1, MPI_INT, -5, mpi->comm())); },
+                    "MPI_ERR_ROOT");
+  expect_throw_with([&] { GBMOE_MPI_CHECK(MPI_Bcast(&value, 1, MPI_INT, -5, mpi->comm())); },
+                    "in MPI_Bcast(&value, 1, MPI_INT, -5, mpi->comm()) at ");
+  expect_throw_with([&] { GBMOE_MPI_CHECK(MPI_Bcast(&value, 1, MPI_INT, -5, mpi->comm())); },
+                    "collectives_test.cpp:");
+}
+
 TEST(Collectives, MpiRejectsUnsupportedDtypesByName) {
   expect_throw_with([] { mpi_datatype(torch::kComplexFloat); },
                     "does not support dtype ComplexFloat");
