@@ -29,6 +29,7 @@ class CountReducer {
 /// Balance figures of one MoE layer for the optimizer step so far.
 struct LayerBalanceStats {
   torch::Tensor frequency;         // (E,) fp64 f over the scope's tokens of the step so far
+  torch::Tensor local_counts;      // (E,) fp64 this rank's selections of the step so far
   double tokens = 0;               // tokens counted in frequency
   double max_violation = 0;        // MaxVio of those counts
   double micro_max_violation = 0;  // MaxVio of this rank's micro-batches, averaged

@@ -1,0 +1,160 @@
+// The transformer language model: RMSNorm, rotary causal attention, MoE / dense blocks.
+#include "train/model.h"
+
+#include <cmath>
+
+namespace gbmoe {
+
+void LanguageModelOptions::validate() const {
+  TORCH_CHECK(vocab_size() > 1, "model.vocab_size (", vocab_size(), ") must be > 1");
+  TORCH_CHECK(dim() > 0 && num_heads() > 0 && dim() % num_heads() == 0, "model.dim (", dim(),
+              ") must be a positive multiple of model.num_heads (", num_heads(), ")");
+  TORCH_CHECK((dim() / num_heads()) % 2 == 0, "model.dim / model.num_heads (", dim() / num_heads(),
+              ") must be even for rotary embeddings");
+  TORCH_CHECK(num_layers() > 0, "model.num_layers (", num_layers(), ") must be > 0");
+  for (auto l : moe_layers()) {
+    TORCH_CHECK(l >= 0 && l < num_layers(), "model.moe_layers names block ", l, " but there are ",
+                num_layers(), " blocks");
+  }
+  TORCH_CHECK(moe().dim() == dim(), "MoE dim (", moe().dim(), ") must equal model.dim (", dim(),
+              ")");
+  moe().validate();
+}
+
+RMSNormImpl::RMSNormImpl(int64_t dim_, double eps_) : dim(dim_), eps(eps_) { reset(); }
+
+void RMSNormImpl::reset() { weight = register_parameter("weight", torch::ones({dim})); }
+
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+  auto xf = x.to(torch::kFloat);
+  auto normed = xf * torch::rsqrt(xf.square().mean(-1, true) + eps);
+  return (normed * weight.to(torch::kFloat)).to(x.scalar_type());
+}
+
+AttentionImpl::AttentionImpl(int64_t dim_, int64_t num_heads_, double rope_theta_)
+    : dim(dim_), num_heads(num_heads_), rope_theta(rope_theta_) {
+  reset();
+}
+
+void AttentionImpl::reset() {
+  qkv =
+      register_module("qkv", torch::nn::Linear(torch::nn::LinearOptions(dim, 3 * dim).bias(false)));
+  out = register_module("out", torch::nn::Linear(torch::nn::LinearOptions(dim, dim).bias(false)));
+}
+
+namespace {
+
+// Rotates pairs (x[2i], x[2i+1]) of each head by angle pos * theta^(-2i/Dh). x: (B, H, S, Dh).
+torch::Tensor apply_rope(const torch::Tensor& x, double theta) {
+  const int64_t S = x.size(2), Dh = x.size(3);
+  auto opts = torch::TensorOptions().dtype(torch::kFloat).device(x.device());
+  auto inv_freq = torch::pow(theta, -torch::arange(0, Dh, 2, opts) / static_cast<double>(Dh));
+  auto angles = torch::outer(torch::arange(S, opts), inv_freq);  // (S, Dh/2)
+  auto cos = angles.cos(), sin = angles.sin();
+  auto xf = x.to(torch::kFloat).unflatten(-1, {Dh / 2, 2});
+  auto x0 = xf.select(-1, 0), x1 = xf.select(-1, 1);
+  auto rotated = torch::stack({x0 * cos - x1 * sin, x0 * sin + x1 * cos}, -1).flatten(-2);
+  return rotated.to(x.scalar_type());
+}
+
+}  // namespace
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x) {
+  const int64_t B = x.size(0), S = x.size(1), Dh = dim / num_heads;
+  auto qkv_BS3HD = qkv->forward(x).view({B, S, 3, num_heads, Dh});
+  auto q = apply_rope(qkv_BS3HD.select(2, 0).transpose(1, 2), rope_theta);
+  auto k = apply_rope(qkv_BS3HD.select(2, 1).transpose(1, 2), rope_theta);
+  auto v = qkv_BS3HD.select(2, 2).transpose(1, 2);
+  auto y = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+  return out->forward(y.transpose(1, 2).reshape({B, S, dim}));
+}
+
+BlockImpl::BlockImpl(const LanguageModelOptions& options_, bool is_moe_)
+    : options(options_), is_moe(is_moe_) {
+  reset();
+}
+
+void BlockImpl::reset() {
+  attn_norm = register_module("attn_norm", RMSNorm(options.dim(), options.norm_eps()));
+  attn =
+      register_module("attn", Attention(options.dim(), options.num_heads(), options.rope_theta()));
+  ffn_norm = register_module("ffn_norm", RMSNorm(options.dim(), options.norm_eps()));
+  if (is_moe) {
+    moe = register_module("moe", MoELayer(options.moe()));
+  } else {
+    dense = register_module("dense", SwiGLU(SwiGLUOptions(options.dim(), options.dense_hidden())));
+  }
+}
+
+torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& mask) {
+  auto h = x + attn->forward(attn_norm->forward(x));
+  auto n = ffn_norm->forward(h);
+  return h + (is_moe ? moe->forward(n, mask) : dense->forward(n));
+}
+
+LanguageModelImpl::LanguageModelImpl(LanguageModelOptions options_) : options(std::move(options_)) {
+  reset();
+}
+
+void LanguageModelImpl::reset() {
+  options.validate();
+  embed = register_module("embed", torch::nn::Embedding(options.vocab_size(), options.dim()));
+  blocks = register_module("blocks", torch::nn::ModuleList());
+  for (int64_t l = 0; l < options.num_layers(); ++l) {
+    const auto& m = options.moe_layers();
+    const bool is_moe = std::find(m.begin(), m.end(), l) != m.end();
+    blocks->push_back(Block(options, is_moe));
+  }
+  final_norm = register_module("final_norm", RMSNorm(options.dim(), options.norm_eps()));
+  if (!options.tie_embeddings()) {
+    head = register_module(
+        "head", torch::nn::Linear(
+                    torch::nn::LinearOptions(options.dim(), options.vocab_size()).bias(false)));
+  }
+  reset_parameters();
+}
+
+void LanguageModelImpl::reset_parameters() {
+  torch::NoGradGuard no_grad;
+  const double std = options.init_std();
+  const double residual_std = std / std::sqrt(2.0 * options.num_layers());
+  embed->weight.normal_(0.0, std);
+  if (head) head->weight.normal_(0.0, std);
+  for (const auto& module : *blocks) {
+    auto block = module->as<BlockImpl>();
+    block->attn->qkv->weight.normal_(0.0, std);
+    block->attn->out->weight.normal_(0.0, residual_std);
+    if (block->is_moe) {
+      block->moe->router->weight.normal_(0.0, std);
+      block->moe->experts->gate_up.normal_(0.0, std);
+      block->moe->experts->down.normal_(0.0, residual_std);
+      if (block->moe->shared) {
+        block->moe->shared->gate_up.normal_(0.0, std);
+        block->moe->shared->down.normal_(0.0, residual_std);
+      }
+    } else {
+      block->dense->gate_up.normal_(0.0, std);
+      block->dense->down.normal_(0.0, residual_std);
+    }
+  }
+}
+
+torch::Tensor LanguageModelImpl::forward(const torch::Tensor& tokens, const torch::Tensor& mask) {
+  TORCH_CHECK(tokens.dim() == 2, "tokens must be (B, S), got ", tokens.sizes());
+  auto x = embed->forward(tokens);
+  for (const auto& module : *blocks) x = module->as<BlockImpl>()->forward(x, mask);
+  x = final_norm->forward(x);
+  auto logits = head ? head->forward(x) : torch::nn::functional::linear(x, embed->weight);
+  return logits.to(torch::kFloat);
+}
+
+std::vector<MoELayer> LanguageModelImpl::moe_layers() const {
+  std::vector<MoELayer> out;
+  for (const auto& module : *blocks) {
+    auto block = module->as<BlockImpl>();
+    if (block->is_moe) out.push_back(block->moe);
+  }
+  return out;
+}
+
+}  // namespace gbmoe

@@ -1,0 +1,114 @@
+// The decoder-only transformer language model of the trainer: token embedding, pre-norm blocks
+// (RMSNorm, causal multi-head attention with rotary positions, MoE or dense SwiGLU
+// feed-forward), final norm, output head. Letters: B batch, S positions, D dim, H heads, V vocab.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <vector>
+
+#include "moe/moe_layer.h"
+
+namespace gbmoe {
+
+/// Example:
+///   LanguageModelOptions(4096, 128, 4, 4).moe_layers({0, 1, 2, 3}).moe(MoELayerOptions(128, 8,
+///   256))
+struct LanguageModelOptions {
+  LanguageModelOptions(int64_t vocab_size, int64_t dim, int64_t num_layers, int64_t num_heads)
+      : vocab_size_(vocab_size),
+        dim_(dim),
+        num_layers_(num_layers),
+        num_heads_(num_heads),
+        moe_(dim, 8, 4 * dim) {}
+  TORCH_ARG(int64_t, vocab_size);
+  TORCH_ARG(int64_t, dim);
+  TORCH_ARG(int64_t, num_layers);
+  TORCH_ARG(int64_t, num_heads);
+  /// Indices of the blocks whose feed-forward is a MoE layer; the others are dense SwiGLU.
+  TORCH_ARG(std::vector<int64_t>, moe_layers) = {};
+  /// The options of every MoE layer (its dim must equal the model's).
+  TORCH_ARG(MoELayerOptions, moe);
+  /// Hidden size of the dense SwiGLU blocks.
+  TORCH_ARG(int64_t, dense_hidden) = 1024;
+  TORCH_ARG(bool, tie_embeddings) = true;
+  TORCH_ARG(double, rope_theta) = 10000.0;
+  /// Weights ~ N(0, init_std); the projections that write into the residual stream
+  /// (attention output, FFN down) ~ N(0, init_std / sqrt(2 * num_layers)) as in GPT-2.
+  TORCH_ARG(double, init_std) = 0.02;
+  TORCH_ARG(double, norm_eps) = 1e-5;
+
+ public:
+  void validate() const;
+};
+
+/// Root-mean-square layer norm with a learned scale.
+class RMSNormImpl : public torch::nn::Cloneable<RMSNormImpl> {
+ public:
+  RMSNormImpl(int64_t dim, double eps);
+  void reset() override;
+  torch::Tensor forward(const torch::Tensor& x);
+  int64_t dim;
+  double eps;
+  torch::Tensor weight;  // (D,)
+};
+TORCH_MODULE(RMSNorm);
+
+/// Causal multi-head self-attention with rotary position embeddings.
+class AttentionImpl : public torch::nn::Cloneable<AttentionImpl> {
+ public:
+  AttentionImpl(int64_t dim, int64_t num_heads, double rope_theta);
+  void reset() override;
+  /// x: (B, S, D). Returns (B, S, D).
+  torch::Tensor forward(const torch::Tensor& x);
+  int64_t dim, num_heads;
+  double rope_theta;
+  torch::nn::Linear qkv{nullptr};  // D -> 3D
+  torch::nn::Linear out{nullptr};  // D -> D
+};
+TORCH_MODULE(Attention);
+
+/// One pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)).
+class BlockImpl : public torch::nn::Cloneable<BlockImpl> {
+ public:
+  BlockImpl(const LanguageModelOptions& options, bool is_moe);
+  void reset() override;
+  /// x: (B, S, D); mask: (B, S) bool of valid tokens or undefined.
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask = {});
+  LanguageModelOptions options;
+  bool is_moe;
+  RMSNorm attn_norm{nullptr}, ffn_norm{nullptr};
+  Attention attn{nullptr};
+  MoELayer moe{nullptr};  // when is_moe
+  SwiGLU dense{nullptr};  // otherwise
+};
+TORCH_MODULE(Block);
+
+/// The language model.
+///
+/// Example:
+///   LanguageModel model(options);
+///   auto logits = model->forward(tokens_BS, mask_BS);  // (B, S, V)
+///   Balancer balancer(model->moe_layers(), reducer);
+class LanguageModelImpl : public torch::nn::Cloneable<LanguageModelImpl> {
+ public:
+  explicit LanguageModelImpl(LanguageModelOptions options);
+  void reset() override;
+  void reset_parameters();
+
+  /// tokens: (B, S) int64; mask: (B, S) bool (false = padding) or undefined. Returns logits
+  /// (B, S, V) in fp32.
+  torch::Tensor forward(const torch::Tensor& tokens, const torch::Tensor& mask = {});
+
+  /// The MoE layers in block order.
+  std::vector<MoELayer> moe_layers() const;
+
+  LanguageModelOptions options;
+  torch::nn::Embedding embed{nullptr};
+  torch::nn::ModuleList blocks{nullptr};
+  RMSNorm final_norm{nullptr};
+  torch::nn::Linear head{nullptr};  // null when tied to embed
+};
+TORCH_MODULE(LanguageModel);
+
+}  // namespace gbmoe

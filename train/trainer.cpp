@@ -1,0 +1,413 @@
+// The training loop. Every rank runs the same sequence of collectives; rank 0 writes files.
+#include "train/trainer.h"
+
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <sstream>
+
+#include "losses/specialization.h"
+#include "moe/balancer.h"
+#include "parallel/balance_sync.h"
+#include "parallel/data_parallel.h"
+#include "parallel/runtime.h"
+#include "train/checkpoint.h"
+#include "train/sampler.h"
+#include "train/token_dataset.h"
+
+namespace gbmoe {
+namespace fs = std::filesystem;
+
+namespace {
+
+volatile std::sig_atomic_t g_stop_requested = 0;
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Linear warmup to lr, then cosine decay to min_lr at the last step.
+double learning_rate(const OptimConfig& o, int64_t step, int64_t total_steps) {
+  if (step < o.warmup_steps) return o.lr * static_cast<double>(step + 1) / o.warmup_steps;
+  const double span = std::max<int64_t>(1, total_steps - o.warmup_steps);
+  const double progress = std::min(1.0, (step - o.warmup_steps) / span);
+  return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + std::cos(M_PI * progress));
+}
+
+std::string json_number(double v) {
+  if (!std::isfinite(v)) return "null";
+  std::ostringstream s;
+  s << std::setprecision(7) << v;
+  return s.str();
+}
+
+std::string json_list(const std::vector<double>& values) {
+  std::string out = "[";
+  for (size_t i = 0; i < values.size(); ++i) out += (i ? "," : "") + json_number(values[i]);
+  return out + "]";
+}
+
+std::string format_duration(double seconds) {
+  const auto s = static_cast<int64_t>(std::max(0.0, seconds));
+  std::ostringstream out;
+  if (s >= 3600) out << s / 3600 << "h";
+  if (s >= 60) out << (s % 3600) / 60 << "m";
+  out << s % 60 << "s";
+  return out.str();
+}
+
+torch::Tensor sum_over(Communicator& comm, torch::Tensor t) {
+  t = t.to(torch::kDouble).cpu().contiguous();
+  comm.all_reduce(t, ReduceOp::Sum);
+  return t;
+}
+
+}  // namespace
+
+void request_stop() { g_stop_requested = 1; }
+
+BalanceOptions balance_options_from_config(const Config& config) {
+  const auto& b = config.balance;
+  return BalanceOptions()
+      .scope(balance_scope_from_string(b.scope))
+      .alpha(b.alpha)
+      .micro_alpha(b.micro_alpha)
+      .group_size(b.scope == "group" ? b.group_size : 0)
+      .method(balance_method_from_string(b.method))
+      .bias_update_rate(b.bias_update_rate);
+}
+
+LanguageModelOptions model_options_from_config(const Config& config, int64_t vocab_size) {
+  const auto& m = config.model;
+  auto moe = MoELayerOptions(m.dim, m.num_experts, m.expert_hidden)
+                 .shared_experts(m.shared_experts)
+                 .router(RouterOptions()
+                             .top_k(m.top_k)
+                             .score_function(score_function_from_string(m.score_function))
+                             .renormalize(m.renormalize)
+                             .z_loss_coef(config.balance.z_loss)
+                             .init_std(m.init_std))
+                 .dispatcher(DispatcherOptions()
+                                 .capacity_factor(m.capacity_factor)
+                                 .drop_policy(drop_policy_from_string(m.drop_policy)))
+                 .balance(balance_options_from_config(config))
+                 .init_std(m.init_std);
+  return LanguageModelOptions(vocab_size, m.dim, m.num_layers, m.num_heads)
+      .moe_layers(m.moe_layer_indices())
+      .moe(moe)
+      .dense_hidden(m.dense_hidden)
+      .tie_embeddings(m.tie_embeddings)
+      .rope_theta(m.rope_theta)
+      .init_std(m.init_std)
+      .norm_eps(m.norm_eps);
+}
+
+namespace {
+
+// Evaluates the validation batches: rank r takes batches r, r + R, ...; sums are all-reduced.
+EvalResult evaluate(LanguageModel& model, const std::vector<Batch>& batches,
+                    const std::vector<std::string>& domains, Communicator& world,
+                    torch::Device device, int64_t step) {
+  model->eval();
+  torch::NoGradGuard no_grad;
+  auto layers = model->moe_layers();
+  const int64_t M = static_cast<int64_t>(domains.size());
+  const int64_t L = static_cast<int64_t>(layers.size());
+  const int64_t E = L > 0 ? layers[0]->options.num_experts() : 0;
+  auto loss_sum = torch::zeros({M}, torch::kDouble), tokens = torch::zeros({M}, torch::kDouble);
+  auto counts = torch::zeros({L, M, E}, torch::kDouble);
+  for (size_t i = world.rank(); i < batches.size(); i += world.size()) {
+    const auto& b = batches[i];
+    auto mask = b.mask.to(device);
+    auto logits = model->forward(b.inputs.to(device), mask);
+    auto ce = torch::nn::functional::cross_entropy(
+        logits.flatten(0, 1), b.targets.to(device).flatten(),
+        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+    const int64_t d = b.domain[0].item<int64_t>();
+    loss_sum[d] += ce.item<double>();
+    tokens[d] += b.mask.sum().item<double>();
+    for (int64_t l = 0; l < L; ++l)
+      counts[l][d] += layers[l]->stats().counts.to(torch::kDouble).cpu();
+  }
+  loss_sum = sum_over(world, loss_sum);
+  tokens = sum_over(world, tokens);
+  counts = sum_over(world, counts);
+  model->train();
+
+  EvalResult r;
+  r.step = step;
+  r.loss = loss_sum.sum().item<double>() / std::max(1.0, tokens.sum().item<double>());
+  for (int64_t d = 0; d < M; ++d) {
+    r.domain_tokens.push_back(tokens[d].item<double>());
+    if (tokens[d].item<double>() > 0) {
+      r.domain_loss[domains[d]] = loss_sum[d].item<double>() / tokens[d].item<double>();
+    }
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    const double mi = domain_expert_mutual_information(counts[l]);
+    const double h = domain_entropy(counts[l]);
+    r.mutual_information.push_back(mi);
+    r.normalized_mi.push_back(h > 0 ? mi / h : 0.0);
+    r.max_violation.push_back(max_violation(counts[l].sum(0)));
+    r.domain_counts.push_back(counts[l].clone());
+  }
+  return r;
+}
+
+std::string eval_json(const EvalResult& r) {
+  std::ostringstream s;
+  s << "{\"step\":" << r.step << ",\"eval\":{\"val_loss\":" << json_number(r.loss)
+    << ",\"domains\":{";
+  bool first = true;
+  for (const auto& [name, loss] : r.domain_loss) {
+    s << (first ? "" : ",") << "\"" << name << "\":" << json_number(loss);
+    first = false;
+  }
+  s << "},\"mutual_information\":" << json_list(r.mutual_information)
+    << ",\"normalized_mi\":" << json_list(r.normalized_mi)
+    << ",\"max_violation\":" << json_list(r.max_violation) << "}}";
+  return s.str();
+}
+
+void append_line(const std::string& path, const std::string& line) {
+  std::ofstream out(path, std::ios::app);
+  TORCH_CHECK(out, "cannot append to ", path);
+  out << line << "\n";
+}
+
+}  // namespace
+
+TrainSummary train(const Config& config, const ProcessGroups& groups) {
+  config.validate_for_world(static_cast<int>(groups.sizes.world));
+  Communicator& world = *groups.world;
+  const bool rank0 = world.rank() == 0;
+  torch::set_num_threads(static_cast<int>(config.train.threads));
+  TORCH_CHECK(config.parallel.expert_parallel == 1, "parallel.expert_parallel (",
+              config.parallel.expert_parallel,
+              ") > 1 needs the expert-parallel dispatcher, which this build does not have yet");
+  torch::Device device(torch::kCPU);
+  if (config.train.device == "cuda") {
+    TORCH_CHECK(torch::cuda::is_available(), "train.device (cuda) but no CUDA device is visible");
+    device = torch::Device(torch::kCUDA, 0);
+  }
+  TORCH_CHECK(config.train.dtype == "float32" || device.is_cuda(), "train.dtype (",
+              config.train.dtype, ") needs train.device cuda; use float32 on the CPU");
+
+  // Data.
+  auto train_data = std::make_shared<TokenDataset>(TokenDataset::open(config.data.dir, "train"));
+  auto val_data = TokenDataset::open(config.data.dir, "val");
+  const int64_t vocab =
+      config.model.vocab_size > 0 ? config.model.vocab_size : train_data->vocab_size();
+  TORCH_CHECK(vocab >= train_data->vocab_size(), "model.vocab_size (", vocab,
+              ") is smaller than the dataset's vocabulary (", train_data->vocab_size(), ") in ",
+              config.data.dir);
+  SequenceSampler sampler(train_data,
+                          SamplerOptions(config.data.seq_len, config.data.micro_batch_size)
+                              .seed(static_cast<uint64_t>(config.train.seed))
+                              .rank(world.rank())
+                              .world_size(world.size()));
+  auto val_batches = validation_batches(val_data, config.data.seq_len, config.data.micro_batch_size,
+                                        config.data.val_batches_per_domain);
+  const auto& domains = val_data.domain_names();
+
+  // Model, balancing, data parallelism, optimizer.
+  torch::manual_seed(static_cast<uint64_t>(config.train.seed));
+  LanguageModel model(model_options_from_config(config, vocab));
+  model->to(device);
+  auto moe_layers = model->moe_layers();
+  const auto balance = balance_options_from_config(config);
+  Balancer balancer(moe_layers, balance_reducer(balance, groups));
+  DataParallel dp(model.ptr(), groups.data_parallel);
+  dp.broadcast_parameters();
+
+  std::vector<torch::Tensor> decay, no_decay;
+  for (auto& p : model->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
+  auto adamw = torch::optim::AdamWOptions(config.optim.lr)
+                   .betas({config.optim.beta1, config.optim.beta2})
+                   .eps(config.optim.eps);
+  std::vector<torch::optim::OptimizerParamGroup> param_groups;
+  param_groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(
+                                       adamw.weight_decay(config.optim.weight_decay)));
+  param_groups.emplace_back(no_decay,
+                            std::make_unique<torch::optim::AdamWOptions>(adamw.weight_decay(0.0)));
+  torch::optim::AdamW optimizer(param_groups, adamw);
+
+  // Run directory and resume.
+  const std::string run_dir = config.train.run_dir;
+  const std::string metrics_path = (fs::path(run_dir) / "metrics.jsonl").string();
+  TrainSummary summary;
+  summary.run_dir = run_dir;
+  int64_t start_step = 0;
+  const std::string resume_dir = resolve_resume(run_dir, config.train.resume);
+  if (!resume_dir.empty()) {
+    auto meta = read_checkpoint_meta(resume_dir);
+    torch::load(model, resume_dir + "/model.pt");
+    torch::load(optimizer, resume_dir + "/optimizer.pt");
+    sampler.load_state(SamplerState::from_string(meta.sampler_state));
+    start_step = meta.step;
+    log0("resumed from ", resume_dir, " at step ", start_step);
+  }
+  if (rank0) {
+    fs::create_directories(run_dir);
+    std::ofstream(fs::path(run_dir) / "config.yaml") << config.to_yaml();
+    if (start_step == 0) std::ofstream(metrics_path, std::ios::trunc);
+  }
+  summary.first_step = start_step;
+  summary.last_step = start_step;
+
+  auto save = [&](int64_t step) {
+    if (rank0) {
+      CheckpointMeta meta{step, sampler.state().to_string(), config.to_yaml()};
+      auto dir =
+          write_checkpoint(run_dir, meta, config.train.keep_checkpoints, [&](const std::string& d) {
+            torch::save(model, d + "/model.pt");
+            torch::save(optimizer, d + "/optimizer.pt");
+          });
+      log0("checkpoint ", dir);
+    }
+    world.barrier();
+  };
+
+  auto previous_handler = std::signal(SIGTERM, [](int) { request_stop(); });
+  g_stop_requested = 0;
+  const int64_t M = config.data.grad_accum;
+  const int64_t total_steps = config.train.steps;
+  int64_t parameters = 0;
+  for (const auto& p : model->parameters()) parameters += p.numel();
+  log0("gbmoe-train: ", world.size(), " ranks, ", parameters / 1e6, "M parameters, ",
+       moe_layers.size(), " MoE layers x ", config.model.num_experts, " experts (top-",
+       config.model.top_k, "), scope ", config.balance.scope, ", ", train_data->num_tokens(),
+       " training tokens in ", domains.size(), " domains");
+
+  Communicator& token_group = balance.scope() == BalanceScope::Group ? *groups.balance : world;
+  double window_tokens = 0, window_seconds = 0;
+  for (int64_t step = start_step; step < total_steps; ++step) {
+    auto t0 = std::chrono::steady_clock::now();
+    const double lr = learning_rate(config.optim, step, total_steps);
+    for (auto& group : optimizer.param_groups()) {
+      static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+    }
+    optimizer.zero_grad();
+    std::vector<Batch> micro(M);
+    double local_tokens = 0;
+    for (auto& b : micro) {
+      b = sampler.next_batch();
+      local_tokens += b.mask.sum().item<double>();
+    }
+    balancer.begin_step(
+        M, is_synchronized(balance.scope()) ? all_reduce_sum(token_group, local_tokens) : 0.0);
+    double ce_sum = 0, balance_sum = 0;
+    bool finite = true;
+    std::string bad_term;
+    for (const auto& b : micro) {
+      auto mask = b.mask.to(device);
+      auto logits = model->forward(b.inputs.to(device), mask);
+      auto ce = torch::nn::functional::cross_entropy(logits.flatten(0, 1),
+                                                     b.targets.to(device).flatten());
+      auto bal = balancer.micro_batch_loss();
+      const double ce_v = ce.item<double>(), bal_v = bal.item<double>();
+      if (finite && (!std::isfinite(ce_v) || !std::isfinite(bal_v))) {
+        finite = false;
+        bad_term = !std::isfinite(ce_v) ? "cross_entropy = " + std::to_string(ce_v)
+                                        : "balance loss = " + std::to_string(bal_v);
+      }
+      ((ce + bal) / static_cast<double>(M)).backward();
+      ce_sum += ce_v;
+      balance_sum += bal_v;
+    }
+    auto flags = torch::tensor({finite ? 0.0 : 1.0, g_stop_requested ? 1.0 : 0.0}, torch::kDouble);
+    world.all_reduce(flags, ReduceOp::Max);
+    TORCH_CHECK(flags[0].item<double>() == 0.0, "step ", step + 1, ": non-finite loss (",
+                finite ? "on another rank" : bad_term,
+                "); stopping without an optimizer step. The last checkpoint is intact; lower "
+                "optim.lr or raise optim.warmup_steps");
+    dp.average_gradients();
+    // With clipping off the call only measures the norm (an unreachable bound).
+    const double clip = config.optim.grad_clip > 0 ? config.optim.grad_clip : 1e30;
+    const double grad_norm = torch::nn::utils::clip_grad_norm_(model->parameters(), clip);
+    optimizer.step();
+    auto layer_stats = balancer.end_step();
+    const int64_t done = step + 1;
+    summary.last_step = done;
+
+    // Metrics: losses averaged over ranks, MaxVio of the whole step and of micro-batches.
+    const int64_t L = static_cast<int64_t>(layer_stats.size());
+    auto packed = torch::zeros({2 + 2 * L}, torch::kDouble);
+    packed[0] = ce_sum / M;
+    packed[1] = balance_sum / M;
+    std::vector<torch::Tensor> counts;
+    for (int64_t l = 0; l < L; ++l) {
+      packed[2 + l] = layer_stats[l].micro_max_violation;
+      counts.push_back(layer_stats[l].local_counts.cpu());
+    }
+    packed = sum_over(world, packed) / world.size();
+    auto global_counts = L > 0 ? sum_over(world, torch::stack(counts)) : torch::Tensor();
+    std::vector<double> mv_global, mv_micro;
+    for (int64_t l = 0; l < L; ++l) {
+      mv_global.push_back(max_violation(global_counts[l]));
+      mv_micro.push_back(packed[2 + l].item<double>());
+    }
+    const double ce_mean = packed[0].item<double>(), bal_mean = packed[1].item<double>();
+    summary.losses.push_back(ce_mean);
+    summary.max_violation_global = mv_global;
+    summary.max_violation_micro = mv_micro;
+    const double dt = seconds_since(t0);
+    const double step_tokens = all_reduce_sum(world, local_tokens);
+    window_tokens += step_tokens;
+    window_seconds += dt;
+    if (rank0) {
+      std::ostringstream line;
+      line << "{\"step\":" << done << ",\"loss\":" << json_number(ce_mean + bal_mean)
+           << ",\"ce\":" << json_number(ce_mean) << ",\"balance\":" << json_number(bal_mean)
+           << ",\"lr\":" << json_number(lr) << ",\"grad_norm\":" << json_number(grad_norm)
+           << ",\"tokens_per_s\":" << json_number(step_tokens / dt)
+           << ",\"maxvio_global\":" << json_list(mv_global)
+           << ",\"maxvio_micro\":" << json_list(mv_micro) << "}";
+      append_line(metrics_path, line.str());
+    }
+    if (done % config.train.log_every == 0 || done == total_steps) {
+      double mvg = 0, mvm = 0;
+      for (int64_t l = 0; l < L; ++l) mvg += mv_global[l] / L, mvm += mv_micro[l] / L;
+      const double tps = window_tokens / std::max(1e-9, window_seconds);
+      const double left =
+          (total_steps - done) * (window_seconds / std::max<int64_t>(1, config.train.log_every));
+      std::ostringstream p;
+      p << std::fixed << "step " << done << "/" << total_steps << " | loss " << std::setprecision(4)
+        << ce_mean << " | bal " << std::setprecision(4) << bal_mean << " | maxvio global "
+        << std::setprecision(2) << mvg << " micro " << mvm << " | " << std::setprecision(0) << tps
+        << " tok/s | lr " << std::scientific << std::setprecision(2) << lr << " | "
+        << format_duration(left) << " left";
+      log0(p.str());
+      summary.tokens_per_second = tps;
+      window_tokens = window_seconds = 0;
+    }
+    const bool eval_now =
+        config.train.eval_every > 0 && (done % config.train.eval_every == 0 || done == total_steps);
+    if (eval_now) {
+      summary.eval = evaluate(model, val_batches, domains, world, device, done);
+      if (rank0) append_line(metrics_path, eval_json(summary.eval));
+      std::ostringstream e;
+      e << std::fixed << std::setprecision(4) << "eval step " << done << " | val loss "
+        << summary.eval.loss;
+      for (const auto& [name, loss] : summary.eval.domain_loss) e << " | " << name << " " << loss;
+      log0(e.str());
+    }
+    const bool stop = flags[1].item<double>() > 0;
+    if ((config.train.checkpoint_every > 0 && done % config.train.checkpoint_every == 0) ||
+        done == total_steps || stop) {
+      save(done);
+    }
+    if (stop) {
+      log0("stopped by SIGTERM after step ", done, "; resume with --set train.resume=auto");
+      summary.interrupted = true;
+      break;
+    }
+  }
+  std::signal(SIGTERM, previous_handler);
+  return summary;
+}
+
+}  // namespace gbmoe

@@ -1,0 +1,59 @@
+// The training loop of gbmoe-train: data, model, balancing, data parallelism, AdamW with warmup
+// and cosine decay, evaluation per domain, metrics, checkpoints, exact resume, SIGTERM.
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "parallel/process_groups.h"
+#include "train/config.h"
+#include "train/model.h"
+
+namespace gbmoe {
+
+/// The model options a config describes, for a vocabulary of vocab_size tokens.
+LanguageModelOptions model_options_from_config(const Config& config, int64_t vocab_size);
+
+/// The balance options of a config's balance section.
+BalanceOptions balance_options_from_config(const Config& config);
+
+/// Validation figures of one evaluation.
+struct EvalResult {
+  int64_t step = 0;
+  double loss = 0;                            // token-weighted over all domains
+  std::map<std::string, double> domain_loss;  // per domain
+  std::vector<double> mutual_information;     // per MoE layer, bits
+  std::vector<double> normalized_mi;          // per MoE layer, MI / H(domain)
+  std::vector<double> max_violation;          // per MoE layer, over the whole validation set
+  std::vector<torch::Tensor> domain_counts;   // per MoE layer: (domains, E) selections
+  std::vector<double> domain_tokens;          // per domain
+};
+
+/// What a run did.
+struct TrainSummary {
+  int64_t first_step = 0;                    // the step it started from (resumed runs: > 0)
+  int64_t last_step = 0;                     // steps completed
+  bool interrupted = false;                  // stopped by SIGTERM after writing a checkpoint
+  std::vector<double> losses;                // training loss (cross-entropy) of each step run
+  EvalResult eval;                           // the last evaluation
+  std::vector<double> max_violation_global;  // last step, per MoE layer
+  std::vector<double> max_violation_micro;   // last step, per MoE layer
+  double tokens_per_second = 0;
+  std::string run_dir;
+};
+
+/// Runs the training a config describes on the ranks of groups (collective: every rank calls
+/// it). Rank 0 writes the run directory: config.yaml, metrics.jsonl, checkpoints/.
+///
+/// Example:
+///   auto config = Config::from_yaml_file("configs/default.yaml");
+///   auto groups = build_process_groups(ParallelSizes{world, config.parallel.expert_parallel});
+///   TrainSummary s = train(config, groups);
+TrainSummary train(const Config& config, const ProcessGroups& groups);
+
+/// Asks a running train() to write a checkpoint and stop after the current step (what SIGTERM
+/// does). Async-signal-safe.
+void request_stop();
+
+}  // namespace gbmoe
