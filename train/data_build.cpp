@@ -142,6 +142,7 @@ Corpus find_corpus(const std::string& input) {
   std::vector<fs::path> dirs;
   int64_t stray = 0;
   for (const auto& e : fs::directory_iterator(input)) {
+    if (e.path().filename().string()[0] == '.') continue;  // hidden: caches, markers
     if (e.is_directory()) {
       dirs.push_back(e.path());
     } else {
@@ -257,7 +258,7 @@ class Progress {
   void update(int64_t done, bool final = false) {
     if (!enabled_) return;
     const double dt = seconds_since(t0_);
-    if (!final && dt - last_ < 0.25) return;
+    if (!final && (done == total_ || dt - last_ < 0.25)) return;  // final prints the end
     last_ = dt;
     std::fprintf(
         stderr, "\rgbmoe-data: tokenizing %5.1f%%  %lld/%lld docs  %.0f docs/s",

@@ -92,6 +92,7 @@ class DataBuildTest : public ::testing::Test {
       spit(raw() / "prose" / ("ch" + std::to_string(i) + ".txt"), prose(200 + i, 20 + 3 * i));
     }
     spit(raw() / "prose" / "empty.txt", "");  // skipped: nothing to lose
+    spit(raw() / ".cache" / "marker.txt", "hidden entries are not domains");
     summary_ = build_dataset(base_options(corpus()));
   }
   static void TearDownTestSuite() { fs::remove_all(root_); }
