@@ -18,7 +18,7 @@ struct DataBuildOptions {
   DataBuildOptions(std::string input = "", std::string output = "")
       : input_(std::move(input)), output_(std::move(output)) {}
   /// Directory holding one subdirectory per domain, each with *.txt documents (UTF-8, one
-  /// document per file, searched recursively).
+  /// document per file, searched recursively). Entries whose names start with '.' are skipped.
   TORCH_ARG(std::string, input);
   /// Dataset directory to create: tokenizer.model, {train,val}.{bin,idx}, meta.json.
   TORCH_ARG(std::string, output);
