@@ -2,10 +2,12 @@
 // tokenize in parallel, write the shards into a staging directory and swap it into place.
 #include "train/data_build.h"
 
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -223,7 +225,19 @@ fs::path prepare_output(const DataBuildOptions& o) {
     throw DataError("--output " + quoted(o.output()) + ": cannot create " + parent.string() + ": " +
                     ec.message());
   }
-  fs::path staging = parent / (out.filename().string() + ".tmp-" + std::to_string(getpid()));
+  // Staging directories of interrupted runs (their process is gone) are removed.
+  const std::string prefix = out.filename().string() + ".tmp-";
+  for (const auto& e : fs::directory_iterator(parent, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind(prefix, 0) != 0) continue;
+    const std::string pid = name.substr(prefix.size());
+    if (!pid.empty() && pid.find_first_not_of("0123456789") == std::string::npos &&
+        kill(static_cast<pid_t>(std::stol(pid)), 0) != 0 && errno == ESRCH) {
+      std::error_code ignored;
+      fs::remove_all(e.path(), ignored);
+    }
+  }
+  fs::path staging = parent / (prefix + std::to_string(getpid()));
   fs::remove_all(staging, ec);
   fs::create_directory(staging, ec);
   if (ec || access(staging.c_str(), W_OK) != 0) {

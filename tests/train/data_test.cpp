@@ -308,6 +308,7 @@ TEST_F(DataBuildTest, BadInputGivesClearErrors) {
 
 TEST_F(DataBuildTest, ExistingDatasetIsKeptUnlessOverwritten) {
   const fs::path dir = copy_corpus("keep");
+  spit(root_ / "keep.tmp-999999999" / "train.bin", "left by an interrupted run");
   const std::string before = slurp(dir / "train.bin");
   expect_throw_with([&] { build_dataset(base_options(dir)); }, "pass --overwrite");
   // A failing rebuild leaves the old dataset in place.
