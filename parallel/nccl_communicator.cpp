@@ -1,7 +1,6 @@
 // NCCL backend: unique id over MPI, collectives on a communication stream ordered by CUDA events.
 #include "parallel/nccl_communicator.h"
 
-#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -37,11 +36,33 @@ void throw_nccl_error(ncclResult_t code, const char* expr, const char* file, int
 
 namespace {
 
+// A CUDA event without timing: recorded on one stream, waited for by another. Plain CUDA, so
+// this file needs only c10/cuda, not ATen's CUDA context (and its math-library headers).
+class Event {
+ public:
+  explicit Event(int device) {
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    GBMOE_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
+  }
+  ~Event() { cudaEventDestroy(event_); }
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  void record(const c10::cuda::CUDAStream& stream) {
+    GBMOE_CUDA_CHECK(cudaEventRecord(event_, stream.stream()));
+  }
+  void block(const c10::cuda::CUDAStream& stream) {
+    GBMOE_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(), event_, 0));
+  }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
 // The event recorded after a collective on the communication stream; wait() orders the
 // caller's current stream after it.
 class NcclWork : public Work {
  public:
-  NcclWork(std::shared_ptr<at::cuda::CUDAEvent> done, int device, torch::Tensor result,
+  NcclWork(std::shared_ptr<Event> done, int device, torch::Tensor result,
            std::function<void()> finish)
       : done_(std::move(done)), device_(device), finish_(std::move(finish)) {
     result_ = std::move(result);
@@ -55,7 +76,7 @@ class NcclWork : public Work {
   }
 
  private:
-  std::shared_ptr<at::cuda::CUDAEvent> done_;
+  std::shared_ptr<Event> done_;
   int device_;
   std::function<void()> finish_;
   bool waited_ = false;
@@ -93,8 +114,8 @@ void check_cuda(const torch::Tensor& t, int device, const char* what) {
               "; use MpiCommunicator for CPU tensors");
 }
 
-std::shared_ptr<at::cuda::CUDAEvent> record_done(c10::cuda::CUDAStream stream) {
-  auto done = std::make_shared<at::cuda::CUDAEvent>(cudaEventDisableTiming);
+std::shared_ptr<Event> record_done(c10::cuda::CUDAStream stream) {
+  auto done = std::make_shared<Event>(stream.device_index());
   done->record(stream);
   return done;
 }
@@ -120,7 +141,7 @@ NcclCommunicator::~NcclCommunicator() {
 
 c10::cuda::CUDAStream NcclCommunicator::begin(const std::vector<torch::Tensor>& tensors) {
   auto current = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_));
-  at::cuda::CUDAEvent ready(cudaEventDisableTiming);
+  Event ready(device_);
   ready.record(current);
   ready.block(stream_);
   // The allocator must not hand these blocks out again before the collective is done.
