@@ -55,7 +55,8 @@ int run() {
   std::string version(library);
   version = version.substr(0, version.find(','));
   gbmoe::log0("bench_comm: ", R, " ranks, backend ", world.backend(), " (", version,
-              ", MPI_Iallreduce), torch threads ", torch::get_num_threads());
+              ", MPI_Allreduce, coll/tuned algorithm choice), torch threads ",
+              torch::get_num_threads());
 
   auto counts = torch::ones({64});
   const double t_small = median_seconds(world, 200, 2000, [&] { world.all_reduce(counts); });

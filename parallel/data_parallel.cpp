@@ -127,23 +127,19 @@ void flatten_gradients(GradientBucket& bucket) {
   }
 }
 
-// Expert shards are summed over the replicas of the shard, then divided by the data-parallel
-// size (see the class comment); dense buckets are averaged by the collective.
-ReduceOp bucket_op(const GradientBucket& bucket) {
-  return bucket.expert ? ReduceOp::Sum : ReduceOp::Avg;
-}
-
-// Writes the reduced buffer back into the gradients, creating those that were missing.
+// Writes sum / data_parallel_size back into the gradients (creating those that were missing),
+// dividing on the way instead of in a pass of its own. Dense buckets were summed over the
+// data-parallel group, expert ones over the replicas of their shard (see the class comment).
 void unflatten_gradients(GradientBucket& bucket, int data_parallel_size) {
-  if (bucket.expert) bucket.flat.div_(data_parallel_size);
+  const auto divisor = torch::scalar_tensor(data_parallel_size, bucket.flat.options());
   int64_t offset = 0;
   for (auto& p : bucket.params) {
-    auto averaged = bucket.flat.narrow(0, offset, p.numel()).view(p.sizes());
+    auto summed = bucket.flat.narrow(0, offset, p.numel()).view(p.sizes());
     auto& grad = p.mutable_grad();
     if (grad.defined()) {
-      grad.copy_(averaged);
+      torch::div_out(grad, summed, divisor);
     } else {
-      grad = averaged.clone();
+      grad = summed / divisor;
     }
     offset += p.numel();
   }
@@ -159,7 +155,7 @@ void DataParallel::average_gradients() {
   // One bucket at a time with blocking collectives: MPI's blocking all-reduce is its fastest.
   for (auto& bucket : buckets_) {
     flatten_gradients(bucket);
-    comm_of(bucket).all_reduce(bucket.flat, bucket_op(bucket));
+    comm_of(bucket).all_reduce(bucket.flat, ReduceOp::Sum);
     unflatten_gradients(bucket, data_parallel_->size());
   }
 }
@@ -170,7 +166,7 @@ void DataParallel::start_gradient_averaging() {
   torch::NoGradGuard no_grad;
   for (auto& bucket : buckets_) {
     flatten_gradients(bucket);
-    pending_.push_back(comm_of(bucket).all_reduce_async(bucket.flat, bucket_op(bucket)));
+    pending_.push_back(comm_of(bucket).all_reduce_async(bucket.flat, ReduceOp::Sum));
   }
 }
 

@@ -226,7 +226,7 @@ torch::Tensor MpiCommunicator::all_gather(const torch::Tensor& t) {
   auto input = t.contiguous();
   auto shape = input.sizes().vec();
   if (shape.empty()) {
-    shape = {size_};
+    shape.push_back(size_);  // a 0-dim input gathers to (size(),)
   } else {
     shape[0] *= size_;
   }
