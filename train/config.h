@@ -61,9 +61,7 @@ class ConfigError : public std::invalid_argument {
   X(std::string, method, "aux_loss", OneOf("aux_loss", "loss_free"),                               \
     "aux_loss: the load-balancing loss; loss_free: per-expert routing bias updated from counts")   \
   X(double, bias_update_rate, 0.001, AtLeast(0.0),                                                 \
-    "step size of the loss_free expert bias update")                                               \
-  X(std::string, loss_free_counts, "global", OneOf("global", "micro"),                             \
-    "counts the loss_free bias update reads: the global batch, or the rank's micro-batch")
+    "step size of the loss_free bias update; it reads the counts of balance.scope")
 
 #define GBMOE_DATA_FIELDS(X)                                                                       \
   X(std::string, dir, "data/corpus", AnyValue(), "directory of the tokenized multi-domain corpus") \

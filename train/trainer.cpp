@@ -180,7 +180,7 @@ void append_line(const std::string& path, const std::string& line) {
 
 }  // namespace
 
-TrainSummary train(const Config& config, const ProcessGroups& groups) {
+TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t stop_after) {
   config.validate_for_world(static_cast<int>(groups.sizes.world));
   Communicator& world = *groups.world;
   const bool rank0 = world.rank() == 0;
@@ -318,7 +318,8 @@ TrainSummary train(const Config& config, const ProcessGroups& groups) {
       ce_sum += ce_v;
       balance_sum += bal_v;
     }
-    auto flags = torch::tensor({finite ? 0.0 : 1.0, g_stop_requested ? 1.0 : 0.0}, torch::kDouble);
+    const bool stop_here = g_stop_requested || (stop_after >= 0 && step + 1 >= stop_after);
+    auto flags = torch::tensor({finite ? 0.0 : 1.0, stop_here ? 1.0 : 0.0}, torch::kDouble);
     world.all_reduce(flags, ReduceOp::Max);
     TORCH_CHECK(flags[0].item<double>() == 0.0, "step ", step + 1, ": non-finite loss (",
                 finite ? "on another rank" : bad_term,
@@ -401,7 +402,7 @@ TrainSummary train(const Config& config, const ProcessGroups& groups) {
       save(done);
     }
     if (stop) {
-      log0("stopped by SIGTERM after step ", done, "; resume with --set train.resume=auto");
+      log0("stopped after step ", done, "; resume with --set train.resume=auto");
       summary.interrupted = true;
       break;
     }

@@ -45,12 +45,13 @@ struct TrainSummary {
 
 /// Runs the training a config describes on the ranks of groups (collective: every rank calls
 /// it). Rank 0 writes the run directory: config.yaml, metrics.jsonl, checkpoints/.
+/// stop_after >= 0 stops (with a checkpoint) once that many steps are done, as SIGTERM does.
 ///
 /// Example:
 ///   auto config = Config::from_yaml_file("configs/default.yaml");
 ///   auto groups = build_process_groups(ParallelSizes{world, config.parallel.expert_parallel});
 ///   TrainSummary s = train(config, groups);
-TrainSummary train(const Config& config, const ProcessGroups& groups);
+TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t stop_after = -1);
 
 /// Asks a running train() to write a checkpoint and stop after the current step (what SIGTERM
 /// does). Async-signal-safe.

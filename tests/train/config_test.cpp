@@ -58,7 +58,6 @@ const std::map<std::string, std::string> kEveryKeyChanged = {
     {"balance.z_loss", "0"},
     {"balance.method", "loss_free"},
     {"balance.bias_update_rate", "0.0005"},
-    {"balance.loss_free_counts", "micro"},
     {"data.dir", "data dir/with: a \"quote\" # and hash"},
     {"data.seq_len", "64"},
     {"data.micro_batch_size", "3"},
