@@ -1,7 +1,7 @@
 // Times the MoE layer's forward + backward on the CPU and prints tokens/s and achieved GFLOP/s
 // next to the fp32 matrix-multiply rate measured in the same run.
-#include <cxxopts.hpp>
 #include <torch/torch.h>
+#include <cxxopts.hpp>
 
 #include <algorithm>
 #include <chrono>

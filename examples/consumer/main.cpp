@@ -7,10 +7,9 @@
 struct TinyModelImpl : torch::nn::Module {
   TinyModelImpl() {
     embed = register_module("embed", torch::nn::Linear(16, 32));
-    moe = register_module(
-        "moe", gbmoe::MoELayer(gbmoe::MoELayerOptions(32, 4, 64)
-                                   .router(gbmoe::RouterOptions().top_k(2))
-                                   .shared_experts(1)));
+    moe = register_module("moe", gbmoe::MoELayer(gbmoe::MoELayerOptions(32, 4, 64)
+                                                     .router(gbmoe::RouterOptions().top_k(2))
+                                                     .shared_experts(1)));
     head = register_module("head", torch::nn::Linear(32, 1));
   }
   torch::Tensor forward(const torch::Tensor& x) {
