@@ -3,6 +3,8 @@
 #include <torch/torch.h>
 #include <cxxopts.hpp>
 
+#include <malloc.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -82,6 +84,10 @@ int main(int argc, char** argv) {
     return 0;
   }
   torch::set_num_threads(args["threads"].as<int>());
+  // Keep freed large buffers in the process: glibc otherwise unmaps them and every step pays
+  // page faults on fresh activation memory.
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   const std::string which = args["shape"].as<std::string>();
   const Shape coarse{"coarse", 4096, 512, 1024, 8, 2};
   const Shape fine{"fine", 4096, 256, 128, 64, 8};

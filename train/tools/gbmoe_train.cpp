@@ -2,6 +2,8 @@
 // mpirun. Example: mpirun -np 2 gbmoe-train --config configs/default.yaml --set train.steps=50
 #include <cxxopts.hpp>
 
+#include <malloc.h>
+
 #include <cstdio>
 #include <iomanip>
 #include <iostream>
@@ -49,6 +51,9 @@ void print_summary(const gbmoe::TrainSummary& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Keep freed activation buffers in the process instead of unmapping them each step.
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   gbmoe::MpiRuntime mpi(&argc, &argv);
   return gbmoe::run_distributed([&] {
     cxxopts::Options cli("gbmoe-train", "Train a mixture-of-experts language model");
