@@ -33,6 +33,16 @@ torch::Tensor Communicator::all_to_all(const torch::Tensor& input,
   return work->result();
 }
 
+torch::Tensor all_gather_output(const torch::Tensor& input, int size) {
+  auto shape = input.sizes().vec();
+  if (shape.empty()) {
+    shape.push_back(size);
+  } else {
+    shape[0] *= size;
+  }
+  return torch::empty(shape, input.options());
+}
+
 int64_t check_all_to_all_splits(const torch::Tensor& input, const std::vector<int64_t>& send_splits,
                                 const std::vector<int64_t>& recv_splits, int group_size) {
   TORCH_CHECK(input.dim() >= 1, "all_to_all input must have at least one dim (rows), got shape ",

@@ -95,6 +95,10 @@ torch::Tensor all_to_all_autograd(std::shared_ptr<Communicator> comm, const torc
                                   std::vector<int64_t> send_splits,
                                   std::vector<int64_t> recv_splits);
 
+/// The empty output of an all_gather of input over size ranks: (size * d0, ...), or (size,)
+/// for a 0-dim input.
+torch::Tensor all_gather_output(const torch::Tensor& input, int size);
+
 /// Checks the split vectors of an all_to_all and the row count of its input, naming every
 /// value. Returns the number of rows to receive.
 int64_t check_all_to_all_splits(const torch::Tensor& input, const std::vector<int64_t>& send_splits,

@@ -224,13 +224,7 @@ std::shared_ptr<Work> MpiCommunicator::all_reduce_async(const torch::Tensor& t, 
 torch::Tensor MpiCommunicator::all_gather(const torch::Tensor& t) {
   check_cpu(t, "all_gather");
   auto input = t.contiguous();
-  auto shape = input.sizes().vec();
-  if (shape.empty()) {
-    shape.push_back(size_);  // a 0-dim input gathers to (size(),)
-  } else {
-    shape[0] *= size_;
-  }
-  auto output = torch::empty(shape, input.options());
+  auto output = all_gather_output(input, size_);
   const int count = checked_count(input.numel(), "all_gather");
   const auto type = mpi_datatype(input.scalar_type());
   GBMOE_MPI_CHECK(

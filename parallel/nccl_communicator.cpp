@@ -175,13 +175,7 @@ torch::Tensor NcclCommunicator::all_gather(const torch::Tensor& t) {
   check_cuda(t, device_, "all_gather");
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
   auto input = t.contiguous();
-  auto shape = input.sizes().vec();
-  if (shape.empty()) {
-    shape.push_back(size_);  // a 0-dim input gathers to (size(),)
-  } else {
-    shape[0] *= size_;
-  }
-  auto output = torch::empty(shape, input.options());
+  auto output = all_gather_output(input, size_);
   auto stream = begin({input, output});
   GBMOE_NCCL_CHECK(ncclAllGather(input.data_ptr(), output.data_ptr(),
                                  static_cast<size_t>(input.nbytes()), ncclInt8, comm_,
