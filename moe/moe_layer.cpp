@@ -61,6 +61,18 @@ void MoELayerImpl::set_dispatcher(std::shared_ptr<TokenDispatcher> dispatcher) {
   dispatcher_ = std::move(dispatcher);
 }
 
+std::vector<torch::Tensor> MoELayerImpl::differentiable_stats() const {
+  return {stats_.prob_mean, stats_.balance_loss, stats_.z_loss};
+}
+
+void MoELayerImpl::set_differentiable_stats(const std::vector<torch::Tensor>& stats) {
+  TORCH_CHECK(stats.size() == 3, "set_differentiable_stats takes {prob_mean, balance_loss, ",
+              "z_loss}, got ", stats.size(), " tensors");
+  stats_.prob_mean = stats[0];
+  stats_.balance_loss = stats[1];
+  stats_.z_loss = stats[2];
+}
+
 torch::Tensor MoELayerImpl::forward(const torch::Tensor& x, const torch::Tensor& mask) {
   const int64_t D = options.dim();
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == D, "MoELayer input must be (..., ", D, "), got ",

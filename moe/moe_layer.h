@@ -6,6 +6,7 @@
 
 #include <functional>
 #include <memory>
+#include <vector>
 
 #include "losses/balance.h"
 #include "moe/dispatcher.h"
@@ -84,6 +85,11 @@ class MoELayerImpl : public torch::nn::Cloneable<MoELayerImpl> {
   const MoEStats& stats() const { return stats_; }
   /// Routing of the most recent forward (for analysis and for model-level balancing).
   const RoutingResult& last_routing() const { return routing_; }
+
+  /// The differentiable statistics of the most recent forward: {prob_mean, balance_loss,
+  /// z_loss}. Activation checkpointing (moe/checkpoint.h) replaces them with its own outputs.
+  std::vector<torch::Tensor> differentiable_stats() const;
+  void set_differentiable_stats(const std::vector<torch::Tensor>& stats);
 
   /// Called right after routing in training forwards that are not recomputations, so that
   /// model-level balancing (gbmoe::Balancer) can start reducing counts while experts compute.

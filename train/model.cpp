@@ -3,6 +3,8 @@
 
 #include <cmath>
 
+#include "moe/checkpoint.h"
+
 namespace gbmoe {
 
 void LanguageModelOptions::validate() const {
@@ -142,7 +144,19 @@ void LanguageModelImpl::reset_parameters() {
 torch::Tensor LanguageModelImpl::forward(const torch::Tensor& tokens, const torch::Tensor& mask) {
   TORCH_CHECK(tokens.dim() == 2, "tokens must be (B, S), got ", tokens.sizes());
   auto x = embed->forward(tokens);
-  for (const auto& module : *blocks) x = module->as<BlockImpl>()->forward(x, mask);
+  const bool recompute =
+      options.activation_checkpointing() && is_training() && torch::GradMode::is_enabled();
+  for (const auto& module : *blocks) {
+    auto* block = module->as<BlockImpl>();
+    if (!recompute) {
+      x = block->forward(x, mask);
+      continue;
+    }
+    std::vector<MoELayer> layers;
+    if (block->is_moe) layers.push_back(block->moe);
+    x = checkpoint([block, mask](const torch::Tensor& in) { return block->forward(in, mask); }, x,
+                   layers);
+  }
   x = final_norm->forward(x);
   auto logits = head ? head->forward(x) : torch::nn::functional::linear(x, embed->weight);
   return logits.to(torch::kFloat);

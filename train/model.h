@@ -37,6 +37,9 @@ struct LanguageModelOptions {
   /// (attention output, FFN down) ~ N(0, init_std / sqrt(2 * num_layers)) as in GPT-2.
   TORCH_ARG(double, init_std) = 0.02;
   TORCH_ARG(double, norm_eps) = 1e-5;
+  /// Training forwards keep only each block's input and recompute the block in the backward
+  /// pass (moe/checkpoint.h): less memory, one more block forward per backward.
+  TORCH_ARG(bool, activation_checkpointing) = false;
 
  public:
   void validate() const;

@@ -59,6 +59,21 @@ std::string format_duration(double seconds) {
   return out.str();
 }
 
+// While alive, SIGTERM asks the loop to checkpoint and stop; the previous handler comes back
+// however train() ends.
+class SigtermStops {
+ public:
+  SigtermStops() : previous_(std::signal(SIGTERM, [](int) { request_stop(); })) {
+    g_stop_requested = 0;
+  }
+  ~SigtermStops() { std::signal(SIGTERM, previous_); }
+  SigtermStops(const SigtermStops&) = delete;
+  SigtermStops& operator=(const SigtermStops&) = delete;
+
+ private:
+  void (*previous_)(int);
+};
+
 torch::Tensor sum_over(Communicator& comm, torch::Tensor t) {
   t = t.to(torch::kDouble).cpu().contiguous();
   comm.all_reduce(t, ReduceOp::Sum);
@@ -102,7 +117,8 @@ LanguageModelOptions model_options_from_config(const Config& config, int64_t voc
       .tie_embeddings(m.tie_embeddings)
       .rope_theta(m.rope_theta)
       .init_std(m.init_std)
-      .norm_eps(m.norm_eps);
+      .norm_eps(m.norm_eps)
+      .activation_checkpointing(config.train.activation_checkpointing);
 }
 
 namespace {
@@ -271,8 +287,7 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
     world.barrier();
   };
 
-  auto previous_handler = std::signal(SIGTERM, [](int) { request_stop(); });
-  g_stop_requested = 0;
+  SigtermStops sigterm;
   const int64_t M = config.data.grad_accum;
   const int64_t total_steps = config.train.steps;
   int64_t parameters = 0;
@@ -407,7 +422,6 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
       break;
     }
   }
-  std::signal(SIGTERM, previous_handler);
   return summary;
 }
 

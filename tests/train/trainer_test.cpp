@@ -12,6 +12,7 @@
 #include "test_util.h"
 #include "train/checkpoint.h"
 #include "train/data_build.h"
+#include "train/token_dataset.h"
 #include "train/trainer.h"
 
 namespace gbmoe {
@@ -129,6 +130,48 @@ TEST_F(TrainerTest, LossFreeAndMicroScopesRun) {
   config.balance.scope = "micro";
   s = train(config, *world_);
   for (double l : s.losses) EXPECT_TRUE(std::isfinite(l));
+}
+
+TEST_F(TrainerTest, ActivationCheckpointingGivesTheSameTraining) {
+  auto plain = tiny("plain");
+  auto recompute = tiny("recompute");
+  recompute.train.activation_checkpointing = true;
+  auto a = train(plain, *world_), b = train(recompute, *world_);
+  ASSERT_EQ(a.losses.size(), b.losses.size());
+  EXPECT_EQ(a.losses[0], b.losses[0]);  // same forward before any update
+  // Later steps differ only by the order in which gradient contributions are summed.
+  for (size_t i = 1; i < a.losses.size(); ++i) {
+    EXPECT_NEAR(b.losses[i], a.losses[i], 1e-4 * std::abs(a.losses[i])) << "step " << i + 1;
+  }
+  EXPECT_NEAR(b.eval.loss, a.eval.loss, 1e-4 * a.eval.loss);
+  EXPECT_EQ(a.max_violation_global, b.max_violation_global);  // counted once per micro-batch
+}
+
+// A diverged model (a NaN weight in the checkpoint it resumes from) stops the run at the first
+// step, naming the step and the term, and leaves the checkpoint as it was.
+TEST_F(TrainerTest, NonFiniteLossStopsNamingTheStepAndKeepsTheCheckpoint) {
+  auto config = tiny("nan");
+  train(config, *world_, /*stop_after=*/3);
+  const auto dir = list_checkpoints(config.train.run_dir).back();
+  const auto model_file = dir + "/model.pt";
+  if (world_->world->rank() == 0) {
+    const int64_t vocab = TokenDataset::open(config.data.dir, "train").vocab_size();
+    LanguageModel model(model_options_from_config(config, vocab));
+    torch::load(model, model_file);
+    {
+      torch::NoGradGuard no_grad;
+      model->final_norm->weight[0] = std::numeric_limits<float>::quiet_NaN();
+    }
+    torch::save(model, model_file);
+  }
+  world_->world->barrier();
+  const auto size_before = fs::file_size(model_file);
+  const auto time_before = fs::last_write_time(model_file);
+  config.train.resume = "auto";
+  expect_throw_with([&] { train(config, *world_); }, "step 4: non-finite loss (cross_entropy = ");
+  EXPECT_EQ(list_checkpoints(config.train.run_dir).back(), dir);
+  EXPECT_EQ(fs::file_size(model_file), size_before);
+  EXPECT_EQ(fs::last_write_time(model_file), time_before);
 }
 
 TEST_F(TrainerTest, BadSettingsNameTheSettingAndValue) {
