@@ -123,4 +123,27 @@ int64_t apply_expert_parallel(torch::nn::Module& model, const ProcessGroups& gro
   return sharded;
 }
 
+double clip_grad_norm(torch::nn::Module& model, double max_norm, Communicator& expert_parallel,
+                      const ExpertParameterRule& rule) {
+  TORCH_CHECK(max_norm > 0, "clip_grad_norm max_norm (", max_norm, ") must be > 0");
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> grads;
+  // Squared norms of the dense gradients (equal on every rank) and of this rank's shards.
+  auto squares = torch::zeros({2}, torch::kDouble);
+  for (const auto& item : model.named_parameters()) {
+    const auto& grad = item.value().grad();
+    if (!grad.defined()) continue;
+    grads.push_back(grad);
+    squares[rule(item.key()) ? 1 : 0] += grad.to(torch::kDouble).pow(2).sum().cpu();
+  }
+  auto shards = squares.narrow(0, 1, 1).to(grads.empty() ? torch::kCPU : grads[0].device());
+  expert_parallel.all_reduce(shards, ReduceOp::Sum);
+  const double norm = std::sqrt(squares[0].item<double>() + shards.item<double>());
+  const double coef = max_norm / (norm + 1e-6);
+  if (coef < 1.0) {
+    for (auto& grad : grads) grad.mul_(coef);
+  }
+  return norm;
+}
+
 }  // namespace gbmoe

@@ -10,6 +10,7 @@
 
 #include "moe/dispatcher.h"
 #include "parallel/communicator.h"
+#include "parallel/data_parallel.h"
 #include "parallel/process_groups.h"
 
 namespace gbmoe {
@@ -66,5 +67,16 @@ class AllToAllDispatcher : public TokenDispatcher {
 ///   apply_expert_parallel(*model, groups);     // now E / P experts per layer
 ///   DataParallel dp(model.ptr(), groups.data_parallel, groups.expert_data_parallel);
 int64_t apply_expert_parallel(torch::nn::Module& model, const ProcessGroups& groups);
+
+/// torch::nn::utils::clip_grad_norm_ for a model whose expert shards are spread over the
+/// expert-parallel group: the norm is that of the whole model's gradient (each shard counted
+/// once), so every rank scales by the same factor. Collective over expert_parallel. Returns the
+/// norm before clipping.
+///
+/// Example:
+///   dp.average_gradients();
+///   const double norm = clip_grad_norm(*model, 1.0, *groups.expert_parallel);
+double clip_grad_norm(torch::nn::Module& model, double max_norm, Communicator& expert_parallel,
+                      const ExpertParameterRule& rule = is_expert_parameter);
 
 }  // namespace gbmoe
