@@ -270,7 +270,11 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
   summary.last_step = start_step;
 
   auto save = [&](int64_t step) {
-    auto state = gather_training_state(*model, optimizer, *groups.expert_parallel);
+    // Rank 0 writes; only its expert-parallel group (expert-data-parallel rank 0) gathers.
+    torch::serialize::OutputArchive state;
+    if (groups.expert_data_parallel->rank() == 0) {
+      state = gather_training_state(*model, optimizer, *groups.expert_parallel);
+    }
     if (rank0) {
       CheckpointMeta meta{step, sampler.state().to_string(), config.to_yaml()};
       auto dir = write_checkpoint(run_dir, meta, config.train.keep_checkpoints,
