@@ -105,9 +105,15 @@ torch::Tensor LocalDispatcher::combine(const torch::Tensor& expert_out,
   TORCH_CHECK(expert_out.dim() == 2 && expert_out.size(0) == dispatched.token_index.size(0),
               "combine input must be (", dispatched.token_index.size(0), ", D), got ",
               expert_out.sizes());
-  auto weighted = expert_out * dispatched.weights.to(expert_out.scalar_type()).unsqueeze(1);
-  auto out = torch::zeros({dispatched.num_tokens, expert_out.size(1)}, expert_out.options());
-  return out.index_add(0, dispatched.token_index, weighted);
+  return combine_rows(expert_out, dispatched.token_index, dispatched.weights,
+                      dispatched.num_tokens);
+}
+
+torch::Tensor combine_rows(const torch::Tensor& rows_ND, const torch::Tensor& token_index,
+                           const torch::Tensor& weights, int64_t num_tokens) {
+  auto weighted = rows_ND * weights.to(rows_ND.scalar_type()).unsqueeze(1);
+  auto out = torch::zeros({num_tokens, rows_ND.size(1)}, rows_ND.options());
+  return out.index_add(0, token_index, weighted);
 }
 
 }  // namespace gbmoe

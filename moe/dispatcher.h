@@ -41,8 +41,9 @@ int64_t expert_capacity(const DispatcherOptions& options, int64_t num_valid, int
 struct Dispatched {
   torch::Tensor tokens;       // (N, D) rows grouped by (local) expert, expert-major
   torch::Tensor group_sizes;  // (E_local,) int64 on CPU: rows of each local expert
-  torch::Tensor token_index;  // (N,) int64 source token of each row
-  torch::Tensor weights;      // (N,) combine weight of each row (differentiable)
+  torch::Tensor token_index;  // (N_sent,) int64 source token of each row this process sent
+  torch::Tensor weights;      // (N_sent,) combine weight of each sent row (differentiable);
+                              // the sent rows are `tokens` for the local dispatcher
   int64_t num_tokens = 0;     // T of the input
   int64_t num_dropped = 0;    // assignments dropped by capacity
   /// Backend state that combine needs (e.g. the all-to-all split sizes); opaque to callers.
@@ -76,6 +77,11 @@ struct SortedAssignments {
 /// applies the capacity policy.
 SortedAssignments sort_assignments(const RoutingResult& routing, int64_t num_experts,
                                    const DispatcherOptions& options);
+
+/// out (T, D) = sum over rows n of weights[n] * rows_ND[n] added into row token_index[n]: the
+/// weighted sum every dispatcher's combine ends with.
+torch::Tensor combine_rows(const torch::Tensor& rows_ND, const torch::Tensor& token_index,
+                           const torch::Tensor& weights, int64_t num_tokens);
 
 /// Dispatcher for experts that all live in this process.
 ///

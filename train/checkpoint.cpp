@@ -1,7 +1,10 @@
-// Atomic checkpoint directories: write into a temporary sibling, fsync-free rename into place.
+// Atomic checkpoint directories: write into a temporary sibling, fsync-free rename into place;
+// the training state with expert shards gathered on save and sliced on load.
 #include "train/checkpoint.h"
 
 #include <unistd.h>
+
+#include "parallel/expert_parallel.h"
 
 #include <algorithm>
 #include <filesystem>
@@ -121,6 +124,113 @@ CheckpointMeta read_checkpoint_meta(const std::string& dir) {
   TORCH_CHECK(have_step && have_sampler, "checkpoint metadata ", path,
               " is incomplete (needs 'step' and 'sampler' lines)");
   return meta;
+}
+
+namespace {
+
+// The AdamW state tensors of a parameter, by archive suffix.
+std::vector<std::pair<std::string, torch::Tensor*>> adamw_tensors(
+    torch::optim::AdamWParamState& st) {
+  return {{"exp_avg", &st.exp_avg()},
+          {"exp_avg_sq", &st.exp_avg_sq()},
+          {"max_exp_avg_sq", &st.max_exp_avg_sq()}};
+}
+
+torch::optim::AdamWParamState* adamw_state(torch::optim::AdamW& optimizer, const torch::Tensor& p) {
+  auto found = optimizer.state().find(p.unsafeGetTensorImpl());
+  if (found == optimizer.state().end()) return nullptr;
+  auto* st = dynamic_cast<torch::optim::AdamWParamState*>(found->second.get());
+  TORCH_CHECK(st, "optimizer state of a parameter is not AdamW state");
+  return st;
+}
+
+// Full tensor on the CPU: expert shards are concatenated over the expert-parallel group.
+torch::Tensor full_tensor(const torch::Tensor& t, bool sharded, Communicator& expert_parallel) {
+  auto local = t.detach().contiguous();
+  if (sharded && expert_parallel.size() > 1) local = expert_parallel.all_gather(local);
+  return local.cpu().clone();
+}
+
+// Copies this rank's part of a stored full tensor into t (a shard: its block along dim 0).
+void copy_part(const torch::Tensor& full, const torch::Tensor& t, bool sharded,
+               const Communicator& expert_parallel, const std::string& key,
+               const std::string& path) {
+  torch::Tensor part = full;
+  const int64_t P = expert_parallel.size();
+  if (sharded && P > 1 && t.dim() > 0 && full.dim() == t.dim() && full.size(0) == P * t.size(0)) {
+    const auto shard = expert_shard(full.size(0), P, expert_parallel.rank());
+    part = full.narrow(0, shard.first, shard.count);
+  }
+  TORCH_CHECK(part.sizes() == t.sizes(), "checkpoint ", path, ": ", key, " has shape ",
+              full.sizes(), " but the model needs ", t.sizes(),
+              sharded ? c10::str(" (an expert shard of ", P, " ranks)") : std::string());
+  torch::NoGradGuard no_grad;
+  t.copy_(part);
+}
+
+}  // namespace
+
+torch::serialize::OutputArchive gather_training_state(torch::nn::Module& model,
+                                                      torch::optim::AdamW& optimizer,
+                                                      Communicator& expert_parallel,
+                                                      const ExpertParameterRule& rule) {
+  torch::serialize::OutputArchive archive;
+  for (const auto& item : model.named_parameters()) {
+    const auto& name = item.key();
+    const bool sharded = rule(name);
+    archive.write("model/" + name, full_tensor(item.value(), sharded, expert_parallel));
+    auto* st = adamw_state(optimizer, item.value());
+    if (!st) continue;
+    archive.write("adamw/" + name + "/step", c10::IValue(st->step()));
+    for (const auto& [suffix, tensor] : adamw_tensors(*st)) {
+      if (tensor->defined()) {
+        archive.write("adamw/" + name + "/" + suffix,
+                      full_tensor(*tensor, sharded, expert_parallel), /*is_buffer=*/true);
+      }
+    }
+  }
+  for (const auto& item : model.named_buffers()) {
+    archive.write("model/" + item.key(),
+                  full_tensor(item.value(), rule(item.key()), expert_parallel),
+                  /*is_buffer=*/true);
+  }
+  return archive;
+}
+
+void load_training_state(const std::string& path, torch::nn::Module& model,
+                         torch::optim::AdamW& optimizer, const Communicator& expert_parallel,
+                         const ExpertParameterRule& rule) {
+  TORCH_CHECK(fs::exists(path), "checkpoint state ", path,
+              " does not exist (checkpoints of older builds held model.pt and optimizer.pt "
+              "instead and cannot be resumed)");
+  torch::serialize::InputArchive archive;
+  archive.load_from(path);
+  auto read = [&](const std::string& key, const torch::Tensor& into, bool sharded, bool buffer) {
+    torch::Tensor full;
+    TORCH_CHECK(archive.try_read(key, full, buffer), "checkpoint ", path, " lacks ", key);
+    copy_part(full, into, sharded, expert_parallel, key, path);
+  };
+  for (const auto& item : model.named_parameters()) {
+    read("model/" + item.key(), item.value(), rule(item.key()), false);
+  }
+  for (const auto& item : model.named_buffers()) {
+    read("model/" + item.key(), item.value(), rule(item.key()), true);
+  }
+  for (const auto& item : model.named_parameters()) {
+    const auto& p = item.value();
+    const std::string prefix = "adamw/" + item.key() + "/";
+    c10::IValue step;
+    if (!archive.try_read(prefix + "step", step)) continue;
+    auto st = std::make_unique<torch::optim::AdamWParamState>();
+    st->step(step.toInt());
+    for (const auto& [suffix, tensor] : adamw_tensors(*st)) {
+      torch::Tensor full;
+      if (!archive.try_read(prefix + suffix, full, /*is_buffer=*/true)) continue;
+      *tensor = torch::empty_like(p, torch::MemoryFormat::Contiguous);
+      copy_part(full, *tensor, rule(item.key()), expert_parallel, prefix + suffix, path);
+    }
+    optimizer.state()[p.unsafeGetTensorImpl()] = std::move(st);
+  }
 }
 
 }  // namespace gbmoe

@@ -1,5 +1,6 @@
 // Checkpoints of a training run: written atomically (a crash while writing never spoils the
-// previous one), the last few kept, found again for resuming.
+// previous one), the last few kept, found again for resuming; the training state in them holds
+// full expert tensors, so it loads at any expert-parallel size.
 #pragma once
 
 #include <torch/torch.h>
@@ -8,6 +9,9 @@
 #include <functional>
 #include <string>
 #include <vector>
+
+#include "parallel/communicator.h"
+#include "parallel/data_parallel.h"
 
 namespace gbmoe {
 
@@ -37,5 +41,28 @@ CheckpointMeta read_checkpoint_meta(const std::string& dir);
 
 /// Checkpoint directories of a run, oldest first.
 std::vector<std::string> list_checkpoints(const std::string& run_dir);
+
+/// The model's parameters and buffers ("model/<name>") and the AdamW state of each parameter
+/// ("adamw/<name>/step", ".../exp_avg", ...), as full CPU tensors: tensors of parameters that
+/// `rule` names are expert shards, split along dim 0 over the expert-parallel group in rank
+/// order, and are gathered here. Collective over expert_parallel; every rank gets the archive
+/// (one of them saves it).
+///
+/// Example:
+///   auto state = gather_training_state(*model, optimizer, *groups.expert_parallel);
+///   if (rank0) state.save_to(dir + "/state.pt");
+torch::serialize::OutputArchive gather_training_state(
+    torch::nn::Module& model, torch::optim::AdamW& optimizer, Communicator& expert_parallel,
+    const ExpertParameterRule& rule = is_expert_parameter);
+
+/// Loads what gather_training_state saved into a model and optimizer of the same architecture
+/// at any expert-parallel size: each rank takes its block of the expert tensors. Mismatched
+/// names or shapes fail naming the tensor, both shapes and the file. Needs no communication.
+///
+/// Example:
+///   load_training_state(dir + "/state.pt", *model, optimizer, *groups.expert_parallel);
+void load_training_state(const std::string& path, torch::nn::Module& model,
+                         torch::optim::AdamW& optimizer, const Communicator& expert_parallel,
+                         const ExpertParameterRule& rule = is_expert_parameter);
 
 }  // namespace gbmoe

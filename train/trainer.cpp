@@ -13,6 +13,7 @@
 #include "moe/balancer.h"
 #include "parallel/balance_sync.h"
 #include "parallel/data_parallel.h"
+#include "parallel/expert_parallel.h"
 #include "parallel/runtime.h"
 #include "train/checkpoint.h"
 #include "train/sampler.h"
@@ -135,7 +136,14 @@ EvalResult evaluate(LanguageModel& model, const std::vector<Batch>& batches,
   const int64_t E = L > 0 ? layers[0]->options.num_experts() : 0;
   auto loss_sum = torch::zeros({M}, torch::kDouble), tokens = torch::zeros({M}, torch::kDouble);
   auto counts = torch::zeros({L, M, E}, torch::kDouble);
-  for (size_t i = world.rank(); i < batches.size(); i += world.size()) {
+  // Every rank runs as many forwards as rank 0: with expert parallelism each is collective, so
+  // a rank without a batch of its own runs an all-padding one.
+  for (size_t first = 0; first < batches.size(); first += world.size()) {
+    const size_t i = first + world.rank();
+    if (i >= batches.size()) {
+      model->forward(batches[0].inputs.to(device), torch::zeros_like(batches[0].mask).to(device));
+      continue;
+    }
     const auto& b = batches[i];
     auto mask = b.mask.to(device);
     auto logits = model->forward(b.inputs.to(device), mask);
@@ -201,9 +209,10 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
   Communicator& world = *groups.world;
   const bool rank0 = world.rank() == 0;
   torch::set_num_threads(static_cast<int>(config.train.threads));
-  TORCH_CHECK(config.parallel.expert_parallel == 1, "parallel.expert_parallel (",
-              config.parallel.expert_parallel,
-              ") > 1 needs the expert-parallel dispatcher, which this build does not have yet");
+  TORCH_CHECK(config.parallel.expert_parallel == groups.sizes.expert_parallel,
+              "parallel.expert_parallel (", config.parallel.expert_parallel,
+              ") differs from the process groups' expert-parallel size (",
+              groups.sizes.expert_parallel, "); build them from the config");
   torch::Device device(torch::kCPU);
   if (config.train.device == "cuda") {
     TORCH_CHECK(torch::cuda::is_available(), "train.device (cuda) but no CUDA device is visible");
@@ -233,10 +242,13 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
   torch::manual_seed(static_cast<uint64_t>(config.train.seed));
   LanguageModel model(model_options_from_config(config, vocab));
   model->to(device);
+  const bool expert_parallel = groups.sizes.expert_parallel > 1;
+  if (expert_parallel) apply_expert_parallel(*model, groups);
   auto moe_layers = model->moe_layers();
   const auto balance = balance_options_from_config(config);
   Balancer balancer(moe_layers, balance_reducer(balance, groups));
-  DataParallel dp(model.ptr(), groups.data_parallel);
+  DataParallel dp(model.ptr(), groups.data_parallel,
+                  expert_parallel ? groups.expert_data_parallel : nullptr);
   dp.broadcast_parameters();
 
   std::vector<torch::Tensor> decay, no_decay;
@@ -260,8 +272,7 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
   const std::string resume_dir = resolve_resume(run_dir, config.train.resume);
   if (!resume_dir.empty()) {
     auto meta = read_checkpoint_meta(resume_dir);
-    torch::load(model, resume_dir + "/model.pt");
-    torch::load(optimizer, resume_dir + "/optimizer.pt");
+    load_training_state(resume_dir + "/state.pt", *model, optimizer, *groups.expert_parallel);
     sampler.load_state(SamplerState::from_string(meta.sampler_state));
     start_step = meta.step;
     log0("resumed from ", resume_dir, " at step ", start_step);
@@ -275,13 +286,15 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
   summary.last_step = start_step;
 
   auto save = [&](int64_t step) {
+    // Rank 0 writes; only its expert-parallel group (expert-data-parallel rank 0) gathers.
+    torch::serialize::OutputArchive state;
+    if (groups.expert_data_parallel->rank() == 0) {
+      state = gather_training_state(*model, optimizer, *groups.expert_parallel);
+    }
     if (rank0) {
       CheckpointMeta meta{step, sampler.state().to_string(), config.to_yaml()};
-      auto dir =
-          write_checkpoint(run_dir, meta, config.train.keep_checkpoints, [&](const std::string& d) {
-            torch::save(model, d + "/model.pt");
-            torch::save(optimizer, d + "/optimizer.pt");
-          });
+      auto dir = write_checkpoint(run_dir, meta, config.train.keep_checkpoints,
+                                  [&](const std::string& d) { state.save_to(d + "/state.pt"); });
       log0("checkpoint ", dir);
     }
     world.barrier();
@@ -291,7 +304,10 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
   const int64_t M = config.data.grad_accum;
   const int64_t total_steps = config.train.steps;
   int64_t parameters = 0;
-  for (const auto& p : model->parameters()) parameters += p.numel();
+  for (const auto& item : model->named_parameters()) {
+    const bool shard = expert_parallel && is_expert_parameter(item.key());
+    parameters += item.value().numel() * (shard ? groups.sizes.expert_parallel : 1);
+  }
   log0("gbmoe-train: ", world.size(), " ranks, ", parameters / 1e6, "M parameters, ",
        moe_layers.size(), " MoE layers x ", config.model.num_experts, " experts (top-",
        config.model.top_k, "), scope ", config.balance.scope, ", ", train_data->num_tokens(),
@@ -343,7 +359,9 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
     dp.average_gradients();
     // With clipping off the call only measures the norm (an unreachable bound).
     const double clip = config.optim.grad_clip > 0 ? config.optim.grad_clip : 1e30;
-    const double grad_norm = torch::nn::utils::clip_grad_norm_(model->parameters(), clip);
+    const double grad_norm = expert_parallel
+                                 ? clip_grad_norm(*model, clip, *groups.expert_parallel)
+                                 : torch::nn::utils::clip_grad_norm_(model->parameters(), clip);
     optimizer.step();
     auto layer_stats = balancer.end_step();
     const int64_t done = step + 1;
