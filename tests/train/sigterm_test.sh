@@ -38,7 +38,7 @@ rc=0; wait $job || rc=$?
 step=$(sed -n 's/.*stopped after step \([0-9]*\);.*/\1/p' "$work/first.log")
 [ -n "$step" ] || fail "no 'stopped after step' line"
 ckpt=$(printf "%s/run/checkpoints/step_%08d" "$work" "$step")
-[ -f "$ckpt/model.pt" ] && [ -f "$ckpt/optimizer.pt" ] || fail "no complete checkpoint $ckpt"
+[ -f "$ckpt/state.pt" ] && [ -f "$ckpt/meta.txt" ] || fail "no complete checkpoint $ckpt"
 [ "$(grep -c '"maxvio_global"' "$work/run/metrics.jsonl")" = "$step" ] || fail "metrics lines != $step"
 
 "$mpiexec" -np 2 "$train" "${run[@]}" --set train.resume=auto --set train.steps=$((step + 2)) \
