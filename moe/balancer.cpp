@@ -43,12 +43,20 @@ void Balancer::begin_step(int64_t num_micro_batches, double step_tokens) {
   step_tokens_ = step_tokens;
 }
 
+void Balancer::set_local_step_tokens(double tokens) {
+  TORCH_CHECK(tokens >= 0, "local step tokens (", tokens, ") must be >= 0");
+  TORCH_CHECK(micro_batches_ == 0 && num_reported_ == 0,
+              "set_local_step_tokens() after the step's first forward: call it right after "
+              "begin_step()");
+  local_step_tokens_ = tokens;
+}
+
 void Balancer::on_routing(int64_t layer, const RoutingResult& routing) {
   TORCH_CHECK(!reported_[layer], "MoE layer ", layer,
               " ran twice in one micro-batch: call micro_batch_loss() after each forward");
   if (!staged_.defined()) {
     auto opts = routing.counts.options().dtype(torch::kDouble);
-    staged_ = torch::zeros({offsets_.back()}, opts);
+    staged_ = torch::zeros({offsets_.back() + 1}, opts);
     running_ = torch::zeros_like(staged_);
     local_running_ = torch::zeros_like(staged_);
   }
@@ -57,6 +65,8 @@ void Balancer::on_routing(int64_t layer, const RoutingResult& routing) {
   staged_[offsets_[layer] + E].fill_(static_cast<double>(routing.num_valid));
   reported_[layer] = true;
   if (++num_reported_ == num_layers()) {
+    const bool first = micro_batches_ == 0 && local_step_tokens_ >= 0;
+    staged_[offsets_.back()].fill_(first ? local_step_tokens_ : 0.0);
     local_staged_ = staged_.clone();
     // One collective for all layers, started before the last layer's experts run.
     if (is_synchronized(options_.scope()) && reducer_) wait_ = reducer_->sum_async(staged_);
@@ -76,6 +86,9 @@ torch::Tensor Balancer::micro_batch_loss() {
               " micro-batches: call begin_step(M) before the first micro-batch of each step");
   running_ += staged_;
   local_running_ += local_staged_;
+  if (local_step_tokens_ >= 0 && step_tokens_ == 0) {
+    step_tokens_ = running_[offsets_.back()].item<double>();  // the group's step tokens
+  }
   const bool synchronized = is_synchronized(options_.scope());
   const auto& counts_all = synchronized ? running_ : local_running_;
   const double group_size = synchronized && reducer_ ? static_cast<double>(reducer_->size()) : 1.0;
@@ -156,6 +169,7 @@ std::vector<LayerBalanceStats> Balancer::end_step() {
   micro_batches_ = 0;
   step_micro_batches_ = 1;
   step_tokens_ = 0;
+  local_step_tokens_ = -1;
   return out;
 }
 

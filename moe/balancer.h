@@ -75,6 +75,11 @@ class Balancer {
   /// micro-batches); 0 = estimate it from the tokens seen so far.
   void begin_step(int64_t num_micro_batches, double step_tokens = 0);
 
+  /// Instead of begin_step's step_tokens: this rank's valid tokens of the whole step. The
+  /// group's total rides along with the first micro-batch's count reduction, so it costs no
+  /// collective of its own. Call after begin_step(), before the step's first forward.
+  void set_local_step_tokens(double tokens);
+
   /// The balancing objective of the micro-batch whose forward just ran. Waits for the count
   /// reduction started during the forward. Call once per training micro-batch.
   torch::Tensor micro_batch_loss();
@@ -100,7 +105,8 @@ class Balancer {
   BalanceOptions options_;
   std::vector<int64_t>
       offsets_;           // layer l's counts at [offsets_[l], offsets_[l] + E_l), tokens after
-  torch::Tensor staged_;  // (sum_l (E_l + 1),) fp64: this micro-batch, reduced in place
+  torch::Tensor staged_;  // (sum_l (E_l + 1) + 1,) fp64: this micro-batch, reduced in place;
+                          // the last slot carries local step tokens at the first micro-batch
   torch::Tensor local_staged_;   // the same, before reduction (this rank only)
   torch::Tensor running_;        // accumulated reduced counts of the step
   torch::Tensor local_running_;  // accumulated local counts of the step (loss-free, micro)
@@ -110,6 +116,7 @@ class Balancer {
   int64_t micro_batches_ = 0;
   int64_t step_micro_batches_ = 1;
   double step_tokens_ = 0;
+  double local_step_tokens_ = -1;  // < 0: not given
   std::vector<LayerBalanceStats> stats_;
 };
 

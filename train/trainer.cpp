@@ -313,7 +313,6 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
        config.model.top_k, "), scope ", config.balance.scope, ", ", train_data->num_tokens(),
        " training tokens in ", domains.size(), " domains");
 
-  Communicator& token_group = balance.scope() == BalanceScope::Group ? *groups.balance : world;
   double window_tokens = 0, window_seconds = 0;
   for (int64_t step = start_step; step < total_steps; ++step) {
     auto t0 = std::chrono::steady_clock::now();
@@ -328,8 +327,8 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
       b = sampler.next_batch();
       local_tokens += b.mask.sum().item<double>();
     }
-    balancer.begin_step(
-        M, is_synchronized(balance.scope()) ? all_reduce_sum(token_group, local_tokens) : 0.0);
+    balancer.begin_step(M);
+    balancer.set_local_step_tokens(local_tokens);  // summed with the first micro-batch's counts
     double ce_sum = 0, balance_sum = 0;
     bool finite = true;
     std::string bad_term;

@@ -12,13 +12,14 @@ namespace gbmoe {
 namespace {
 
 // Pretends to be a group of `ranks` ranks whose other members contribute `others`
-// (packed like the balancer's buffer: E counts then the token count, per layer).
+// (packed like the balancer's buffer: E counts then the token count, per layer, then
+// optionally their step tokens).
 struct FakeReducer : CountReducer {
   FakeReducer(torch::Tensor others, int64_t ranks) : others(std::move(others)), ranks(ranks) {}
   int64_t size() const override { return ranks; }
   std::function<void()> sum_async(torch::Tensor& buffer) override {
     ++calls;
-    return [&buffer, this] { buffer += others; };
+    return [&buffer, this] { buffer.narrow(0, 0, others.numel()) += others; };
   }
   torch::Tensor others;
   int64_t ranks;
@@ -105,6 +106,37 @@ TEST(Balancer, GlobalLossIsLblOfBufferTimesRankWeight) {
   const double weight = 10.0 * 2 * 1 / 16.0;  // n_r R M / N
   const double expected = 0.1 * 4 * (f * P).sum().item<double>() * weight;
   EXPECT_NEAR(loss.item<double>(), expected, 1e-15);
+}
+
+TEST(Balancer, LocalStepTokensRideWithTheFirstReductionAndGiveTheSameLoss) {
+  // Two micro-batches of 10 and 7 tokens here; the other rank has 6 + 5 tokens in the step.
+  auto others_m1 = torch::tensor({2.0, 6.0, 4.0, 0.0, 6.0, 11.0});  // + its step tokens
+  auto others_m2 = torch::tensor({4.0, 2.0, 2.0, 2.0, 5.0, 0.0});
+  auto x1 = torch::randn({10, 8}, torch::kDouble), x2 = torch::randn({7, 8}, torch::kDouble);
+  enum Given { Explicit, Local, Estimated };
+  std::vector<double> losses[3];
+  int calls[3] = {0, 0, 0};
+  for (Given given : {Explicit, Local, Estimated}) {
+    torch::manual_seed(5);
+    auto layer = make_layer(BalanceScope::Global);
+    auto reducer = std::make_shared<FakeReducer>(others_m1, 2);
+    Balancer balancer({layer}, reducer);
+    balancer.begin_step(2, given == Explicit ? 10 + 7 + 11 : 0.0);
+    if (given == Local) balancer.set_local_step_tokens(10 + 7);
+    layer->forward(x1);
+    losses[given].push_back(balancer.micro_batch_loss().item<double>());
+    reducer->others = others_m2;
+    layer->forward(x2);
+    losses[given].push_back(balancer.micro_batch_loss().item<double>());
+    calls[given] = reducer->calls;
+    balancer.end_step();
+  }
+  EXPECT_EQ(calls[Local], 2);  // no collective of its own
+  for (int m = 0; m < 2; ++m) {
+    EXPECT_NEAR(losses[Local][m], losses[Explicit][m], 1e-15) << "micro-batch " << m;
+  }
+  // Without the step tokens, the first micro-batch's weight is an estimate (16 * 2 tokens).
+  EXPECT_GT(std::abs(losses[Estimated][0] - losses[Explicit][0]), 1e-6);
 }
 
 TEST(Balancer, EstimatesStepTokensWhenNotGiven) {

@@ -49,13 +49,19 @@ torch::Tensor average(Communicator& comm, torch::Tensor t) {
 // micro-batches and ranks and the router gradient averaged the same way.
 std::pair<double, torch::Tensor> distributed_step(MoELayer& layer, Balancer& balancer,
                                                   Communicator& group, Communicator& world,
-                                                  int64_t M, torch::Dtype dtype, bool padded) {
+                                                  int64_t M, torch::Dtype dtype, bool padded,
+                                                  bool local_step_tokens = false) {
   const int R = world.size(), rank = world.rank();
   double tokens = 0;
   for (int64_t m = 0; m < M; ++m) {
     tokens += rank_slice(full_batch(R, m, dtype, padded).second, rank).sum().item<double>();
   }
-  balancer.begin_step(M, all_reduce_sum(group, tokens));
+  if (local_step_tokens) {  // the group's total rides with the first count reduction
+    balancer.begin_step(M);
+    balancer.set_local_step_tokens(tokens);
+  } else {
+    balancer.begin_step(M, all_reduce_sum(group, tokens));
+  }
   layer->zero_grad();
   double loss_sum = 0;
   for (int64_t m = 0; m < M; ++m) {
@@ -84,6 +90,7 @@ struct ExactCase {
   torch::Dtype dtype;
   bool padded;
   double tolerance;
+  bool local_step_tokens = false;
 };
 
 class GlobalEqualsConcatenation : public ::testing::TestWithParam<ExactCase> {};
@@ -95,7 +102,8 @@ TEST_P(GlobalEqualsConcatenation, LossAndRouterGradient) {
   auto world = test_world();
   auto layer = make_layer(BalanceScope::Global, c.dtype);
   Balancer balancer({layer}, std::make_shared<CommunicatorCountReducer>(world));
-  auto [loss, grad] = distributed_step(layer, balancer, *world, *world, 1, c.dtype, c.padded);
+  auto [loss, grad] =
+      distributed_step(layer, balancer, *world, *world, 1, c.dtype, c.padded, c.local_step_tokens);
   auto [ref_loss, ref_grad] = reference_on_concatenation(c.dtype, world->size(), c.padded);
   EXPECT_LT(std::abs(loss - ref_loss) / std::abs(ref_loss), c.tolerance);
   EXPECT_LT(max_rel_diff(grad, ref_grad), c.tolerance);
@@ -105,6 +113,7 @@ TEST_P(GlobalEqualsConcatenation, LossAndRouterGradient) {
 INSTANTIATE_TEST_SUITE_P(Dtypes, GlobalEqualsConcatenation,
                          ::testing::Values(ExactCase{torch::kDouble, false, 1e-9},
                                            ExactCase{torch::kDouble, true, 1e-9},
+                                           ExactCase{torch::kDouble, true, 1e-9, true},
                                            ExactCase{torch::kFloat, false, 1e-5},
                                            ExactCase{torch::kFloat, true, 1e-5}));
 
