@@ -366,29 +366,29 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
     const int64_t done = step + 1;
     summary.last_step = done;
 
-    // Metrics: losses averaged over ranks, MaxVio of the whole step and of micro-batches.
+    // Metrics in one all-reduce: losses and micro-batch MaxVio averaged over ranks, valid
+    // tokens and selection counts summed (MaxVio of the whole step).
     const int64_t L = static_cast<int64_t>(layer_stats.size());
-    auto packed = torch::zeros({2 + 2 * L}, torch::kDouble);
-    packed[0] = ce_sum / M;
-    packed[1] = balance_sum / M;
-    std::vector<torch::Tensor> counts;
+    std::vector<torch::Tensor> parts{
+        torch::tensor({ce_sum / M, balance_sum / M, local_tokens * world.size()}, torch::kDouble)};
     for (int64_t l = 0; l < L; ++l) {
-      packed[2 + l] = layer_stats[l].micro_max_violation;
-      counts.push_back(layer_stats[l].local_counts.cpu());
+      parts.push_back(torch::full({1}, layer_stats[l].micro_max_violation, torch::kDouble));
     }
-    packed = sum_over(world, packed) / world.size();
-    auto global_counts = L > 0 ? sum_over(world, torch::stack(counts)) : torch::Tensor();
+    for (int64_t l = 0; l < L; ++l) parts.push_back(layer_stats[l].local_counts.cpu());
+    auto packed = sum_over(world, torch::cat(parts)) / world.size();
     std::vector<double> mv_global, mv_micro;
-    for (int64_t l = 0; l < L; ++l) {
-      mv_global.push_back(max_violation(global_counts[l]));
-      mv_micro.push_back(packed[2 + l].item<double>());
+    for (int64_t l = 0, offset = 3 + L; l < L; ++l) {
+      const int64_t E = layer_stats[l].local_counts.numel();
+      mv_global.push_back(max_violation(packed.narrow(0, offset, E)));
+      mv_micro.push_back(packed[3 + l].item<double>());
+      offset += E;
     }
     const double ce_mean = packed[0].item<double>(), bal_mean = packed[1].item<double>();
     summary.losses.push_back(ce_mean);
     summary.max_violation_global = mv_global;
     summary.max_violation_micro = mv_micro;
     const double dt = seconds_since(t0);
-    const double step_tokens = all_reduce_sum(world, local_tokens);
+    const double step_tokens = packed[2].item<double>();
     window_tokens += step_tokens;
     window_seconds += dt;
     if (rank0) {
