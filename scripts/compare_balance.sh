@@ -19,7 +19,10 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${GBMOE_BUILD_DIR:-$root/build}
-command_line="scripts/compare_balance.sh$(printf ' %q' "$@")"
+command_line=scripts/compare_balance.sh
+for arg in "$@"; do  # quoted only where the shell needs it, for the report
+  if [[ "$arg" =~ ^[A-Za-z0-9_./=,:+-]+$ ]]; then command_line+=" $arg"; else command_line+=" $(printf %q "$arg")"; fi
+done
 name=compare ranks=2 val_batches=32 fresh=0 build_first=1 runs_root=runs reports_root=reports
 common=()
 specs=()
