@@ -21,7 +21,11 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 build=${GBMOE_BUILD_DIR:-$root/build}
 command_line=scripts/compare_balance.sh
 for arg in "$@"; do  # quoted only where the shell needs it, for the report
-  if [[ "$arg" =~ ^[A-Za-z0-9_./=,:+-]+$ ]]; then command_line+=" $arg"; else command_line+=" $(printf %q "$arg")"; fi
+  if [[ "$arg" =~ ^[A-Za-z0-9_./=,:+-]+$ ]]; then
+    command_line+=" $arg"
+  else
+    command_line+=" $(printf %q "$arg")"
+  fi
 done
 name=compare ranks=2 val_batches=32 fresh=0 build_first=1 runs_root=runs reports_root=reports
 common=()
@@ -62,7 +66,10 @@ for spec in "${specs[@]}"; do
   if [ "$label" = "$spec" ]; then label=$(basename "${spec%%,*}" .yaml) rest=$spec; fi
   IFS=, read -r -a parts <<< "$rest"
   config=${parts[0]}
-  [ -f "$config" ] || { echo "compare_balance.sh: run $label: config $config not found" >&2; exit 2; }
+  if [ ! -f "$config" ]; then
+    echo "compare_balance.sh: run $label: config $config not found" >&2
+    exit 2
+  fi
   overrides=()
   for kv in "${parts[@]:1}"; do overrides+=(--set "$kv"); done
   run_dir=$runs_root/$name/$label
@@ -72,7 +79,8 @@ for spec in "${specs[@]}"; do
   mpirun -np "$ranks" "$build/train/gbmoe-train" --config "$config" ${common[@]+"${common[@]}"} \
     ${overrides[@]+"${overrides[@]}"} --set train.run_dir="$run_dir" --set train.resume=auto \
     >> "$run_dir/train.log" 2>&1 || { tail -20 "$run_dir/train.log" >&2; exit 1; }
-  "$build/train/gbmoe-analyze" --run "$run_dir" --val-batches "$val_batches" | tee "$run_dir/analyze.log"
+  "$build/train/gbmoe-analyze" --run "$run_dir" --val-batches "$val_batches" |
+    tee "$run_dir/analyze.log"
   labelled+=("$label=$run_dir")
 done
 

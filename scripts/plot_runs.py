@@ -210,23 +210,24 @@ def report(runs, images, title, command):
         out.append(f"| {r['label']} | {scope_name(a)} | {a['step']} | {fmt(a['val_loss'])} | "
                    + " | ".join(fmt(a["domain_val_loss"][d]) for d in domains) + " |")
     out += ["", "## Specialization and balance (means over MoE layers)", "",
-            "| run | MI (bits) | MI / H(domain) | top-k score sum | val MaxVio | val MaxVio per domain "
+            "| run | MI (bits) | MI / H(domain) | top-k score sum | val MaxVio "
+            "| val MaxVio per domain "
             "| train MaxVio global batch | train MaxVio micro-batch |",
             "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         m = r["analysis"]["mean"]
         out.append(f"| {r['label']} | {fmt(m['mutual_information'])} | {fmt(m['normalized_mi'])} | "
                    f"{fmt(m['mean_topk_score_sum'])} | {fmt(m['max_violation'], 3)} | "
-                   f"{fmt(m['domain_max_violation'], 3)} | {fmt(late_mean(r, 'maxvio_global'), 3)} | "
+                   f"{fmt(m['domain_max_violation'], 3)} | "
+                   f"{fmt(late_mean(r, 'maxvio_global'), 3)} | "
                    f"{fmt(late_mean(r, 'maxvio_micro'), 3)} |")
     blocks = [layer["block"] for layer in runs[0]["analysis"]["layers"]]
     out += ["", "## Mutual information per layer (bits)", "",
             "| run | " + " | ".join(f"block {b}" for b in blocks) + " |",
             "|---|" + "---|" * len(blocks)]
     for r in runs:
-        out.append(f"| {r['label']} | "
-                   + " | ".join(fmt(layer["mutual_information"]) for layer in r["analysis"]["layers"])
-                   + " |")
+        values = [fmt(layer["mutual_information"]) for layer in r["analysis"]["layers"]]
+        out.append(f"| {r['label']} | " + " | ".join(values) + " |")
     out += ["", "## Pictures", ""]
     for caption, name in images:
         out += [f"**{caption}**", "", f"![{caption}]({name})", ""]
@@ -254,18 +255,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="directory for the PNGs and report.md")
     parser.add_argument("--title", default="Balance comparison", help="report title")
-    parser.add_argument("--command", default="", help="the command that made the runs, for the report")
-    parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR, in table order (the first is the reference)")
+    parser.add_argument("--command", default="",
+                        help="the command that made the runs, for the report")
+    parser.add_argument("runs", nargs="+",
+                        help="LABEL=RUN_DIR, in table order (the first is the reference)")
     args = parser.parse_args()
     runs = parse_runs(args.runs)
-    shapes = {(r["analysis"]["num_experts"], len(r["analysis"]["layers"]), tuple(r["analysis"]["domains"]))
-              for r in runs}
+    shapes = {(a["num_experts"], len(a["layers"]), tuple(a["domains"]))
+              for a in (r["analysis"] for r in runs)}
     if len(shapes) > 1:
         fail(f"runs differ in experts, MoE layers or domains: {sorted(shapes)}")
     os.makedirs(args.output, exist_ok=True)
-    vmax = max(max(max(row) for layer in r["analysis"]["layers"] for row in layer["selection_frequency"])
-               for r in runs)
-    vmax = max(vmax, 1e-9)
+    # One colour scale for every run's heatmaps, so that they compare.
+    vmax = max([1e-9] + [max(row) for r in runs for layer in r["analysis"]["layers"]
+                         for row in layer["selection_frequency"]])
     images = []
     for r in runs:
         name = f"heatmap_{r['label']}.png"

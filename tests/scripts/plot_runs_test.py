@@ -24,15 +24,18 @@ def write_run(run_dir, scope, freq_LME, val_loss):
             f.write(json.dumps({"step": step, "ce": 5 - step / 20, "maxvio_global": [0.2, 0.4],
                                 "maxvio_micro": [0.5, 0.7]}) + "\n")
             if step % 20 == 0:
-                f.write(json.dumps({"step": step, "eval": {"val_loss": val_loss + 1 / step}}) + "\n")
+                evaluation = {"val_loss": val_loss + 1 / step}
+                f.write(json.dumps({"step": step, "eval": evaluation}) + "\n")
     layers = [{"block": b, "mutual_information": 0.5, "normalized_mi": 0.25 * (b + 1),
                "mean_topk_score_sum": 0.6, "max_violation": 0.1, "selection_frequency": f}
               for b, f in enumerate(freq_LME)]
     analysis = {"step": 40, "balance": {"scope": scope, "group_size": 1}, "domains": DOMAINS,
                 "num_experts": 4, "top_k": 2, "val_loss": val_loss,
-                "domain_val_loss": {d: val_loss + i for i, d in enumerate(DOMAINS)}, "layers": layers,
-                "mean": {"mutual_information": 0.5, "normalized_mi": 0.375, "mean_topk_score_sum": 0.6,
-                         "max_violation": 0.1, "domain_max_violation": 0.9}}
+                "domain_val_loss": {d: val_loss + i for i, d in enumerate(DOMAINS)},
+                "layers": layers,
+                "mean": {"mutual_information": 0.5, "normalized_mi": 0.375,
+                         "mean_topk_score_sum": 0.6, "max_violation": 0.1,
+                         "domain_max_violation": 0.9}}
     with open(os.path.join(run_dir, "analysis", "analysis.json"), "w") as f:
         json.dump(analysis, f)
 

@@ -9,6 +9,7 @@
 
 #include "train/analysis.h"
 #include "train/checkpoint.h"
+#include "train/cli_flags.h"
 #include "train/config.h"
 #include "train/json.h"
 #include "train/token_dataset.h"
@@ -31,10 +32,10 @@ Args parse_args(int argc, char** argv, cxxopts::Options& cli) {
       "data", "tokenized corpus (default: the checkpoint config's data.dir)",
       cxxopts::value<std::string>()->default_value(""))(
       "val-batches", "validation batches per domain (default: data.val_batches_per_domain)",
-      cxxopts::value<int64_t>()->default_value("-1"))(
+      cxxopts::value<std::string>()->default_value("-1"))(
       "output", "output directory (default: RUN/analysis)",
       cxxopts::value<std::string>()->default_value(""))(
-      "threads", "intra-op CPU threads", cxxopts::value<int64_t>()->default_value("1"))(
+      "threads", "intra-op CPU threads", cxxopts::value<std::string>()->default_value("1"))(
       "h,help", "print this help");
   auto r = cli.parse(argc, argv);
   if (r.count("help")) {
@@ -42,9 +43,12 @@ Args parse_args(int argc, char** argv, cxxopts::Options& cli) {
     std::exit(0);
   }
   if (!r.count("run")) throw std::invalid_argument("--run is required");
-  Args a{r["run"].as<std::string>(),     r["checkpoint"].as<std::string>(),
-         r["data"].as<std::string>(),    r["output"].as<std::string>(),
-         r["val-batches"].as<int64_t>(), r["threads"].as<int64_t>()};
+  Args a{r["run"].as<std::string>(),
+         r["checkpoint"].as<std::string>(),
+         r["data"].as<std::string>(),
+         r["output"].as<std::string>(),
+         gbmoe::flag<int64_t>(r, "val-batches"),
+         gbmoe::flag<int64_t>(r, "threads")};
   if (!fs::is_directory(a.run))
     throw std::invalid_argument("--run \"" + a.run + "\" is not a directory");
   if (a.threads < 1)
