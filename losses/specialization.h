@@ -1,6 +1,7 @@
 // Expert specialization statistics over domains: selection frequency per domain, the mutual
-// information between domain and selected expert, and its normalization by the domain entropy.
-// Letters: M domains, E experts, K top-k.
+// information between domain and selected expert, and its normalization by the domain entropy;
+// MaxVio per domain and the top-k score sum of each token.
+// Letters: M domains, E experts, K top-k, T tokens.
 #pragma once
 
 #include <torch/torch.h>
@@ -18,5 +19,16 @@ double domain_expert_mutual_information(const torch::Tensor& counts);
 
 /// Entropy in bits of the domain marginal of counts (M, E).
 double domain_entropy(const torch::Tensor& counts);
+
+/// MaxVio of each domain's own load: out[d] = (max_i c[d][i] - mean_i c[d][i]) / mean_i c[d][i]
+/// (0 for a domain without selections). counts: (M, E). Returns (M,) fp64.
+/// Example: domain_max_violation(torch::tensor({{3, 1}, {2, 2}}))  // [0.5, 0]
+torch::Tensor domain_max_violation(const torch::Tensor& counts);
+
+/// The routing score mass each token gives its selected experts: out[t] = sum_k s[t][S_t,k].
+/// 1 when top-k holds all the probability (confident routing), k/E for uniform scores.
+/// scores_TE: (T, E); expert_ids_TK: (T, K) int64. Returns (T,) fp64.
+/// Example: topk_score_sum(routing.scores, routing.expert_ids).masked_select(routing.valid)
+torch::Tensor topk_score_sum(const torch::Tensor& scores_TE, const torch::Tensor& expert_ids_TK);
 
 }  // namespace gbmoe

@@ -36,4 +36,10 @@ if ! "$venv/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.s
   "$venv/bin/pip" install -q "torch==$torch_version" numpy
 fi
 "$venv/bin/python" -c "import numpy" 2>/dev/null || "$venv/bin/pip" install -q numpy
+# matplotlib draws the pictures of scripts/plot_runs.py (the balance comparison report).
+matplotlib_version=3.11.2
+if ! "$venv/bin/python" -c "import matplotlib, sys; sys.exit(0 if matplotlib.__version__ == '$matplotlib_version' else 1)" 2>/dev/null; then
+  echo "setup: installing matplotlib==$matplotlib_version into $venv"
+  "$venv/bin/pip" install -q "matplotlib==$matplotlib_version"
+fi
 echo "setup: done (torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'))"

@@ -16,6 +16,7 @@
 #include "parallel/expert_parallel.h"
 #include "parallel/runtime.h"
 #include "train/checkpoint.h"
+#include "train/json.h"
 #include "train/sampler.h"
 #include "train/token_dataset.h"
 
@@ -36,19 +37,6 @@ double learning_rate(const OptimConfig& o, int64_t step, int64_t total_steps) {
   const double span = std::max<int64_t>(1, total_steps - o.warmup_steps);
   const double progress = std::min(1.0, (step - o.warmup_steps) / span);
   return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + std::cos(M_PI * progress));
-}
-
-std::string json_number(double v) {
-  if (!std::isfinite(v)) return "null";
-  std::ostringstream s;
-  s << std::setprecision(7) << v;
-  return s.str();
-}
-
-std::string json_list(const std::vector<double>& values) {
-  std::string out = "[";
-  for (size_t i = 0; i < values.size(); ++i) out += (i ? "," : "") + json_number(values[i]);
-  return out + "]";
 }
 
 std::string format_duration(double seconds) {

@@ -38,5 +38,26 @@ TEST(Specialization, MutualInformationOfAHandComputedCase) {
   EXPECT_NEAR(domain_expert_mutual_information(counts), i, 1e-12);
 }
 
+TEST(Specialization, MaxViolationPerDomainOfAHandComputedCase) {
+  // Row means 2, 2, 0: (3 - 2) / 2, (2 - 2) / 2, and 0 for the domain without selections.
+  auto counts = torch::tensor({{3, 1, 2}, {2, 2, 2}, {0, 0, 0}}, torch::kLong);
+  auto mv = domain_max_violation(counts);
+  EXPECT_TRUE(torch::allclose(mv, torch::tensor({0.5, 0.0, 0.0}, torch::kDouble)));
+  // A domain on one expert of four: (4 - 1) / 1.
+  EXPECT_NEAR(domain_max_violation(torch::tensor({{0, 4, 0, 0}}))[0].item<double>(), 3.0, 1e-15);
+}
+
+TEST(Specialization, TopKScoreSumAddsTheSelectedExpertsScores) {
+  auto scores = torch::tensor({{0.5, 0.3, 0.2}, {0.1, 0.1, 0.8}}, torch::kFloat);
+  auto ids = torch::tensor({{0, 1}, {2, 0}}, torch::kLong);
+  auto sums = topk_score_sum(scores, ids);
+  ASSERT_EQ(sums.scalar_type(), torch::kDouble);
+  EXPECT_NEAR(sums[0].item<double>(), 0.8, 1e-7);
+  EXPECT_NEAR(sums[1].item<double>(), 0.9, 1e-7);
+  // Uniform scores over E = 4 with K = 2: k / E.
+  auto uniform = topk_score_sum(torch::full({3, 4}, 0.25), torch::tensor({{0, 1}, {2, 3}, {1, 2}}));
+  EXPECT_TRUE(torch::allclose(uniform, torch::full({3}, 0.5, torch::kDouble)));
+}
+
 }  // namespace
 }  // namespace gbmoe

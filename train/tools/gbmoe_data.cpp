@@ -4,33 +4,9 @@
 
 #include <cstdio>
 #include <iostream>
-#include <sstream>
-#include <type_traits>
 
+#include "train/cli_flags.h"
 #include "train/data.h"
-
-namespace {
-
-// Flags are read as text and converted here, so that a bad value is reported with its flag.
-template <typename T>
-T flag(const cxxopts::ParseResult& args, const std::string& name) {
-  const std::string text = args[name].as<std::string>();
-  std::istringstream in(text);
-  T value{};
-  in >> value;
-  if (text.empty() || in.fail() || !in.eof() || (std::is_unsigned<T>::value && text[0] == '-')) {
-    throw gbmoe::DataError("--" + name + " (\"" + text + "\") is not a valid " +
-                           (std::is_floating_point<T>::value ? "number" : "integer"));
-  }
-  return value;
-}
-
-template <>
-std::string flag<std::string>(const cxxopts::ParseResult& args, const std::string& name) {
-  return args[name].as<std::string>();
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   cxxopts::Options cli(
@@ -75,17 +51,17 @@ int main(int argc, char** argv) {
     }
     if (!args.count("input")) throw gbmoe::DataError("--input is required (see --help)");
     if (!args.count("output")) throw gbmoe::DataError("--output is required (see --help)");
-    auto options =
-        gbmoe::DataBuildOptions(flag<std::string>(args, "input"), flag<std::string>(args, "output"))
-            .vocab_size(flag<int64_t>(args, "vocab-size"))
-            .tokenizer(flag<std::string>(args, "tokenizer"))
-            .val_fraction(flag<double>(args, "val-fraction"))
-            .seed(flag<uint64_t>(args, "seed"))
-            .max_doc_bytes(flag<int64_t>(args, "max-doc-bytes"))
-            .tokenizer_sentences(flag<int64_t>(args, "tokenizer-sentences"))
-            .threads(flag<int>(args, "threads"))
-            .overwrite(args.count("overwrite") > 0)
-            .progress(args.count("quiet") == 0);
+    auto options = gbmoe::DataBuildOptions(gbmoe::flag<std::string>(args, "input"),
+                                           gbmoe::flag<std::string>(args, "output"))
+                       .vocab_size(gbmoe::flag<int64_t>(args, "vocab-size"))
+                       .tokenizer(gbmoe::flag<std::string>(args, "tokenizer"))
+                       .val_fraction(gbmoe::flag<double>(args, "val-fraction"))
+                       .seed(gbmoe::flag<uint64_t>(args, "seed"))
+                       .max_doc_bytes(gbmoe::flag<int64_t>(args, "max-doc-bytes"))
+                       .tokenizer_sentences(gbmoe::flag<int64_t>(args, "tokenizer-sentences"))
+                       .threads(gbmoe::flag<int>(args, "threads"))
+                       .overwrite(args.count("overwrite") > 0)
+                       .progress(args.count("quiet") == 0);
     const auto summary = gbmoe::build_dataset(options);
     std::cout << gbmoe::format_summary(summary) << "wrote " << options.output() << std::endl;
     return 0;
