@@ -8,8 +8,6 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${GBMOE_CUDA_BUILD_DIR:-$root/build-cuda}
 mode=${GBMOE_CUDA_BUILD:-auto}
-nvcc=${GBMOE_NVCC:-/usr/local/cuda/bin/nvcc}
-[ -x "$nvcc" ] || nvcc=$(command -v nvcc || echo "$nvcc")
 skip() {
   if [ "$mode" = on ]; then
     echo "build_cuda: $1" >&2
@@ -18,14 +16,8 @@ skip() {
   echo "build_cuda: SKIPPED, $1 (GBMOE_CUDA_BUILD=on makes this an error)"
   exit 0
 }
-[ -x "$nvcc" ] || skip "no nvcc (looked at $nvcc)"
+toolkit=$(bash "$root/scripts/find_nvcc.sh") || skip "no CUDA toolkit with nvcc found"
 prefix=$(bash "$root/scripts/setup_cuda.sh") || skip "no CUDA torch wheels"
-nvcc=$(readlink -f "$nvcc")
-# nvcc may be a wrapper script: the toolkit is the directory its real binary lives in.
-toolkit=$(cd "$(dirname "$nvcc")/.." && pwd)
-if [ ! -f "$toolkit/include/cuda_runtime_api.h" ]; then
-  toolkit=$(dirname "$(dirname "$(grep -o '/[^ "]*/bin/nvcc' "$nvcc" | head -n1)")")
-fi
 start=$(date +%s)
 mkdir -p "$build"
 # libtorch_cuda.so needs cuBLAS, cuDNN, ... which CI does not unpack (they are only loaded at run

@@ -20,13 +20,8 @@ prefix=$("$py" -c 'import torch; print(torch.utils.cmake_prefix_path)') || { log
 torch.cuda.get_device_name() if torch.cuda.is_available() else None)' | tee -a "$out/summary.txt"
 arch=$("$py" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo 9.0)
 site=$(cd "$prefix/../../.." && pwd)
-nvcc=${GBMOE_NVCC:-$(command -v nvcc || true)}
-for c in /usr/local/cuda/bin/nvcc "$site"/nvidia/cu*/bin/nvcc "$site"/nvidia/cuda_nvcc/bin/nvcc; do
-  [ -n "$nvcc" ] && break
-  [ -x "$c" ] && nvcc=$c
-done
-[ -n "$nvcc" ] || { log "no nvcc found"; exit 1; }
-toolkit=$(cd "$(dirname "$(readlink -f "$nvcc")")/.." && pwd)
+toolkit=$(bash "$root/scripts/find_nvcc.sh" "$site") || { log "no CUDA toolkit with nvcc found"; exit 1; }
+nvcc=$toolkit/bin/nvcc
 gtest=${GBMOE_GTEST_SOURCE_DIR:-$root/.cache/googletest}
 [ -f "$gtest/CMakeLists.txt" ] || gtest=/usr/src/googletest
 generator=()
