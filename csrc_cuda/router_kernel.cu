@@ -41,7 +41,7 @@ __device__ float row_gates(const float* z, int E, bool sigmoid, float* g, int la
   if (sigmoid) {
     float sum = 0.f;
     for (int e = lane; e < E; e += kWarp) {
-      g[e] = 1.f / (1.f + __expf(-z[e]));
+      g[e] = 1.f / (1.f + expf(-z[e]));
       sum += g[e];
     }
     return warp_sum(sum);
@@ -51,7 +51,7 @@ __device__ float row_gates(const float* z, int E, bool sigmoid, float* g, int la
   m = warp_max(m);
   float sum = 0.f;
   for (int e = lane; e < E; e += kWarp) {
-    g[e] = __expf(z[e] - m);
+    g[e] = expf(z[e] - m);
     sum += g[e];
   }
   const float inv = 1.f / warp_sum(sum);
