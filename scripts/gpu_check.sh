@@ -3,14 +3,15 @@
 # with CUDA), CMake, nvcc and NCCL, and no network: builds gbmoe's core, CUDA kernels, CUDA tests
 # and GPU benchmark against that LibTorch (GoogleTest from source), runs the *_CUDA tests, the
 # benchmark (fused and reference path) and the Python loop-over-experts baseline, and writes
-# every log to $OUT (default ./gpu-check-out).
-# Before: scripts/setup_cuda.sh here copies GoogleTest's source to .cache/googletest; carry it.
+# every log to $OUT (default build-gpu/gpu-check).
+# Before: scripts/setup_cuda.sh here copies GoogleTest's source to .cache/googletest; carry it
+# (with the device tool: carry [".cache/googletest"], command "bash scripts/gpu_check.sh").
 # Usage: OUT=dir scripts/gpu_check.sh
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-out=${OUT:-$root/gpu-check-out}
-mkdir -p "$out"
 build=${GBMOE_GPU_BUILD_DIR:-$root/build-gpu}
+out=${OUT:-$build/gpu-check}
+mkdir -p "$out"
 py=${PYTHON:-python3}
 log() { echo "gpu_check: $*" | tee -a "$out/summary.txt"; }
 
