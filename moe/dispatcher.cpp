@@ -1,6 +1,8 @@
 // Local token dispatch: sort assignments by expert, apply capacity, gather, weighted scatter-add.
 #include "moe/dispatcher.h"
 
+#include "moe/kernels.h"
+
 #include <cmath>
 
 namespace gbmoe {
@@ -35,14 +37,17 @@ SortedAssignments sort_assignments(const RoutingResult& routing, int64_t num_exp
   torch::Tensor ids_TK = routing.expert_ids;
   torch::Tensor weights_TK = routing.weights;
   torch::Tensor tokens_TK = torch::arange(T, long_opts).unsqueeze(1).expand({T, K});
+  torch::Tensor slots_TK = torch::arange(T * K, long_opts).view({T, K});
   if (routing.num_valid < T) {
     ids_TK = ids_TK.index({routing.valid});
     weights_TK = weights_TK.index({routing.valid});
     tokens_TK = tokens_TK.index({routing.valid});
+    slots_TK = slots_TK.index({routing.valid});
   }
   auto ids = ids_TK.reshape({-1});
   auto weights = weights_TK.reshape({-1});
   auto tokens = tokens_TK.reshape({-1});
+  auto slots = slots_TK.reshape({-1});
 
   const int64_t capacity = expert_capacity(options, routing.num_valid, K, num_experts);
   torch::Tensor order;
@@ -57,6 +62,7 @@ SortedAssignments sort_assignments(const RoutingResult& routing, int64_t num_exp
   ids = ids.index_select(0, order);
   tokens = tokens.index_select(0, order);
   weights = weights.index_select(0, order);
+  slots = slots.index_select(0, order);
   auto counts = torch::zeros({num_experts}, long_opts).index_add_(0, ids, torch::ones_like(ids));
 
   if (capacity >= 0) {
@@ -69,6 +75,7 @@ SortedAssignments sort_assignments(const RoutingResult& routing, int64_t num_exp
       ids = ids.index({keep});
       tokens = tokens.index({keep});
       weights = weights.index({keep});
+      slots = slots.index({keep});
       counts = counts.clamp_max(capacity);
     }
   }
@@ -76,7 +83,20 @@ SortedAssignments sort_assignments(const RoutingResult& routing, int64_t num_exp
   out.expert_id = ids;
   out.weights = weights;
   out.counts = counts;
+  out.assignment = slots;
   return out;
+}
+
+torch::Tensor permute_reference(const torch::Tensor& x_TD, const torch::Tensor& token_index_N) {
+  return x_TD.index_select(0, token_index_N);
+}
+
+torch::Tensor unpermute_reference(const torch::Tensor& expert_out_ND,
+                                  const torch::Tensor& weights_N,
+                                  const torch::Tensor& token_index_N, int64_t num_tokens) {
+  auto weighted = expert_out_ND * weights_N.to(expert_out_ND.scalar_type()).unsqueeze(1);
+  auto out = torch::zeros({num_tokens, expert_out_ND.size(1)}, expert_out_ND.options());
+  return out.index_add(0, token_index_N, weighted);
 }
 
 LocalDispatcher::LocalDispatcher(int64_t num_experts, DispatcherOptions options)
@@ -91,7 +111,13 @@ Dispatched LocalDispatcher::dispatch(const torch::Tensor& x, const RoutingResult
               x.sizes());
   auto sorted = sort_assignments(routing, num_experts_, options_);
   Dispatched d;
-  d.tokens = x.index_select(0, sorted.token_index);
+  if (const auto* kernels = fused_kernels(x)) {
+    auto rows_TK = token_rows(sorted.assignment, x.size(0), routing.top_k);
+    d.tokens = kernels->permute(x, sorted.token_index, rows_TK);
+    d.state = std::make_shared<torch::Tensor>(rows_TK);
+  } else {
+    d.tokens = permute_reference(x, sorted.token_index);
+  }
   d.group_sizes = sorted.counts.cpu();
   d.token_index = sorted.token_index;
   d.weights = sorted.weights;
@@ -105,15 +131,13 @@ torch::Tensor LocalDispatcher::combine(const torch::Tensor& expert_out,
   TORCH_CHECK(expert_out.dim() == 2 && expert_out.size(0) == dispatched.token_index.size(0),
               "combine input must be (", dispatched.token_index.size(0), ", D), got ",
               expert_out.sizes());
-  return combine_rows(expert_out, dispatched.token_index, dispatched.weights,
-                      dispatched.num_tokens);
-}
-
-torch::Tensor combine_rows(const torch::Tensor& rows_ND, const torch::Tensor& token_index,
-                           const torch::Tensor& weights, int64_t num_tokens) {
-  auto weighted = rows_ND * weights.to(rows_ND.scalar_type()).unsqueeze(1);
-  auto out = torch::zeros({num_tokens, rows_ND.size(1)}, rows_ND.options());
-  return out.index_add(0, token_index, weighted);
+  const auto* kernels = fused_kernels(expert_out);
+  if (kernels && dispatched.state) {
+    const auto& rows_TK = *std::static_pointer_cast<torch::Tensor>(dispatched.state);
+    return kernels->unpermute(expert_out, dispatched.weights, dispatched.token_index, rows_TK);
+  }
+  return unpermute_reference(expert_out, dispatched.weights, dispatched.token_index,
+                             dispatched.num_tokens);
 }
 
 }  // namespace gbmoe

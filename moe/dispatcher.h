@@ -70,6 +70,7 @@ struct SortedAssignments {
   torch::Tensor expert_id;    // (N,) int64, non-decreasing
   torch::Tensor weights;      // (N,) combine weights, differentiable
   torch::Tensor counts;       // (E,) int64 kept rows per expert (same device as the ids)
+  torch::Tensor assignment;   // (N,) int64 t * K + k: the routing slot each row comes from
   int64_t num_dropped = 0;
 };
 
@@ -78,10 +79,14 @@ struct SortedAssignments {
 SortedAssignments sort_assignments(const RoutingResult& routing, int64_t num_experts,
                                    const DispatcherOptions& options);
 
-/// out (T, D) = sum over rows n of weights[n] * rows_ND[n] added into row token_index[n]: the
-/// weighted sum every dispatcher's combine ends with.
-torch::Tensor combine_rows(const torch::Tensor& rows_ND, const torch::Tensor& token_index,
-                           const torch::Tensor& weights, int64_t num_tokens);
+/// out[n] = x[token_index[n]]: the plain LibTorch permutation (reference of the fused kernel).
+torch::Tensor permute_reference(const torch::Tensor& x_TD, const torch::Tensor& token_index_N);
+
+/// y[t] = sum of weights[n] * expert_out[n] over the rows n of token t, (num_tokens, D): the
+/// plain LibTorch weighted combine (reference of the fused kernel).
+torch::Tensor unpermute_reference(const torch::Tensor& expert_out_ND,
+                                  const torch::Tensor& weights_N,
+                                  const torch::Tensor& token_index_N, int64_t num_tokens);
 
 /// Dispatcher for experts that all live in this process.
 ///

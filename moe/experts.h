@@ -4,7 +4,19 @@
 
 #include <torch/torch.h>
 
+#include <string>
+
 namespace gbmoe {
+
+/// How the experts' matrix multiplies run. Loop: one GEMM per expert and block. Grouped: one
+/// at::_grouped_mm per block for all experts (LibTorch >= 2.9). Auto: grouped for bf16 CUDA
+/// tensors in KernelMode::Fused where LibTorch has it, the loop otherwise.
+enum class ExpertGemm { Auto, Loop, Grouped };
+
+std::string to_string(ExpertGemm g);
+
+/// True when this LibTorch offers at::_grouped_mm.
+bool grouped_gemm_available();
 
 /// Example:
 ///   GroupedExperts experts(GroupedExpertsOptions(8, 512, 1024));
@@ -17,6 +29,7 @@ struct GroupedExpertsOptions {
   /// Hidden size F of each expert.
   TORCH_ARG(int64_t, hidden);
   TORCH_ARG(double, init_std) = 0.02;
+  TORCH_ARG(ExpertGemm, gemm) = ExpertGemm::Auto;
 
  public:
   void validate() const;
@@ -36,6 +49,9 @@ class GroupedExpertsImpl : public torch::nn::Cloneable<GroupedExpertsImpl> {
 
   /// tokens: (N, D); group_sizes: (E,) int64 (any device) summing to N. Returns (N, D).
   torch::Tensor forward(const torch::Tensor& tokens, const torch::Tensor& group_sizes);
+
+  /// Whether forward runs the grouped GEMM for these tokens (see ExpertGemm).
+  bool use_grouped_gemm(const torch::Tensor& tokens) const;
 
   /// Keeps only experts [first, first + count): used by expert parallelism.
   void keep_experts(int64_t first, int64_t count);

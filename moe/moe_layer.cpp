@@ -1,6 +1,7 @@
 // MoELayer forward: route, dispatch, compute, combine; then the layer's balance statistics.
 #include "moe/moe_layer.h"
 
+#include "moe/kernels.h"
 #include "moe/recompute.h"
 
 namespace gbmoe {
@@ -87,7 +88,8 @@ torch::Tensor MoELayerImpl::forward(const torch::Tensor& x, const torch::Tensor&
 
   routing_ = router->forward(x_TD, mask_T);
   if (routing_hook_ && is_training() && !is_recomputing()) routing_hook_(routing_);
-  auto dispatched = dispatcher_->dispatch(x_TD, routing_);
+  // Under autocast the experts compute in its dtype: cast once, before the rows are copied.
+  auto dispatched = dispatcher_->dispatch(x_TD.to(compute_dtype(x_TD)), routing_);
   auto expert_out = experts->forward(dispatched.tokens, dispatched.group_sizes);
   auto y_TD = dispatcher_->combine(expert_out, dispatched);
   if (shared) y_TD = y_TD + shared->forward(x_TD);

@@ -1,6 +1,8 @@
 // Router: fp32 gate, score function, top-k selection, counts over valid tokens.
 #include "moe/router.h"
 
+#include "moe/kernels.h"
+
 namespace gbmoe {
 
 std::string to_string(ScoreFunction f) {
@@ -51,6 +53,29 @@ torch::Tensor count_selections(const torch::Tensor& expert_ids, const torch::Ten
   return counts.index_add_(0, ids, torch::ones_like(ids));
 }
 
+RoutedScores route_logits_reference(const torch::Tensor& logits_TE, const torch::Tensor& bias_E,
+                                    const torch::Tensor& valid_T, int64_t top_k,
+                                    ScoreFunction score_function, bool renormalize) {
+  RoutedScores r;
+  torch::Tensor gates_TE;
+  if (score_function == ScoreFunction::Softmax) {
+    r.scores = torch::softmax(logits_TE, -1);
+    gates_TE = r.scores;
+  } else {
+    gates_TE = torch::sigmoid(logits_TE);
+    r.scores = gates_TE / gates_TE.sum(-1, true);
+  }
+  {
+    torch::NoGradGuard no_grad;
+    auto selection_TE = gates_TE.detach() + bias_E.to(gates_TE.device());
+    r.expert_ids = std::get<1>(selection_TE.topk(top_k, -1));
+  }
+  r.weights = gates_TE.gather(-1, r.expert_ids);
+  if (renormalize && top_k > 1) r.weights = r.weights / r.weights.sum(-1, true);
+  r.counts = count_selections(r.expert_ids, valid_T, logits_TE.size(1));
+  return r;
+}
+
 RoutingResult RouterImpl::forward(const torch::Tensor& x, const torch::Tensor& mask) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == options.dim(), "router input must be (T, ",
               options.dim(), "), got ", x.sizes());
@@ -67,25 +92,19 @@ RoutingResult RouterImpl::forward(const torch::Tensor& x, const torch::Tensor& m
   // The gate runs in fp32 (fp64 for fp64 inputs) whatever the activations' dtype: routing is
   // precision-sensitive.
   const auto gate_dtype = x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
-  r.logits = torch::nn::functional::linear(x.to(gate_dtype), weight.to(gate_dtype));
-  torch::Tensor gates_TE;
-  if (options.score_function() == ScoreFunction::Softmax) {
-    r.scores = torch::softmax(r.logits, -1);
-    gates_TE = r.scores;
-  } else {
-    gates_TE = torch::sigmoid(r.logits);
-    r.scores = gates_TE / gates_TE.sum(-1, true);
-  }
   {
-    torch::NoGradGuard no_grad;
-    auto selection_TE = gates_TE.detach() + expert_bias.to(gates_TE.device());
-    r.expert_ids = std::get<1>(selection_TE.topk(options.top_k(), -1));
+    // Autocast (bf16 training on CUDA) must not lower the gate's precision.
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    r.logits = torch::nn::functional::linear(x.to(gate_dtype), weight.to(gate_dtype));
   }
-  r.weights = gates_TE.gather(-1, r.expert_ids);
-  if (options.renormalize() && options.top_k() > 1) {
-    r.weights = r.weights / r.weights.sum(-1, true);
-  }
-  r.counts = count_selections(r.expert_ids, r.valid, options.num_experts());
+  const auto* kernels = gate_dtype == torch::kFloat ? fused_kernels(r.logits) : nullptr;
+  auto routed = (kernels ? kernels->route : route_logits_reference)(
+      r.logits, expert_bias.to(r.logits.device()), r.valid, options.top_k(),
+      options.score_function(), options.renormalize());
+  r.scores = routed.scores;
+  r.expert_ids = routed.expert_ids;
+  r.weights = routed.weights;
+  r.counts = routed.counts;
   r.num_valid = r.valid.sum().item<int64_t>();
   return r;
 }

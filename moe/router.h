@@ -79,6 +79,24 @@ class RouterImpl : public torch::nn::Cloneable<RouterImpl> {
 };
 TORCH_MODULE(Router);
 
+/// What routing derives from the gate logits.
+struct RoutedScores {
+  torch::Tensor scores;      // (T, E) dtype of the logits, differentiable
+  torch::Tensor expert_ids;  // (T, K) int64
+  torch::Tensor weights;     // (T, K) dtype of the logits, differentiable
+  torch::Tensor counts;      // (E,) int64 selections by valid tokens
+};
+
+/// Scores, top-k of (gates + bias), weights (renormalized when asked and K > 1) and counts from
+/// logits (T, E) with plain LibTorch ops: what Router::forward runs without a fused kernel, and
+/// the reference the fused router kernel is tested against.
+///
+/// Example:
+///   auto s = route_logits_reference(logits_TE, bias_E, valid_T, 2, ScoreFunction::Softmax, true);
+RoutedScores route_logits_reference(const torch::Tensor& logits_TE, const torch::Tensor& bias_E,
+                                    const torch::Tensor& valid_T, int64_t top_k,
+                                    ScoreFunction score_function, bool renormalize);
+
 /// Selection counts (E,) int64 of the valid tokens' top-k ids.
 torch::Tensor count_selections(const torch::Tensor& expert_ids, const torch::Tensor& valid,
                                int64_t num_experts);

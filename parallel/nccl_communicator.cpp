@@ -110,8 +110,7 @@ ncclDataType_t nccl_reduce_type(torch::ScalarType dtype) {
 void check_cuda(const torch::Tensor& t, int device, const char* what) {
   TORCH_CHECK(t.defined(), "NcclCommunicator::", what, " got an undefined tensor");
   TORCH_CHECK(t.is_cuda() && t.get_device() == device, "NcclCommunicator::", what,
-              " needs tensors on cuda:", device, ", got one on ", t.device(),
-              "; use MpiCommunicator for CPU tensors");
+              " needs tensors on cuda:", device, ", got one on ", t.device());
 }
 
 std::shared_ptr<Event> record_done(c10::cuda::CUDAStream stream) {
@@ -151,7 +150,17 @@ c10::cuda::CUDAStream NcclCommunicator::begin(const std::vector<torch::Tensor>& 
   return stream_;
 }
 
+torch::Tensor NcclCommunicator::staged(const torch::Tensor& t) const {
+  return t.to(torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(device_)));
+}
+
 std::shared_ptr<Work> NcclCommunicator::all_reduce_async(const torch::Tensor& t, ReduceOp op) {
+  if (t.defined() && t.is_cpu()) {
+    auto on_device = staged(t);
+    all_reduce_async(on_device, op)->wait();
+    t.copy_(on_device);
+    return std::make_shared<CompletedWork>(t);
+  }
   check_cuda(t, device_, "all_reduce");
   const auto dtype = t.scalar_type();
   TORCH_CHECK(op != ReduceOp::Avg || torch::isFloatingType(dtype), "all_reduce with ",
@@ -172,6 +181,7 @@ std::shared_ptr<Work> NcclCommunicator::all_reduce_async(const torch::Tensor& t,
 }
 
 torch::Tensor NcclCommunicator::all_gather(const torch::Tensor& t) {
+  if (t.defined() && t.is_cpu()) return all_gather(staged(t)).cpu();
   check_cuda(t, device_, "all_gather");
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
   auto input = t.contiguous();
@@ -217,6 +227,12 @@ std::shared_ptr<Work> NcclCommunicator::all_to_all_async(const torch::Tensor& in
 }
 
 void NcclCommunicator::broadcast(const torch::Tensor& t, int root) {
+  if (t.defined() && t.is_cpu()) {
+    auto on_device = staged(t);
+    broadcast(on_device, root);
+    t.copy_(on_device);
+    return;
+  }
   check_cuda(t, device_, "broadcast");
   TORCH_CHECK(root >= 0 && root < size_, "broadcast root (", root, ") must be in [0, ", size_, ")");
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));

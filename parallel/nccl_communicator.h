@@ -39,7 +39,9 @@ namespace detail {
 /// stream that first waits for the caller's current stream; Work::wait() makes the current
 /// stream wait for the collective (it does not block the host), so compute queued after it is
 /// ordered correctly and compute queued before it overlaps the transfer. Sum, Max and Avg run
-/// natively in every float dtype (bfloat16 included); bool reduces as logical or.
+/// natively in every float dtype (bfloat16 included); bool reduces as logical or. CPU tensors
+/// (a trainer's scalars and statistics) are staged through the device and reduced, gathered or
+/// broadcast synchronously; all_to_all needs CUDA tensors.
 ///
 /// Example:
 ///   MpiRuntime mpi(&argc, &argv);
@@ -72,6 +74,8 @@ class NcclCommunicator : public Communicator {
   int device() const { return device_; }
 
  private:
+  /// A copy of a CPU tensor on this communicator's device.
+  torch::Tensor staged(const torch::Tensor& t) const;
   /// Makes the communication stream wait for the current stream; returns it.
   c10::cuda::CUDAStream begin(const std::vector<torch::Tensor>& tensors);
 

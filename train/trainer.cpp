@@ -1,9 +1,14 @@
 // The training loop. Every rank runs the same sequence of collectives; rank 0 writes files.
 #include "train/trainer.h"
 
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/version.h>
+
 #include <chrono>
 #include <cmath>
 #include <csignal>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
@@ -19,6 +24,9 @@
 #include "train/json.h"
 #include "train/sampler.h"
 #include "train/token_dataset.h"
+#ifdef GBMOE_WITH_CUDA_KERNELS
+#include "csrc_cuda/moe_kernels.h"
+#endif
 
 namespace gbmoe {
 namespace fs = std::filesystem;
@@ -69,9 +77,59 @@ torch::Tensor sum_over(Communicator& comm, torch::Tensor t) {
   return t;
 }
 
+// bf16 autocast on CUDA around forward passes (train.dtype bfloat16): parameters, gradients
+// and optimizer state stay fp32. Leaving drops autocast's cache of cast weights, which the
+// next optimizer step makes stale.
+class AutocastScope {
+ public:
+  explicit AutocastScope(bool enabled) : enabled_(enabled) {
+    if (enabled_) set(true);
+  }
+  ~AutocastScope() {
+    if (!enabled_) return;
+    set(false);
+    at::autocast::clear_cache();
+  }
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+
+ private:
+  static void set(bool on) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+    at::autocast::set_autocast_enabled(at::kCUDA, on);
+#else
+    at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
+    at::autocast::set_enabled(on);
+#endif
+  }
+  bool enabled_;
+};
+
+// The launcher's node-local rank (Open MPI, MPICH, Slurm, torchrun), else the world rank.
+int local_rank() {
+  for (const char* name :
+       {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK"}) {
+    if (const char* value = std::getenv(name)) return std::atoi(value);
+  }
+  return world_rank();
+}
+
 }  // namespace
 
 void request_stop() { g_stop_requested = 1; }
+
+torch::Device select_device(const Config& config) {
+  if (config.train.device != "cuda") return torch::Device(torch::kCPU);
+  TORCH_CHECK(torch::cuda::is_available(), "train.device (cuda) but no CUDA device is visible");
+  const int count = static_cast<int>(torch::cuda::device_count());
+  torch::Device device(torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank() % count));
+  c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->setDevice(device);
+#ifdef GBMOE_WITH_CUDA_KERNELS
+  cuda::register_kernels();
+#endif
+  return device;
+}
 
 BalanceOptions balance_options_from_config(const Config& config) {
   const auto& b = config.balance;
@@ -115,7 +173,7 @@ namespace {
 // Evaluates the validation batches: rank r takes batches r, r + R, ...; sums are all-reduced.
 EvalResult evaluate(LanguageModel& model, const std::vector<Batch>& batches,
                     const std::vector<std::string>& domains, Communicator& world,
-                    torch::Device device, int64_t step) {
+                    torch::Device device, bool autocast_bf16, int64_t step) {
   model->eval();
   torch::NoGradGuard no_grad;
   auto layers = model->moe_layers();
@@ -134,10 +192,14 @@ EvalResult evaluate(LanguageModel& model, const std::vector<Batch>& batches,
     }
     const auto& b = batches[i];
     auto mask = b.mask.to(device);
-    auto logits = model->forward(b.inputs.to(device), mask);
-    auto ce = torch::nn::functional::cross_entropy(
-        logits.flatten(0, 1), b.targets.to(device).flatten(),
-        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+    torch::Tensor ce;
+    {
+      AutocastScope autocast(autocast_bf16);
+      auto logits = model->forward(b.inputs.to(device), mask);
+      ce = torch::nn::functional::cross_entropy(
+          logits.flatten(0, 1), b.targets.to(device).flatten(),
+          torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+    }
     const int64_t d = b.domain[0].item<int64_t>();
     loss_sum[d] += ce.item<double>();
     tokens[d] += b.mask.sum().item<double>();
@@ -201,13 +263,10 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
               "parallel.expert_parallel (", config.parallel.expert_parallel,
               ") differs from the process groups' expert-parallel size (",
               groups.sizes.expert_parallel, "); build them from the config");
-  torch::Device device(torch::kCPU);
-  if (config.train.device == "cuda") {
-    TORCH_CHECK(torch::cuda::is_available(), "train.device (cuda) but no CUDA device is visible");
-    device = torch::Device(torch::kCUDA, 0);
-  }
+  const torch::Device device = select_device(config);
   TORCH_CHECK(config.train.dtype == "float32" || device.is_cuda(), "train.dtype (",
               config.train.dtype, ") needs train.device cuda; use float32 on the CPU");
+  const bool autocast_bf16 = config.train.dtype == "bfloat16";
 
   // Data.
   auto train_data = std::make_shared<TokenDataset>(TokenDataset::open(config.data.dir, "train"));
@@ -322,9 +381,13 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
     std::string bad_term;
     for (const auto& b : micro) {
       auto mask = b.mask.to(device);
-      auto logits = model->forward(b.inputs.to(device), mask);
-      auto ce = torch::nn::functional::cross_entropy(logits.flatten(0, 1),
-                                                     b.targets.to(device).flatten());
+      torch::Tensor ce;
+      {
+        AutocastScope autocast(autocast_bf16);
+        auto logits = model->forward(b.inputs.to(device), mask);
+        ce = torch::nn::functional::cross_entropy(logits.flatten(0, 1),
+                                                  b.targets.to(device).flatten());
+      }
       auto bal = balancer.micro_batch_loss();
       const double ce_v = ce.item<double>(), bal_v = bal.item<double>();
       if (finite && (!std::isfinite(ce_v) || !std::isfinite(bal_v))) {
@@ -408,7 +471,7 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
     const bool eval_now =
         config.train.eval_every > 0 && (done % config.train.eval_every == 0 || done == total_steps);
     if (eval_now) {
-      summary.eval = evaluate(model, val_batches, domains, world, device, done);
+      summary.eval = evaluate(model, val_batches, domains, world, device, autocast_bf16, done);
       if (rank0) append_line(metrics_path, eval_json(summary.eval));
       std::ostringstream e;
       e << std::fixed << std::setprecision(4) << "eval step " << done << " | val loss "

@@ -53,6 +53,16 @@ struct TrainSummary {
 ///   TrainSummary s = train(config, groups);
 TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t stop_after = -1);
 
+/// The device of this rank for config.train.device: the CPU, or cuda:(local rank mod visible
+/// GPUs) made current (and the CUDA kernels registered, where built), so that NCCL process
+/// groups and allocations land on it. Call before build_process_groups; train() calls it too.
+///
+/// Example:
+///   auto device = select_device(config);
+///   auto groups = build_process_groups(sizes, MPI_COMM_WORLD,
+///                                      device.is_cuda() ? Backend::Nccl : Backend::Mpi);
+torch::Device select_device(const Config& config);
+
 /// Asks a running train() to write a checkpoint and stop after the current step (what SIGTERM
 /// does). Async-signal-safe.
 void request_stop();

@@ -84,9 +84,24 @@ TEST_F(Nccl, AllGatherAllToAllBroadcastBarrier) {
   comm_->barrier();
 }
 
-TEST_F(Nccl, RejectsCpuTensorsByDevice) {
-  auto x = torch::ones({2});
-  expect_throw_with([&] { comm_->all_reduce(x); }, "needs tensors on cuda:");
+TEST_F(Nccl, StagesCpuTensorsThroughTheDevice) {
+  const int R = comm_->size(), me = comm_->rank();
+  auto x = torch::full({3}, 1.5, torch::kDouble);
+  comm_->all_reduce(x, ReduceOp::Sum);
+  EXPECT_TRUE(x.is_cpu());
+  EXPECT_TRUE(torch::equal(x, torch::full({3}, 1.5 * R, torch::kDouble)));
+  auto gathered = comm_->all_gather(torch::full({1}, me, torch::kLong));
+  EXPECT_TRUE(gathered.is_cpu());
+  EXPECT_TRUE(torch::equal(gathered, torch::arange(R, torch::kLong)));
+  auto b = torch::full({2}, me == 0 ? 7.0 : 0.0);
+  comm_->broadcast(b, 0);
+  EXPECT_TRUE(torch::equal(b, torch::full({2}, 7.0)));
+  expect_throw_with(
+      [&] {
+        comm_->all_to_all(torch::ones({R, 2}), std::vector<int64_t>(R, 1),
+                          std::vector<int64_t>(R, 1));
+      },
+      "needs tensors on cuda:");
 }
 
 TEST_F(Nccl, ProcessGroupsOnNccl) {

@@ -89,8 +89,11 @@ int main(int argc, char** argv) {
     gbmoe::TrainSummary summary;
     {
       const auto& b = config.balance;
-      auto groups = gbmoe::build_process_groups(gbmoe::ParallelSizes{
-          mpi.size(), config.parallel.expert_parallel, b.scope == "group" ? b.group_size : 0});
+      const auto device = gbmoe::select_device(config);  // before NCCL communicators are made
+      auto groups = gbmoe::build_process_groups(
+          gbmoe::ParallelSizes{mpi.size(), config.parallel.expert_parallel,
+                               b.scope == "group" ? b.group_size : 0},
+          MPI_COMM_WORLD, device.is_cuda() ? gbmoe::Backend::Nccl : gbmoe::Backend::Mpi);
       summary = gbmoe::train(config, groups);
     }
     print_summary(summary);
