@@ -27,7 +27,7 @@ bool mpi_running() {
     try {
       std::rethrow_exception(current);
     } catch (const std::exception& e) {
-      what = std::string("uncaught exception: ") + e.what();
+      what = "uncaught exception: " + error_message(e);
     } catch (...) {
       what = "uncaught exception of unknown type";
     }
@@ -74,11 +74,18 @@ void abort_job(const std::string& message) {
   std::_Exit(1);
 }
 
+std::string error_message(const std::exception& e) {
+  if (const auto* c10_error = dynamic_cast<const c10::Error*>(&e)) {
+    return c10_error->what_without_backtrace();
+  }
+  return e.what();
+}
+
 int run_distributed(const std::function<int()>& body) {
   try {
     return body();
   } catch (const std::exception& e) {
-    abort_job(e.what());
+    abort_job(error_message(e));
   } catch (...) {
     abort_job("exception of unknown type");
   }

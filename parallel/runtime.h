@@ -42,6 +42,9 @@ class MpiRuntime {
 /// This process's rank in MPI_COMM_WORLD, or 0 when MPI is not running.
 int world_rank();
 
+/// The message of an exception for a person: a LibTorch error without its C++ backtrace.
+std::string error_message(const std::exception& e);
+
 /// "[rank r] " for messages that every rank prints.
 std::string rank_prefix();
 

@@ -151,21 +151,42 @@ torch::Tensor full_tensor(const torch::Tensor& t, bool sharded, Communicator& ex
   return local.cpu().clone();
 }
 
-// Copies this rank's part of a stored full tensor into t (a shard: its block along dim 0).
-void copy_part(const torch::Tensor& full, const torch::Tensor& t, bool sharded,
-               const Communicator& expert_parallel, const std::string& key,
-               const std::string& path) {
+// Copies this rank's part of a stored full tensor into t (a shard: its block along dim 0 of P).
+void copy_part(const torch::Tensor& full, const torch::Tensor& t, bool sharded, int64_t P,
+               int64_t rank, const std::string& key, const std::string& path) {
   torch::Tensor part = full;
-  const int64_t P = expert_parallel.size();
   if (sharded && P > 1 && t.dim() > 0 && full.dim() == t.dim() && full.size(0) == P * t.size(0)) {
-    const auto shard = expert_shard(full.size(0), P, expert_parallel.rank());
+    const auto shard = expert_shard(full.size(0), P, rank);
     part = full.narrow(0, shard.first, shard.count);
   }
   TORCH_CHECK(part.sizes() == t.sizes(), "checkpoint ", path, ": ", key, " has shape ",
               full.sizes(), " but the model needs ", t.sizes(),
-              sharded ? c10::str(" (an expert shard of ", P, " ranks)") : std::string());
+              sharded && P > 1 ? c10::str(" (an expert shard of ", P, " ranks)") : std::string());
   torch::NoGradGuard no_grad;
   t.copy_(part);
+}
+
+torch::serialize::InputArchive open_state(const std::string& path) {
+  TORCH_CHECK(fs::exists(path), "checkpoint state ", path,
+              " does not exist (checkpoints of older builds held model.pt and optimizer.pt "
+              "instead and cannot be read)");
+  torch::serialize::InputArchive archive;
+  archive.load_from(path);
+  return archive;
+}
+
+// Reads the model's parameters and buffers; expert tensors (rule) are this rank's block of P.
+void read_model(torch::serialize::InputArchive& archive, const std::string& path,
+                torch::nn::Module& model, int64_t P, int64_t rank,
+                const ExpertParameterRule& rule) {
+  auto read = [&](const std::string& name, const torch::Tensor& into, bool buffer) {
+    torch::Tensor full;
+    TORCH_CHECK(archive.try_read("model/" + name, full, buffer), "checkpoint ", path,
+                " lacks model/", name);
+    copy_part(full, into, rule(name), P, rank, "model/" + name, path);
+  };
+  for (const auto& item : model.named_parameters()) read(item.key(), item.value(), false);
+  for (const auto& item : model.named_buffers()) read(item.key(), item.value(), true);
 }
 
 }  // namespace
@@ -200,22 +221,9 @@ torch::serialize::OutputArchive gather_training_state(torch::nn::Module& model,
 void load_training_state(const std::string& path, torch::nn::Module& model,
                          torch::optim::AdamW& optimizer, const Communicator& expert_parallel,
                          const ExpertParameterRule& rule) {
-  TORCH_CHECK(fs::exists(path), "checkpoint state ", path,
-              " does not exist (checkpoints of older builds held model.pt and optimizer.pt "
-              "instead and cannot be resumed)");
-  torch::serialize::InputArchive archive;
-  archive.load_from(path);
-  auto read = [&](const std::string& key, const torch::Tensor& into, bool sharded, bool buffer) {
-    torch::Tensor full;
-    TORCH_CHECK(archive.try_read(key, full, buffer), "checkpoint ", path, " lacks ", key);
-    copy_part(full, into, sharded, expert_parallel, key, path);
-  };
-  for (const auto& item : model.named_parameters()) {
-    read("model/" + item.key(), item.value(), rule(item.key()), false);
-  }
-  for (const auto& item : model.named_buffers()) {
-    read("model/" + item.key(), item.value(), rule(item.key()), true);
-  }
+  auto archive = open_state(path);
+  const int64_t P = expert_parallel.size(), rank = expert_parallel.rank();
+  read_model(archive, path, model, P, rank, rule);
   for (const auto& item : model.named_parameters()) {
     const auto& p = item.value();
     const std::string prefix = "adamw/" + item.key() + "/";
@@ -227,10 +235,15 @@ void load_training_state(const std::string& path, torch::nn::Module& model,
       torch::Tensor full;
       if (!archive.try_read(prefix + suffix, full, /*is_buffer=*/true)) continue;
       *tensor = torch::empty_like(p, torch::MemoryFormat::Contiguous);
-      copy_part(full, *tensor, rule(item.key()), expert_parallel, prefix + suffix, path);
+      copy_part(full, *tensor, rule(item.key()), P, rank, prefix + suffix, path);
     }
     optimizer.state()[p.unsafeGetTensorImpl()] = std::move(st);
   }
+}
+
+void load_model_state(const std::string& path, torch::nn::Module& model) {
+  auto archive = open_state(path);
+  read_model(archive, path, model, 1, 0, is_expert_parameter);
 }
 
 }  // namespace gbmoe

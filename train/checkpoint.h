@@ -65,4 +65,12 @@ void load_training_state(const std::string& path, torch::nn::Module& model,
                          torch::optim::AdamW& optimizer, const Communicator& expert_parallel,
                          const ExpertParameterRule& rule = is_expert_parameter);
 
+/// Loads only the model (all experts, as on one process) from what gather_training_state saved:
+/// for analysis and inference. Mismatched names or shapes fail naming the tensor and the file.
+///
+/// Example:
+///   LanguageModel model(options);
+///   load_model_state(checkpoint_dir + "/state.pt", *model);
+void load_model_state(const std::string& path, torch::nn::Module& model);
+
 }  // namespace gbmoe

@@ -7,6 +7,7 @@
 #include <iomanip>
 #include <iostream>
 
+#include "parallel/runtime.h"
 #include "train/analysis.h"
 #include "train/checkpoint.h"
 #include "train/cli_flags.h"
@@ -122,7 +123,7 @@ int main(int argc, char** argv) {
     if (!args.data.empty()) config.data.dir = args.data;
     if (args.val_batches > 0) config.data.val_batches_per_domain = args.val_batches;
   } catch (const std::exception& e) {
-    std::cerr << "gbmoe-analyze: " << e.what() << "\n";
+    std::cerr << "gbmoe-analyze: " << gbmoe::error_message(e) << "\n";
     return 2;
   }
   try {
@@ -130,7 +131,7 @@ int main(int argc, char** argv) {
     auto val = gbmoe::TokenDataset::open(config.data.dir, "val");
     const int64_t vocab = config.model.vocab_size > 0 ? config.model.vocab_size : val.vocab_size();
     gbmoe::LanguageModel model(gbmoe::model_options_from_config(config, vocab));
-    torch::load(model, args.checkpoint + "/model.pt");
+    gbmoe::load_model_state(args.checkpoint + "/state.pt", *model);
     auto batches = gbmoe::validation_batches(val, config.data.seq_len, config.data.micro_batch_size,
                                              config.data.val_batches_per_domain);
     const auto analysis = gbmoe::analyze_routing(model, batches, val.domain_names());
@@ -141,7 +142,7 @@ int main(int argc, char** argv) {
     write_file(fs::path(args.output) / "layers.csv", gbmoe::layers_csv(analysis));
     print_summary(analysis, step, args.output);
   } catch (const std::exception& e) {
-    std::cerr << "gbmoe-analyze: " << e.what() << "\n";
+    std::cerr << "gbmoe-analyze: " << gbmoe::error_message(e) << "\n";
     return 1;
   }
   return 0;

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <iostream>
 
+#include "parallel/runtime.h"
 #include "train/cli_flags.h"
 #include "train/data.h"
 
@@ -67,10 +68,8 @@ int main(int argc, char** argv) {
     return 0;
   } catch (const cxxopts::exceptions::exception& e) {
     std::cerr << "gbmoe-data: " << e.what() << " (see --help)" << std::endl;
-  } catch (const c10::Error& e) {
-    std::cerr << "gbmoe-data: " << e.what_without_backtrace() << std::endl;
   } catch (const std::exception& e) {
-    std::cerr << "gbmoe-data: " << e.what() << std::endl;
+    std::cerr << "gbmoe-data: " << gbmoe::error_message(e) << std::endl;
   }
   return 1;
 }

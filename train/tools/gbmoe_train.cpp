@@ -79,7 +79,7 @@ int main(int argc, char** argv) {
       if (args.count("set")) config.apply_overrides(args["set"].as<std::vector<std::string>>());
       config.validate_for_world(mpi.size());
     } catch (const std::exception& e) {
-      if (mpi.rank() == 0) std::cerr << "gbmoe-train: " << e.what() << "\n";
+      if (mpi.rank() == 0) std::cerr << "gbmoe-train: " << gbmoe::error_message(e) << "\n";
       return 2;
     }
     if (args.count("print-config")) {
