@@ -2,6 +2,8 @@
 // custom autograd function so the graph holds one node for all experts.
 #include "moe/experts.h"
 
+#include <ATen/Parallel.h>
+
 #include <vector>
 
 namespace gbmoe {
@@ -23,29 +25,69 @@ std::vector<int64_t> group_offsets(const torch::Tensor& group_sizes, int64_t num
   return offsets;
 }
 
-// y_e = silu(x_e Wg_e) * (x_e Wu_e) Wd_e for each contiguous block e of rows.
+// Runs fn(e) once for every expert that has rows. With parallel set and more than one intra-op
+// thread, experts holding at least a thread's share of the rows run one after another (their
+// matrix multiplies use every thread), and the smaller ones run concurrently: the threads split
+// them into contiguous runs of about equal row counts and each multiply runs single-threaded.
+// Small per-expert multiplies gain more from this than from threading inside each of them.
+template <typename Fn>
+void for_each_expert(const std::vector<int64_t>& offsets, bool parallel, const Fn& fn) {
+  const int64_t E = static_cast<int64_t>(offsets.size()) - 1, N = offsets[E];
+  const int64_t threads = parallel && !at::in_parallel_region() ? at::get_num_threads() : 1;
+  std::vector<int64_t> small;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = offsets[e + 1] - offsets[e];
+    if (n == 0) continue;
+    if (threads == 1 || n * threads >= N) {
+      fn(e);
+    } else {
+      small.push_back(e);
+    }
+  }
+  if (small.empty()) return;
+  int64_t small_rows = 0;
+  for (int64_t e : small) small_rows += offsets[e + 1] - offsets[e];
+  // Thread t takes the experts whose first row (counted over the small experts) falls in the
+  // t-th equal share of their rows.
+  std::vector<size_t> first(threads + 1, small.size());
+  int64_t seen = 0;
+  for (size_t i = 0, t = 0; i < small.size(); ++i) {
+    while (t < static_cast<size_t>(threads) && seen * threads >= small_rows * int64_t(t)) {
+      first[t++] = i;
+    }
+    seen += offsets[small[i] + 1] - offsets[small[i]];
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    torch::NoGradGuard no_grad;  // grad mode is thread-local: the workers start with it on
+    for (int64_t t = begin; t < end; ++t) {
+      for (size_t i = first[t]; i < first[t + 1]; ++i) fn(small[i]);
+    }
+  });
+}
+
+// y_e = silu(x_e Wg_e) * (x_e Wu_e) Wd_e for each contiguous block e of rows. Each expert's
+// element-wise work runs right after its multiply, on rows still in cache.
 class GroupedSwiGLUFunction : public torch::autograd::Function<GroupedSwiGLUFunction> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x_ND,
                                const torch::Tensor& gate_up_EDH, const torch::Tensor& down_EFD,
-                               std::vector<int64_t> offsets) {
+                               std::vector<int64_t> offsets, bool parallel) {
     const int64_t N = x_ND.size(0), D = x_ND.size(1), F = down_EFD.size(1);
-    const int64_t E = gate_up_EDH.size(0);
     auto h_NH = torch::empty({N, 2 * F}, x_ND.options());
-    for (int64_t e = 0; e < E; ++e) {
-      if (offsets[e + 1] == offsets[e]) continue;
-      auto rows = h_NH.narrow(0, offsets[e], offsets[e + 1] - offsets[e]);
-      torch::mm_out(rows, x_ND.narrow(0, offsets[e], offsets[e + 1] - offsets[e]), gate_up_EDH[e]);
-    }
-    auto act_NF = torch::silu(h_NH.narrow(1, 0, F)).mul_(h_NH.narrow(1, F, F));
+    auto act_NF = torch::empty({N, F}, x_ND.options());
     auto y_ND = torch::empty({N, D}, x_ND.options());
-    for (int64_t e = 0; e < E; ++e) {
-      if (offsets[e + 1] == offsets[e]) continue;
-      auto rows = y_ND.narrow(0, offsets[e], offsets[e + 1] - offsets[e]);
-      torch::mm_out(rows, act_NF.narrow(0, offsets[e], offsets[e + 1] - offsets[e]), down_EFD[e]);
-    }
+    for_each_expert(offsets, parallel, [&](int64_t e) {
+      const int64_t o = offsets[e], n = offsets[e + 1] - o;
+      auto h = h_NH.narrow(0, o, n);
+      auto act = act_NF.narrow(0, o, n);
+      auto y = y_ND.narrow(0, o, n);
+      torch::mm_out(h, x_ND.narrow(0, o, n), gate_up_EDH[e]);
+      torch::silu_out(act, h.narrow(1, 0, F)).mul_(h.narrow(1, F, F));
+      torch::mm_out(y, act, down_EFD[e]);
+    });
     ctx->save_for_backward({x_ND, gate_up_EDH, down_EFD, h_NH});
     ctx->saved_data["offsets"] = c10::List<int64_t>(offsets);
+    ctx->saved_data["parallel"] = parallel;
     return y_ND;
   }
 
@@ -54,53 +96,44 @@ class GroupedSwiGLUFunction : public torch::autograd::Function<GroupedSwiGLUFunc
     auto saved = ctx->get_saved_variables();
     auto x_ND = saved[0], gate_up_EDH = saved[1], down_EFD = saved[2], h_NH = saved[3];
     auto offsets = ctx->saved_data["offsets"].toIntVector();
+    const bool parallel = ctx->saved_data["parallel"].toBool();
     auto dy_ND = grads[0].contiguous();
     const int64_t E = gate_up_EDH.size(0), F = down_EFD.size(1);
     const int64_t N = x_ND.size(0);
 
-    auto gate_NF = h_NH.narrow(1, 0, F);
-    auto up_NF = h_NH.narrow(1, F, F);
-    // Large fresh buffers cost page faults on the CPU: reuse them in place where the order allows.
-    auto silu_NF = torch::silu(gate_NF);
+    // Large fresh buffers cost page faults on the CPU: one of each, sliced per expert.
+    auto act_NF = torch::empty({N, F}, dy_ND.options());
     auto dact_NF = torch::empty({N, F}, dy_ND.options());
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t n = offsets[e + 1] - offsets[e];
-      if (n == 0) continue;
-      auto dact = dact_NF.narrow(0, offsets[e], n);
-      torch::mm_out(dact, dy_ND.narrow(0, offsets[e], n), down_EFD[e].t());
-    }
     auto dh_NH = torch::empty({N, 2 * F}, dy_ND.options());
-    auto dgate_NF = dh_NH.narrow(1, 0, F);
-    auto dup_NF = dh_NH.narrow(1, F, F);
-    torch::mul_out(dup_NF, dact_NF, silu_NF);  // dup = dact * silu(gate)
-    auto act_NF = silu_NF.mul_(up_NF);         // act = silu(gate) * up, as in forward
-    auto ddown = torch::empty_like(down_EFD);
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t n = offsets[e + 1] - offsets[e];
-      auto ddown_e = ddown[e];
-      if (n == 0) {
-        ddown_e.zero_();  // an expert without rows gets an exact zero gradient
-        continue;
-      }
-      torch::mm_out(ddown_e, act_NF.narrow(0, offsets[e], n).t(), dy_ND.narrow(0, offsets[e], n));
-    }
-    torch::silu_backward_out(dgate_NF, dact_NF.mul_(up_NF), gate_NF);  // dgate = silu'(g) dact up
-
     auto dx_ND = torch::empty_like(x_ND);
     auto dgate_up = torch::empty_like(gate_up_EDH);
+    auto ddown = torch::empty_like(down_EFD);
     for (int64_t e = 0; e < E; ++e) {
-      const int64_t n = offsets[e + 1] - offsets[e];
-      if (n == 0) {
-        dgate_up[e].zero_();
-        continue;
-      }
-      auto dh = dh_NH.narrow(0, offsets[e], n);
-      auto dx = dx_ND.narrow(0, offsets[e], n);
+      if (offsets[e + 1] > offsets[e]) continue;
+      dgate_up[e].zero_();  // an expert without rows gets an exact zero gradient
+      ddown[e].zero_();
+    }
+    for_each_expert(offsets, parallel, [&](int64_t e) {
+      const int64_t o = offsets[e], n = offsets[e + 1] - o;
+      auto x = x_ND.narrow(0, o, n), dy = dy_ND.narrow(0, o, n);
+      auto gate = h_NH.narrow(0, o, n).narrow(1, 0, F);
+      auto up = h_NH.narrow(0, o, n).narrow(1, F, F);
+      auto dh = dh_NH.narrow(0, o, n);
+      auto dgate = dh.narrow(1, 0, F), dup = dh.narrow(1, F, F);
+      auto dact = dact_NF.narrow(0, o, n), act = act_NF.narrow(0, o, n);
+      auto dx = dx_ND.narrow(0, o, n);
+      torch::mm_out(dact, dy, down_EFD[e].t());
+      torch::silu_out(act, gate);
+      torch::mul_out(dup, dact, act);  // dup = dact * silu(gate)
+      act.mul_(up);                    // act = silu(gate) * up, as in forward
+      auto ddown_e = ddown[e];
+      torch::mm_out(ddown_e, act.t(), dy);
+      torch::silu_backward_out(dgate, dact.mul_(up), gate);  // dgate = silu'(g) dact up
       auto dgate_up_e = dgate_up[e];
       torch::mm_out(dx, dh, gate_up_EDH[e].t());
-      torch::mm_out(dgate_up_e, x_ND.narrow(0, offsets[e], n).t(), dh);
-    }
-    return {dx_ND, dgate_up, ddown, torch::Tensor()};
+      torch::mm_out(dgate_up_e, x.t(), dh);
+    });
+    return {dx_ND, dgate_up, ddown, torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -144,7 +177,8 @@ torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& tokens,
   auto offsets = group_offsets(group_sizes, options.num_experts(), tokens.size(0));
   auto w1 = gate_up.to(tokens.scalar_type());
   auto w2 = down.to(tokens.scalar_type());
-  return GroupedSwiGLUFunction::apply(tokens.contiguous(), w1, w2, std::move(offsets));
+  return GroupedSwiGLUFunction::apply(tokens.contiguous(), w1, w2, std::move(offsets),
+                                      options.parallel_experts() && tokens.is_cpu());
 }
 
 void GroupedExpertsImpl::keep_experts(int64_t first, int64_t count) {
