@@ -78,10 +78,20 @@ struct SortedAssignments {
 SortedAssignments sort_assignments(const RoutingResult& routing, int64_t num_experts,
                                    const DispatcherOptions& options);
 
+/// x_TD.index_select(0, token_index): the rows each dispatcher sends. On the CPU in fp32 and fp64
+/// its backward sums each token's rows in one pass (no zero fill and scatter-add over (T, D)).
+torch::Tensor gather_rows(const torch::Tensor& x_TD, const torch::Tensor& token_index);
+
 /// out (T, D) = sum over rows n of weights[n] * rows_ND[n] added into row token_index[n]: the
-/// weighted sum every dispatcher's combine ends with.
+/// weighted sum every dispatcher's combine ends with. fp32 and fp64 CPU tensors take a fused
+/// path (one pass forward, one backward); others compute combine_rows_reference.
 torch::Tensor combine_rows(const torch::Tensor& rows_ND, const torch::Tensor& token_index,
                            const torch::Tensor& weights, int64_t num_tokens);
+
+/// combine_rows written with plain autograd ops (multiply, index_add): the reference the fused
+/// path is tested against.
+torch::Tensor combine_rows_reference(const torch::Tensor& rows_ND, const torch::Tensor& token_index,
+                                     const torch::Tensor& weights, int64_t num_tokens);
 
 /// Dispatcher for experts that all live in this process.
 ///
