@@ -4,6 +4,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <atomic>
 #include <vector>
 
 namespace gbmoe {
@@ -27,41 +29,30 @@ std::vector<int64_t> group_offsets(const torch::Tensor& group_sizes, int64_t num
 
 // Runs fn(e) once for every expert that has rows. With parallel set and more than one intra-op
 // thread, experts holding at least a thread's share of the rows run one after another (their
-// matrix multiplies use every thread), and the smaller ones run concurrently: the threads split
-// them into contiguous runs of about equal row counts and each multiply runs single-threaded.
-// Small per-expert multiplies gain more from this than from threading inside each of them.
+// matrix multiplies use every thread), and the smaller ones run concurrently, each multiply
+// single-threaded: small per-expert multiplies gain more from this than from threading inside
+// each of them. Threads take the next expert as they finish, largest first, so uneven experts
+// or a busy core do not leave one thread waiting on the other.
 template <typename Fn>
 void for_each_expert(const std::vector<int64_t>& offsets, bool parallel, const Fn& fn) {
   const int64_t E = static_cast<int64_t>(offsets.size()) - 1, N = offsets[E];
   const int64_t threads = parallel && !at::in_parallel_region() ? at::get_num_threads() : 1;
+  auto rows = [&](int64_t e) { return offsets[e + 1] - offsets[e]; };
   std::vector<int64_t> small;
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = offsets[e + 1] - offsets[e];
-    if (n == 0) continue;
-    if (threads == 1 || n * threads >= N) {
+    if (rows(e) == 0) continue;
+    if (threads == 1 || rows(e) * threads >= N) {
       fn(e);
     } else {
       small.push_back(e);
     }
   }
-  if (small.empty()) return;
-  int64_t small_rows = 0;
-  for (int64_t e : small) small_rows += offsets[e + 1] - offsets[e];
-  // Thread t takes the experts whose first row (counted over the small experts) falls in the
-  // t-th equal share of their rows.
-  std::vector<size_t> first(threads + 1, small.size());
-  int64_t seen = 0;
-  for (size_t i = 0, t = 0; i < small.size(); ++i) {
-    while (t < static_cast<size_t>(threads) && seen * threads >= small_rows * int64_t(t)) {
-      first[t++] = i;
-    }
-    seen += offsets[small[i] + 1] - offsets[small[i]];
-  }
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+  std::stable_sort(small.begin(), small.end(),
+                   [&](int64_t a, int64_t b) { return rows(a) > rows(b); });
+  std::atomic<size_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     torch::NoGradGuard no_grad;  // grad mode is thread-local: the workers start with it on
-    for (int64_t t = begin; t < end; ++t) {
-      for (size_t i = first[t]; i < first[t + 1]; ++i) fn(small[i]);
-    }
+    for (size_t i = next++; i < small.size(); i = next++) fn(small[i]);
   });
 }
 
