@@ -96,7 +96,7 @@ Dispatched LocalDispatcher::dispatch(const torch::Tensor& x, const RoutingResult
               x.sizes());
   auto sorted = sort_assignments(routing, num_experts_, options_);
   Dispatched d;
-  d.tokens = gather_rows(x, sorted.token_index);
+  d.tokens = x.index_select(0, sorted.token_index);
   d.group_sizes = sorted.counts.cpu();
   d.token_index = sorted.token_index;
   d.weights = sorted.weights;
@@ -140,14 +140,13 @@ RowsByToken rows_by_token(const torch::Tensor& token_index, int64_t num_tokens) 
   return out;
 }
 
-// out_TD[t] = sum over the rows n of token t of weights[n] * rows_ND[n], in one pass per token;
-// without weights (undefined tensor) every weight is 1.
+// out_TD[t] = sum over the rows n of token t of weights[n] * rows_ND[n], in one pass per token.
 template <typename scalar_t>
 void weighted_sum_by_token(const torch::Tensor& rows_ND, const torch::Tensor& weights_N,
                            const RowsByToken& by_token, torch::Tensor& out_TD) {
   const int64_t D = rows_ND.size(1), T = out_TD.size(0);
   const scalar_t* rows = rows_ND.data_ptr<scalar_t>();
-  const scalar_t* w = weights_N.defined() ? weights_N.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* w = weights_N.data_ptr<scalar_t>();
   scalar_t* out = out_TD.data_ptr<scalar_t>();
   at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -155,7 +154,7 @@ void weighted_sum_by_token(const torch::Tensor& rows_ND, const torch::Tensor& we
       std::fill(o, o + D, scalar_t(0));
       for (int64_t j = by_token.starts[t]; j < by_token.starts[t + 1]; ++j) {
         const int64_t n = by_token.rows[j];
-        const scalar_t wn = w ? w[n] : scalar_t(1);
+        const scalar_t wn = w[n];
         const scalar_t* r = rows + n * D;
         for (int64_t d = 0; d < D; ++d) o[d] += wn * r[d];
       }
@@ -236,44 +235,12 @@ class WeightedCombineFunction : public torch::autograd::Function<WeightedCombine
   }
 };
 
-// x_TD.index_select(0, token_index) whose backward sums each token's rows in one pass instead
-// of zero-filling (T, D) and scatter-adding into it.
-class GatherRowsFunction : public torch::autograd::Function<GatherRowsFunction> {
- public:
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x_TD,
-                               const torch::Tensor& token_index) {
-    auto tokens = token_index.to(torch::kLong).contiguous();
-    ctx->save_for_backward({tokens});
-    ctx->saved_data["num_tokens"] = x_TD.size(0);
-    return x_TD.index_select(0, tokens);
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    auto tokens = ctx->get_saved_variables()[0];
-    const int64_t T = ctx->saved_data["num_tokens"].toInt();
-    auto drows_ND = grads[0].contiguous();
-    const auto by_token = rows_by_token(tokens, T);
-    auto dx_TD = torch::empty({T, drows_ND.size(1)}, drows_ND.options());
-    AT_DISPATCH_FLOATING_TYPES(drows_ND.scalar_type(), "gather_rows_backward", [&] {
-      weighted_sum_by_token<scalar_t>(drows_ND, torch::Tensor(), by_token, dx_TD);
-    });
-    return {dx_TD, torch::Tensor()};
-  }
-};
-
 bool use_fused_path(const torch::Tensor& rows) {
   return rows.is_cpu() &&
          (rows.scalar_type() == torch::kFloat || rows.scalar_type() == torch::kDouble);
 }
 
 }  // namespace
-
-torch::Tensor gather_rows(const torch::Tensor& x_TD, const torch::Tensor& token_index) {
-  TORCH_CHECK(x_TD.dim() == 2, "gather_rows input must be (T, D), got ", x_TD.sizes());
-  if (use_fused_path(x_TD)) return GatherRowsFunction::apply(x_TD, token_index);
-  return x_TD.index_select(0, token_index);
-}
 
 torch::Tensor combine_rows(const torch::Tensor& rows_ND, const torch::Tensor& token_index,
                            const torch::Tensor& weights, int64_t num_tokens) {

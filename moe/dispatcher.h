@@ -78,10 +78,6 @@ struct SortedAssignments {
 SortedAssignments sort_assignments(const RoutingResult& routing, int64_t num_experts,
                                    const DispatcherOptions& options);
 
-/// x_TD.index_select(0, token_index): the rows each dispatcher sends. On the CPU in fp32 and fp64
-/// its backward sums each token's rows in one pass (no zero fill and scatter-add over (T, D)).
-torch::Tensor gather_rows(const torch::Tensor& x_TD, const torch::Tensor& token_index);
-
 /// out (T, D) = sum over rows n of weights[n] * rows_ND[n] added into row token_index[n]: the
 /// weighted sum every dispatcher's combine ends with. fp32 and fp64 CPU tensors take a fused
 /// path (one pass forward, one backward); others compute combine_rows_reference.

@@ -108,7 +108,7 @@ TEST(LocalDispatcher, GradientsReachInputsAndWeights) {
   EXPECT_TRUE(torch::allclose(w.grad(), 2 * x.detach().sum(1, true).expand({6, 2}), 1e-5, 1e-6));
 }
 
-// The fused CPU paths of gather_rows and combine_rows, run with one and two threads: 400 rows
+// The fused CPU path of combine_rows, run with one and two threads: 400 rows
 // sent to 150 tokens in no particular order; tokens 3 and 7 receive none.
 class FusedRowsCase : public ::testing::TestWithParam<int> {
  protected:
@@ -135,17 +135,6 @@ TEST_P(FusedRowsCase, CombineMatchesReferenceInOutputAndGradients) {
   EXPECT_LT(max_rel_diff(g[1], g_ref[1]), 1e-12);
   EXPECT_EQ(y[3].abs().max().item<double>(), 0.0);
   EXPECT_EQ(y[7].abs().max().item<double>(), 0.0);
-}
-
-TEST_P(FusedRowsCase, GatherBackwardSumsEachTokensRows) {
-  auto x = torch::randn({T, D}, torch::kDouble).requires_grad_();
-  auto drows = torch::randn({N, D}, torch::kDouble);
-  auto rows = gather_rows(x, tokens);
-  EXPECT_TRUE(torch::equal(rows, x.index_select(0, tokens)));
-  auto dx = torch::autograd::grad({rows}, {x}, {drows})[0];
-  auto dx_ref = torch::autograd::grad({x.index_select(0, tokens)}, {x}, {drows})[0];
-  EXPECT_LT(max_rel_diff(dx, dx_ref), 1e-12);
-  EXPECT_EQ(dx[3].abs().max().item<double>(), 0.0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Threads, FusedRowsCase, ::testing::Values(1, 2));
