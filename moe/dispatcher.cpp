@@ -1,9 +1,14 @@
 // Local token dispatch: sort assignments by expert, apply capacity, gather, weighted scatter-add.
 #include "moe/dispatcher.h"
 
-#include "moe/kernels.h"
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
 #include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "moe/kernels.h"
 
 namespace gbmoe {
 
@@ -136,8 +141,145 @@ torch::Tensor LocalDispatcher::combine(const torch::Tensor& expert_out,
     const auto& rows_TK = *std::static_pointer_cast<torch::Tensor>(dispatched.state);
     return kernels->unpermute(expert_out, dispatched.weights, dispatched.token_index, rows_TK);
   }
-  return unpermute_reference(expert_out, dispatched.weights, dispatched.token_index,
-                             dispatched.num_tokens);
+  return combine_rows(expert_out, dispatched.token_index, dispatched.weights,
+                      dispatched.num_tokens);
+}
+
+namespace {
+
+// The rows each token receives: rows[starts[t] .. starts[t + 1]) in increasing order. A counting
+// sort of token_index, so a token's sum can be computed by one thread without write conflicts.
+struct RowsByToken {
+  std::vector<int64_t> starts, rows;
+};
+
+RowsByToken rows_by_token(const torch::Tensor& token_index, int64_t num_tokens) {
+  auto idx = token_index.to(torch::kLong).contiguous();
+  const int64_t* tok = idx.data_ptr<int64_t>();
+  const int64_t N = idx.numel();
+  RowsByToken out;
+  out.starts.assign(num_tokens + 1, 0);
+  out.rows.resize(N);
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(tok[i] >= 0 && tok[i] < num_tokens, "token_index[", i, "] (", tok[i],
+                ") must be in [0, ", num_tokens, ")");
+    ++out.starts[tok[i] + 1];
+  }
+  std::partial_sum(out.starts.begin(), out.starts.end(), out.starts.begin());
+  std::vector<int64_t> next(out.starts.begin(), out.starts.end() - 1);
+  for (int64_t i = 0; i < N; ++i) out.rows[next[tok[i]]++] = i;
+  return out;
+}
+
+// out_TD[t] = sum over the rows n of token t of weights[n] * rows_ND[n], in one pass per token.
+template <typename scalar_t>
+void weighted_sum_by_token(const torch::Tensor& rows_ND, const torch::Tensor& weights_N,
+                           const RowsByToken& by_token, torch::Tensor& out_TD) {
+  const int64_t D = rows_ND.size(1), T = out_TD.size(0);
+  const scalar_t* rows = rows_ND.data_ptr<scalar_t>();
+  const scalar_t* w = weights_N.data_ptr<scalar_t>();
+  scalar_t* out = out_TD.data_ptr<scalar_t>();
+  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      scalar_t* o = out + t * D;
+      std::fill(o, o + D, scalar_t(0));
+      for (int64_t j = by_token.starts[t]; j < by_token.starts[t + 1]; ++j) {
+        const int64_t n = by_token.rows[j];
+        const scalar_t wn = w[n];
+        const scalar_t* r = rows + n * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += wn * r[d];
+      }
+    }
+  });
+}
+
+// <a, b> over D entries with eight partial sums, so the compiler can vectorize the loop (a single
+// running sum fixes the order of the additions and keeps it scalar).
+template <typename scalar_t>
+scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t D) {
+  constexpr int64_t kLanes = 8;
+  scalar_t partial[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) partial[j] += a[d + j] * b[d + j];
+  }
+  scalar_t sum = 0;
+  for (int64_t j = 0; j < kLanes; ++j) sum += partial[j];
+  for (; d < D; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+// The backward of weighted_sum_by_token, one pass per row:
+// drows[n] = weights[n] * dout[token n], dweights[n] = <dout[token n], rows[n]>.
+template <typename scalar_t>
+void weighted_sum_backward(const torch::Tensor& dout_TD, const torch::Tensor& rows_ND,
+                           const torch::Tensor& weights_N, const torch::Tensor& token_index,
+                           torch::Tensor& drows_ND, torch::Tensor& dweights_N) {
+  const int64_t N = rows_ND.size(0), D = rows_ND.size(1);
+  const scalar_t* dout = dout_TD.data_ptr<scalar_t>();
+  const scalar_t* rows = rows_ND.data_ptr<scalar_t>();
+  const scalar_t* w = weights_N.data_ptr<scalar_t>();
+  const int64_t* tok = token_index.data_ptr<int64_t>();
+  scalar_t* drows = drows_ND.data_ptr<scalar_t>();
+  scalar_t* dw = dweights_N.data_ptr<scalar_t>();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const scalar_t* g = dout + tok[n] * D;
+      const scalar_t* r = rows + n * D;
+      scalar_t* dr = drows + n * D;
+      for (int64_t d = 0; d < D; ++d) dr[d] = w[n] * g[d];
+      dw[n] = dot(g, r, D);
+    }
+  });
+}
+
+// combine_rows on the CPU for fp32 and fp64: the weighting, the scatter-add and their
+// backward each in one pass, instead of a multiply, a zero fill, an index_add and, backward,
+// an index_select, two multiplies and a row sum over (N, D) tensors.
+class WeightedCombineFunction : public torch::autograd::Function<WeightedCombineFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& rows_ND,
+                               const torch::Tensor& weights_N, const torch::Tensor& token_index,
+                               int64_t num_tokens) {
+    auto rows = rows_ND.contiguous(), weights = weights_N.contiguous();
+    auto tokens = token_index.to(torch::kLong).contiguous();
+    const auto by_token = rows_by_token(tokens, num_tokens);
+    auto out_TD = torch::empty({num_tokens, rows.size(1)}, rows.options());
+    AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "combine_rows", [&] {
+      weighted_sum_by_token<scalar_t>(rows, weights, by_token, out_TD);
+    });
+    ctx->save_for_backward({rows, weights, tokens});
+    return out_TD;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto rows = saved[0], weights = saved[1], tokens = saved[2];
+    auto dout_TD = grads[0].contiguous();
+    auto drows_ND = torch::empty_like(rows);
+    auto dweights_N = torch::empty_like(weights);
+    AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "combine_rows_backward", [&] {
+      weighted_sum_backward<scalar_t>(dout_TD, rows, weights, tokens, drows_ND, dweights_N);
+    });
+    return {drows_ND, dweights_N, torch::Tensor(), torch::Tensor()};
+  }
+};
+
+bool use_fused_path(const torch::Tensor& rows) {
+  return rows.is_cpu() &&
+         (rows.scalar_type() == torch::kFloat || rows.scalar_type() == torch::kDouble);
+}
+
+}  // namespace
+
+torch::Tensor combine_rows(const torch::Tensor& rows_ND, const torch::Tensor& token_index,
+                           const torch::Tensor& weights, int64_t num_tokens) {
+  auto weights_N = weights.to(rows_ND.scalar_type());
+  if (use_fused_path(rows_ND)) {
+    return WeightedCombineFunction::apply(rows_ND, weights_N, token_index, num_tokens);
+  }
+  return unpermute_reference(rows_ND, weights_N, token_index, num_tokens);
 }
 
 }  // namespace gbmoe

@@ -82,11 +82,18 @@ SortedAssignments sort_assignments(const RoutingResult& routing, int64_t num_exp
 /// out[n] = x[token_index[n]]: the plain LibTorch permutation (reference of the fused kernel).
 torch::Tensor permute_reference(const torch::Tensor& x_TD, const torch::Tensor& token_index_N);
 
-/// y[t] = sum of weights[n] * expert_out[n] over the rows n of token t, (num_tokens, D): the
-/// plain LibTorch weighted combine (reference of the fused kernel).
+/// y[t] = sum of weights[n] * expert_out[n] over the rows n of token t, (num_tokens, D), with
+/// plain autograd ops (multiply, index_add): the reference of the fused CPU path and of the
+/// CUDA kernel.
 torch::Tensor unpermute_reference(const torch::Tensor& expert_out_ND,
                                   const torch::Tensor& weights_N,
                                   const torch::Tensor& token_index_N, int64_t num_tokens);
+
+/// The same weighted sum, as every dispatcher's combine ends with it: fp32 and fp64 CPU
+/// tensors take a fused path (one pass forward, one backward); others compute
+/// unpermute_reference.
+torch::Tensor combine_rows(const torch::Tensor& rows_ND, const torch::Tensor& token_index,
+                           const torch::Tensor& weights, int64_t num_tokens);
 
 /// Dispatcher for experts that all live in this process.
 ///

@@ -2,8 +2,11 @@
 // custom autograd function so the graph holds one node for all experts.
 #include "moe/experts.h"
 
+#include <ATen/Parallel.h>
 #include <torch/version.h>
 
+#include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "moe/kernels.h"
@@ -32,65 +35,58 @@ std::vector<int64_t> group_offsets(const torch::Tensor& group_sizes, int64_t num
   return offsets;
 }
 
-// The row blocks of the experts: host offsets for the per-expert loop, and the block ends on
-// the device when the grouped GEMM runs.
-struct ExpertBlocks {
-  std::vector<int64_t> offsets;  // (E + 1): block e is rows [offsets[e], offsets[e + 1])
-  torch::Tensor ends;            // (E,) int32 on the rows' device; undefined = per-expert loop
-};
-
-// out_e = a_e b[e] for each block e of rows: (N, K) x (E, K, M) -> (N, M).
-torch::Tensor blocks_mm(const torch::Tensor& a_NK, const torch::Tensor& b_EKM,
-                        const ExpertBlocks& blocks) {
-#ifdef GBMOE_HAS_GROUPED_MM
-  if (blocks.ends.defined()) return at::_grouped_mm(a_NK, b_EKM, blocks.ends);
-#endif
-  const auto& o = blocks.offsets;
-  auto out = torch::empty({a_NK.size(0), b_EKM.size(2)}, a_NK.options());
-  for (int64_t e = 0; e < b_EKM.size(0); ++e) {
-    const int64_t n = o[e + 1] - o[e];
-    if (n == 0) continue;
-    auto rows = out.narrow(0, o[e], n);
-    torch::mm_out(rows, a_NK.narrow(0, o[e], n), b_EKM[e]);
-  }
-  return out;
-}
-
-// Per-expert weight gradients out[e] = a_e^T c_e: (N, K), (N, M) -> (E, K, M); an expert
-// without rows gets an exact zero.
-torch::Tensor blocks_weight_grad(const torch::Tensor& a_NK, const torch::Tensor& c_NM,
-                                 const ExpertBlocks& blocks) {
-#ifdef GBMOE_HAS_GROUPED_MM
-  if (blocks.ends.defined()) return at::_grouped_mm(a_NK.t(), c_NM, blocks.ends);
-#endif
-  const auto& o = blocks.offsets;
-  const int64_t E = static_cast<int64_t>(o.size()) - 1;
-  auto out = torch::empty({E, a_NK.size(1), c_NM.size(1)}, a_NK.options());
+// Runs fn(e) once for every expert that has rows. With parallel set and more than one intra-op
+// thread, experts holding at least a thread's share of the rows run one after another (their
+// matrix multiplies use every thread), and the smaller ones run concurrently, each multiply
+// single-threaded: small per-expert multiplies gain more from this than from threading inside
+// each of them. Threads take the next expert as they finish, largest first, so uneven experts
+// or a busy core do not leave one thread waiting on the other.
+template <typename Fn>
+void for_each_expert(const std::vector<int64_t>& offsets, bool parallel, const Fn& fn) {
+  const int64_t E = static_cast<int64_t>(offsets.size()) - 1, N = offsets[E];
+  const int64_t threads = parallel && !at::in_parallel_region() ? at::get_num_threads() : 1;
+  auto rows = [&](int64_t e) { return offsets[e + 1] - offsets[e]; };
+  std::vector<int64_t> small;
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = o[e + 1] - o[e];
-    auto out_e = out[e];
-    if (n == 0) {
-      out_e.zero_();
-      continue;
+    if (rows(e) == 0) continue;
+    if (threads == 1 || rows(e) * threads >= N) {
+      fn(e);
+    } else {
+      small.push_back(e);
     }
-    torch::mm_out(out_e, a_NK.narrow(0, o[e], n).t(), c_NM.narrow(0, o[e], n));
   }
-  return out;
+  std::stable_sort(small.begin(), small.end(),
+                   [&](int64_t a, int64_t b) { return rows(a) > rows(b); });
+  std::atomic<size_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    torch::NoGradGuard no_grad;  // grad mode is thread-local: the workers start with it on
+    for (size_t i = next++; i < small.size(); i = next++) fn(small[i]);
+  });
 }
 
-// y_e = silu(x_e Wg_e) * (x_e Wu_e) Wd_e for each contiguous block e of rows.
+// y_e = silu(x_e Wg_e) * (x_e Wu_e) Wd_e for each contiguous block e of rows. Each expert's
+// element-wise work runs right after its multiply, on rows still in cache.
 class GroupedSwiGLUFunction : public torch::autograd::Function<GroupedSwiGLUFunction> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x_ND,
                                const torch::Tensor& gate_up_EDH, const torch::Tensor& down_EFD,
-                               ExpertBlocks blocks) {
-    const int64_t F = down_EFD.size(1);
-    auto h_NH = blocks_mm(x_ND, gate_up_EDH, blocks);
-    auto act_NF = torch::silu(h_NH.narrow(1, 0, F)).mul_(h_NH.narrow(1, F, F));
-    auto y_ND = blocks_mm(act_NF, down_EFD, blocks);
+                               std::vector<int64_t> offsets, bool parallel) {
+    const int64_t N = x_ND.size(0), D = x_ND.size(1), F = down_EFD.size(1);
+    auto h_NH = torch::empty({N, 2 * F}, x_ND.options());
+    auto act_NF = torch::empty({N, F}, x_ND.options());
+    auto y_ND = torch::empty({N, D}, x_ND.options());
+    for_each_expert(offsets, parallel, [&](int64_t e) {
+      const int64_t o = offsets[e], n = offsets[e + 1] - o;
+      auto h = h_NH.narrow(0, o, n);
+      auto act = act_NF.narrow(0, o, n);
+      auto y = y_ND.narrow(0, o, n);
+      torch::mm_out(h, x_ND.narrow(0, o, n), gate_up_EDH[e]);
+      torch::silu_out(act, h.narrow(1, 0, F)).mul_(h.narrow(1, F, F));
+      torch::mm_out(y, act, down_EFD[e]);
+    });
     ctx->save_for_backward({x_ND, gate_up_EDH, down_EFD, h_NH});
-    ctx->saved_data["offsets"] = c10::List<int64_t>(blocks.offsets);
-    if (blocks.ends.defined()) ctx->saved_data["ends"] = blocks.ends;
+    ctx->saved_data["offsets"] = c10::List<int64_t>(offsets);
+    ctx->saved_data["parallel"] = parallel;
     return y_ND;
   }
 
@@ -98,30 +94,89 @@ class GroupedSwiGLUFunction : public torch::autograd::Function<GroupedSwiGLUFunc
                                                  torch::autograd::variable_list grads) {
     auto saved = ctx->get_saved_variables();
     auto x_ND = saved[0], gate_up_EDH = saved[1], down_EFD = saved[2], h_NH = saved[3];
-    ExpertBlocks blocks;
-    blocks.offsets = ctx->saved_data["offsets"].toIntVector();
-    if (ctx->saved_data.count("ends")) blocks.ends = ctx->saved_data["ends"].toTensor();
+    auto offsets = ctx->saved_data["offsets"].toIntVector();
+    const bool parallel = ctx->saved_data["parallel"].toBool();
+    auto dy_ND = grads[0].contiguous();
+    const int64_t E = gate_up_EDH.size(0), F = down_EFD.size(1);
+    const int64_t N = x_ND.size(0);
+
+    // Large fresh buffers cost page faults on the CPU: one of each, sliced per expert.
+    auto act_NF = torch::empty({N, F}, dy_ND.options());
+    auto dact_NF = torch::empty({N, F}, dy_ND.options());
+    auto dh_NH = torch::empty({N, 2 * F}, dy_ND.options());
+    auto dx_ND = torch::empty_like(x_ND);
+    auto dgate_up = torch::empty_like(gate_up_EDH);
+    auto ddown = torch::empty_like(down_EFD);
+    for (int64_t e = 0; e < E; ++e) {
+      if (offsets[e + 1] > offsets[e]) continue;
+      dgate_up[e].zero_();  // an expert without rows gets an exact zero gradient
+      ddown[e].zero_();
+    }
+    for_each_expert(offsets, parallel, [&](int64_t e) {
+      const int64_t o = offsets[e], n = offsets[e + 1] - o;
+      auto x = x_ND.narrow(0, o, n), dy = dy_ND.narrow(0, o, n);
+      auto gate = h_NH.narrow(0, o, n).narrow(1, 0, F);
+      auto up = h_NH.narrow(0, o, n).narrow(1, F, F);
+      auto dh = dh_NH.narrow(0, o, n);
+      auto dgate = dh.narrow(1, 0, F), dup = dh.narrow(1, F, F);
+      auto dact = dact_NF.narrow(0, o, n), act = act_NF.narrow(0, o, n);
+      auto dx = dx_ND.narrow(0, o, n);
+      torch::mm_out(dact, dy, down_EFD[e].t());
+      torch::silu_out(act, gate);
+      torch::mul_out(dup, dact, act);  // dup = dact * silu(gate)
+      act.mul_(up);                    // act = silu(gate) * up, as in forward
+      auto ddown_e = ddown[e];
+      torch::mm_out(ddown_e, act.t(), dy);
+      torch::silu_backward_out(dgate, dact.mul_(up), gate);  // dgate = silu'(g) dact up
+      auto dgate_up_e = dgate_up[e];
+      torch::mm_out(dx, dh, gate_up_EDH[e].t());
+      torch::mm_out(dgate_up_e, x.t(), dh);
+    });
+    return {dx_ND, dgate_up, ddown, torch::Tensor(), torch::Tensor()};
+  }
+};
+
+#ifdef GBMOE_HAS_GROUPED_MM
+// The same SwiGLU experts with at::_grouped_mm: one launch per GEMM for all experts; ends_E
+// (int32, on the rows' device) are the row blocks' ends. Experts without rows get exact zero
+// weight gradients from the grouped kernel.
+class GroupedMmSwiGLUFunction : public torch::autograd::Function<GroupedMmSwiGLUFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x_ND,
+                               const torch::Tensor& gate_up_EDH, const torch::Tensor& down_EFD,
+                               const torch::Tensor& ends_E) {
+    const int64_t F = down_EFD.size(1);
+    auto h_NH = at::_grouped_mm(x_ND, gate_up_EDH, ends_E);
+    auto act_NF = torch::silu(h_NH.narrow(1, 0, F)).mul_(h_NH.narrow(1, F, F));
+    auto y_ND = at::_grouped_mm(act_NF, down_EFD, ends_E);
+    ctx->save_for_backward({x_ND, gate_up_EDH, down_EFD, h_NH, ends_E});
+    return y_ND;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto x_ND = saved[0], gate_up_EDH = saved[1], down_EFD = saved[2], h_NH = saved[3];
+    auto ends_E = saved[4];
     auto dy_ND = grads[0].contiguous();
     const int64_t F = down_EFD.size(1);
-
     auto gate_NF = h_NH.narrow(1, 0, F);
     auto up_NF = h_NH.narrow(1, F, F);
-    // Large fresh buffers cost page faults on the CPU: reuse them in place where the order allows.
     auto silu_NF = torch::silu(gate_NF);
-    auto dact_NF = blocks_mm(dy_ND, down_EFD.transpose(1, 2), blocks);
+    auto dact_NF = at::_grouped_mm(dy_ND, down_EFD.transpose(1, 2), ends_E);
     auto dh_NH = torch::empty({dy_ND.size(0), 2 * F}, dy_ND.options());
     auto dgate_NF = dh_NH.narrow(1, 0, F);
     auto dup_NF = dh_NH.narrow(1, F, F);
     torch::mul_out(dup_NF, dact_NF, silu_NF);  // dup = dact * silu(gate)
     auto act_NF = silu_NF.mul_(up_NF);         // act = silu(gate) * up, as in forward
-    auto ddown = blocks_weight_grad(act_NF, dy_ND, blocks);
+    auto ddown = at::_grouped_mm(act_NF.t(), dy_ND, ends_E);
     torch::silu_backward_out(dgate_NF, dact_NF.mul_(up_NF), gate_NF);  // dgate = silu'(g) dact up
-
-    auto dx_ND = blocks_mm(dh_NH, gate_up_EDH.transpose(1, 2), blocks);
-    auto dgate_up = blocks_weight_grad(x_ND, dh_NH, blocks);
+    auto dx_ND = at::_grouped_mm(dh_NH, gate_up_EDH.transpose(1, 2), ends_E);
+    auto dgate_up = at::_grouped_mm(x_ND.t(), dh_NH, ends_E);
     return {dx_ND, dgate_up, ddown, torch::Tensor()};
   }
 };
+#endif
 
 }  // namespace
 
@@ -160,16 +215,18 @@ torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& tokens,
                                           const torch::Tensor& group_sizes) {
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == options.dim(), "expert input must be (N, ",
               options.dim(), "), got ", tokens.sizes());
-  ExpertBlocks blocks;
-  blocks.offsets = group_offsets(group_sizes, options.num_experts(), tokens.size(0));
-  if (use_grouped_gemm(tokens)) {
-    blocks.ends =
-        torch::tensor(std::vector<int64_t>(blocks.offsets.begin() + 1, blocks.offsets.end()))
-            .to(tokens.device(), torch::kInt);
-  }
+  auto offsets = group_offsets(group_sizes, options.num_experts(), tokens.size(0));
   auto w1 = gate_up.to(tokens.scalar_type());
   auto w2 = down.to(tokens.scalar_type());
-  return GroupedSwiGLUFunction::apply(tokens.contiguous(), w1, w2, std::move(blocks));
+#ifdef GBMOE_HAS_GROUPED_MM
+  if (use_grouped_gemm(tokens)) {
+    auto ends = torch::tensor(std::vector<int64_t>(offsets.begin() + 1, offsets.end()))
+                    .to(tokens.device(), torch::kInt);
+    return GroupedMmSwiGLUFunction::apply(tokens.contiguous(), w1, w2, ends);
+  }
+#endif
+  return GroupedSwiGLUFunction::apply(tokens.contiguous(), w1, w2, std::move(offsets),
+                                      options.parallel_experts() && tokens.is_cpu());
 }
 
 bool grouped_gemm_available() {

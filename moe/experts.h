@@ -30,6 +30,9 @@ struct GroupedExpertsOptions {
   TORCH_ARG(int64_t, hidden);
   TORCH_ARG(double, init_std) = 0.02;
   TORCH_ARG(ExpertGemm, gemm) = ExpertGemm::Auto;
+  /// On the CPU with several intra-op threads, run small experts' matrix multiplies
+  /// concurrently (one thread each) instead of threading inside each multiply.
+  TORCH_ARG(bool, parallel_experts) = true;
 
  public:
   void validate() const;

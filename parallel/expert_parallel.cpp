@@ -98,8 +98,7 @@ torch::Tensor AllToAllDispatcher::combine(const torch::Tensor& expert_out,
               expert_out.sizes());
   auto returned = all_to_all_autograd(comm_, expert_out.index_select(0, state->to_arrival_order),
                                       state->recv_splits, state->send_splits);
-  return unpermute_reference(returned, dispatched.weights, dispatched.token_index,
-                             dispatched.num_tokens);
+  return combine_rows(returned, dispatched.token_index, dispatched.weights, dispatched.num_tokens);
 }
 
 int64_t apply_expert_parallel(torch::nn::Module& model, const ProcessGroups& groups) {

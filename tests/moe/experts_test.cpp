@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/moe/threads_guard.h"
 #include "tests/test_util.h"
 
 namespace gbmoe {
@@ -105,6 +106,39 @@ TEST(GroupedExperts, GroupedGemmMatchesPerExpertLoop) {
     for (int64_t e = 0; e < 4; ++e) {
       if (sizes[e] == 0) EXPECT_EQ(g2[1][e].abs().max().item<float>(), 0.f) << "expert " << e;
     }
+  }
+}
+
+// With two threads, small experts run concurrently and one holding half the rows runs alone
+// with threaded multiplies: both must equal the serial loop, empty experts included.
+TEST(GroupedExperts, ParallelOverExpertsEqualsSerial) {
+  ThreadsGuard threads(2);
+  ASSERT_EQ(torch::get_num_threads(), 2);
+  torch::manual_seed(4);
+  const int64_t D = 10, F = 6;
+  auto sizes = torch::tensor({3, 0, 40, 7, 0, 1, 9, 12, 0, 2, 5}, torch::kLong);
+  const int64_t E = sizes.size(0), N = sizes.sum().item<int64_t>();
+  GroupedExperts parallel(GroupedExpertsOptions(E, D, F).init_std(0.3));
+  parallel->to(torch::kDouble);
+  GroupedExperts serial(GroupedExpertsOptions(E, D, F).init_std(0.3).parallel_experts(false));
+  serial->to(torch::kDouble);
+  {
+    torch::NoGradGuard no_grad;
+    serial->gate_up.copy_(parallel->gate_up);
+    serial->down.copy_(parallel->down);
+  }
+  auto x = torch::randn({N, D}, torch::kDouble).requires_grad_();
+  auto dy = torch::randn({N, D}, torch::kDouble);
+  auto y_p = parallel->forward(x, sizes);
+  auto g_p = torch::autograd::grad({y_p}, {x, parallel->gate_up, parallel->down}, {dy});
+  auto y_s = serial->forward(x, sizes);
+  auto g_s = torch::autograd::grad({y_s}, {x, serial->gate_up, serial->down}, {dy});
+
+  EXPECT_LT(max_rel_diff(y_p, y_s), 1e-12);
+  for (size_t i = 0; i < g_p.size(); ++i) EXPECT_LT(max_rel_diff(g_p[i], g_s[i]), 1e-12) << i;
+  for (int64_t e : {1, 4, 8}) {
+    EXPECT_EQ(g_p[1][e].abs().max().item<double>(), 0.0) << e;
+    EXPECT_EQ(g_p[2][e].abs().max().item<double>(), 0.0) << e;
   }
 }
 
