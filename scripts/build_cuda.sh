@@ -20,6 +20,11 @@ toolkit=$(bash "$root/scripts/find_nvcc.sh") || skip "no CUDA toolkit with nvcc 
 prefix=$(bash "$root/scripts/setup_cuda.sh") || skip "no CUDA torch wheels"
 start=$(date +%s)
 mkdir -p "$build"
+# A build dir configured against another LibTorch keeps it in its cache: start that one afresh.
+if [ -f "$build/CMakeCache.txt" ] &&
+  ! grep -qxE "Torch_DIR:[A-Z]+=$prefix/torch/share/cmake/Torch" "$build/CMakeCache.txt"; then
+  rm -rf "$build/CMakeCache.txt" "$build/CMakeFiles"
+fi
 # libtorch_cuda.so needs cuBLAS, cuDNN, ... which CI does not unpack (they are only loaded at run
 # time), so executables link with their symbols left to the loader.
 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGBMOE_BUILD_TESTS=ON \

@@ -38,12 +38,17 @@ void print_summary(const gbmoe::TrainSummary& s) {
         << "), mean over " << L << " MoE layers\n";
     out << "validation MaxVio " << mv << "\n";
   }
-  double g = 0, m = 0;
-  const auto L = s.max_violation_global.size();
-  for (size_t l = 0; l < L; ++l)
-    g += s.max_violation_global[l] / L, m += s.max_violation_micro[l] / L;
-  out << "last step MaxVio: global batch " << g << ", micro-batch mean " << m << "\n";
-  out << "throughput " << std::setprecision(0) << s.tokens_per_second << " tokens/s\n";
+  if (s.last_step == s.first_step) {
+    out << "no training step run: the run was already at step " << s.last_step
+        << " (raise train.steps to train further)\n";
+  } else {
+    double g = 0, m = 0;
+    const auto L = s.max_violation_global.size();
+    for (size_t l = 0; l < L; ++l)
+      g += s.max_violation_global[l] / L, m += s.max_violation_micro[l] / L;
+    out << "last step MaxVio: global batch " << g << ", micro-batch mean " << m << "\n";
+    out << "throughput " << std::setprecision(0) << s.tokens_per_second << " tokens/s\n";
+  }
   out << "run directory " << s.run_dir << " (config.yaml, metrics.jsonl, checkpoints/)\n";
   gbmoe::log0(out.str());
 }
