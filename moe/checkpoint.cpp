@@ -1,9 +1,7 @@
 // Activation checkpointing as a custom autograd function whose backward reruns the forward.
 #include "moe/checkpoint.h"
 
-#include <ATen/autocast_mode.h>
-#include <torch/version.h>
-
+#include "moe/autocast.h"
 #include "moe/recompute.h"
 
 namespace gbmoe {
@@ -12,40 +10,16 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The CUDA autocast state of the forward, restored around the recomputation (autograd runs
-// backward functions with autocast off).
-struct AutocastState {
-  bool enabled = false;
-  at::ScalarType dtype = at::kBFloat16;
-
-  static AutocastState current() {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-    return {at::autocast::is_autocast_enabled(at::kCUDA),
-            at::autocast::get_autocast_dtype(at::kCUDA)};
-#else
-    return {at::autocast::is_enabled(), at::autocast::get_autocast_gpu_dtype()};
-#endif
-  }
-  static void set(const AutocastState& s) {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-    at::autocast::set_autocast_enabled(at::kCUDA, s.enabled);
-    at::autocast::set_autocast_dtype(at::kCUDA, s.dtype);
-#else
-    at::autocast::set_enabled(s.enabled);
-    at::autocast::set_autocast_gpu_dtype(s.dtype);
-#endif
-  }
-};
-
+// Autograd runs backward functions with autocast off: the recomputation gets the forward's.
 class AutocastRestore {
  public:
-  explicit AutocastRestore(const AutocastState& s) : previous_(AutocastState::current()) {
-    AutocastState::set(s);
+  explicit AutocastRestore(const CudaAutocast& s) : previous_(CudaAutocast::current()) {
+    CudaAutocast::set(s);
   }
-  ~AutocastRestore() { AutocastState::set(previous_); }
+  ~AutocastRestore() { CudaAutocast::set(previous_); }
 
  private:
-  AutocastState previous_;
+  CudaAutocast previous_;
 };
 
 // What the backward needs besides the saved input; held by the autograd graph as a capsule.
@@ -54,7 +28,7 @@ class AutocastRestore {
 struct CheckpointState : torch::CustomClassHolder {
   std::function<torch::Tensor(const torch::Tensor&)> fn;
   std::vector<MoELayerImpl*> layers;
-  AutocastState autocast;
+  CudaAutocast autocast;
 
   // fn's output followed by each layer's differentiable statistics.
   variable_list run(const torch::Tensor& x) const {
@@ -70,7 +44,7 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
  public:
   static variable_list forward(AutogradContext* ctx, const torch::Tensor& x,
                                c10::intrusive_ptr<CheckpointState> state) {
-    state->autocast = AutocastState::current();
+    state->autocast = CudaAutocast::current();
     auto out = state->run(x);
     ctx->save_for_backward({x});
     ctx->saved_data["state"] = c10::IValue::make_capsule(std::move(state));

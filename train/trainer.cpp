@@ -3,7 +3,6 @@
 
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
-#include <torch/version.h>
 
 #include <chrono>
 #include <cmath>
@@ -15,6 +14,7 @@
 #include <sstream>
 
 #include "losses/specialization.h"
+#include "moe/autocast.h"
 #include "moe/balancer.h"
 #include "parallel/balance_sync.h"
 #include "parallel/data_parallel.h"
@@ -94,15 +94,7 @@ class AutocastScope {
   AutocastScope& operator=(const AutocastScope&) = delete;
 
  private:
-  static void set(bool on) {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-    at::autocast::set_autocast_enabled(at::kCUDA, on);
-#else
-    at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
-    at::autocast::set_enabled(on);
-#endif
-  }
+  static void set(bool on) { CudaAutocast::set({on, at::kBFloat16}); }
   bool enabled_;
 };
 
