@@ -10,7 +10,10 @@
 namespace gbmoe {
 
 RoutingAnalysis analyze_routing(LanguageModel& model, const std::vector<Batch>& batches,
-                                const std::vector<std::string>& domains) {
+                                const std::vector<std::string>& domains, int64_t rank,
+                                int64_t ranks) {
+  TORCH_CHECK(ranks >= 1 && rank >= 0 && rank < ranks, "analyze_routing: rank (", rank,
+              ") must be in [0, ranks (", ranks, "))");
   const bool was_training = model->is_training();
   model->eval();
   torch::NoGradGuard no_grad;
@@ -29,7 +32,13 @@ RoutingAnalysis analyze_routing(LanguageModel& model, const std::vector<Batch>& 
                                     torch::zeros({M}, torch::kDouble)});
   }
   const auto device = model->parameters().front().device();
-  for (const auto& b : batches) {
+  const auto num_batches = static_cast<int64_t>(batches.size());
+  for (int64_t first = 0; first < num_batches; first += ranks) {
+    if (first + rank >= num_batches) {
+      model->forward(batches[0].inputs.to(device), torch::zeros_like(batches[0].mask).to(device));
+      continue;
+    }
+    const auto& b = batches[first + rank];
     const int64_t d = b.domain[0].item<int64_t>();
     TORCH_CHECK(d >= 0 && d < M, "batch domain id (", d, ") is outside the ", M, " domains");
     TORCH_CHECK((b.domain == d).all().item<bool>(),

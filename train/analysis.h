@@ -44,13 +44,17 @@ struct LayerFigures {
 
 /// Runs the model (in eval mode, no gradients) over batches whose sequences are each of one
 /// domain (Batch::domain[0], as validation_batches() makes them) and sums per domain.
+/// With ranks > 1 this process takes batches rank, rank + ranks, ... (the caller sums the
+/// ranks' results); every rank runs the same number of forwards, a rank without a batch of its
+/// own an all-padding one, since expert-parallel forwards are collective.
 ///
 /// Example:
 ///   auto val = TokenDataset::open("data/corpus", "val");
 ///   auto a = analyze_routing(model, validation_batches(val, 128, 4, 4), val.domain_names());
 ///   LayerFigures f = layer_figures(a.layers[0], a.tokens);
 RoutingAnalysis analyze_routing(LanguageModel& model, const std::vector<Batch>& batches,
-                                const std::vector<std::string>& domains);
+                                const std::vector<std::string>& domains, int64_t rank = 0,
+                                int64_t ranks = 1);
 
 /// The figures of one layer from its sums; tokens: (M,) valid tokens per domain.
 LayerFigures layer_figures(const LayerRouting& layer, const torch::Tensor& tokens);

@@ -13,13 +13,13 @@
 #include <iomanip>
 #include <sstream>
 
-#include "losses/specialization.h"
 #include "moe/autocast.h"
 #include "moe/balancer.h"
 #include "parallel/balance_sync.h"
 #include "parallel/data_parallel.h"
 #include "parallel/expert_parallel.h"
 #include "parallel/runtime.h"
+#include "train/analysis.h"
 #include "train/checkpoint.h"
 #include "train/json.h"
 #include "train/sampler.h"
@@ -165,60 +165,30 @@ namespace {
 // Evaluates the validation batches: rank r takes batches r, r + R, ...; sums are all-reduced.
 EvalResult evaluate(LanguageModel& model, const std::vector<Batch>& batches,
                     const std::vector<std::string>& domains, Communicator& world,
-                    torch::Device device, bool autocast_bf16, int64_t step) {
-  model->eval();
-  torch::NoGradGuard no_grad;
-  auto layers = model->moe_layers();
-  const int64_t M = static_cast<int64_t>(domains.size());
-  const int64_t L = static_cast<int64_t>(layers.size());
-  const int64_t E = L > 0 ? layers[0]->options.num_experts() : 0;
-  auto loss_sum = torch::zeros({M}, torch::kDouble), tokens = torch::zeros({M}, torch::kDouble);
-  auto counts = torch::zeros({L, M, E}, torch::kDouble);
-  // Every rank runs as many forwards as rank 0: with expert parallelism each is collective, so
-  // a rank without a batch of its own runs an all-padding one.
-  for (size_t first = 0; first < batches.size(); first += world.size()) {
-    const size_t i = first + world.rank();
-    if (i >= batches.size()) {
-      model->forward(batches[0].inputs.to(device), torch::zeros_like(batches[0].mask).to(device));
-      continue;
-    }
-    const auto& b = batches[i];
-    auto mask = b.mask.to(device);
-    torch::Tensor ce;
-    {
-      AutocastScope autocast(autocast_bf16);
-      auto logits = model->forward(b.inputs.to(device), mask);
-      ce = torch::nn::functional::cross_entropy(
-          logits.flatten(0, 1), b.targets.to(device).flatten(),
-          torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
-    }
-    const int64_t d = b.domain[0].item<int64_t>();
-    loss_sum[d] += ce.item<double>();
-    tokens[d] += b.mask.sum().item<double>();
-    for (int64_t l = 0; l < L; ++l)
-      counts[l][d] += layers[l]->stats().counts.to(torch::kDouble).cpu();
+                    bool autocast_bf16, int64_t step) {
+  RoutingAnalysis a;
+  {
+    AutocastScope autocast(autocast_bf16);
+    a = analyze_routing(model, batches, domains, world.rank(), world.size());
   }
-  loss_sum = sum_over(world, loss_sum);
-  tokens = sum_over(world, tokens);
-  counts = sum_over(world, counts);
-  model->train();
+  a.tokens = sum_over(world, a.tokens);
+  a.loss_sum = sum_over(world, a.loss_sum);
+  for (auto& layer : a.layers) layer.counts = sum_over(world, layer.counts);
 
   EvalResult r;
   r.step = step;
-  r.loss = loss_sum.sum().item<double>() / std::max(1.0, tokens.sum().item<double>());
-  for (int64_t d = 0; d < M; ++d) {
-    r.domain_tokens.push_back(tokens[d].item<double>());
-    if (tokens[d].item<double>() > 0) {
-      r.domain_loss[domains[d]] = loss_sum[d].item<double>() / tokens[d].item<double>();
-    }
+  r.loss = a.loss_sum.sum().item<double>() / std::max(1.0, a.tokens.sum().item<double>());
+  for (size_t d = 0; d < domains.size(); ++d) {
+    const double n = a.tokens[d].item<double>();
+    r.domain_tokens.push_back(n);
+    if (n > 0) r.domain_loss[domains[d]] = a.loss_sum[d].item<double>() / n;
   }
-  for (int64_t l = 0; l < L; ++l) {
-    const double mi = domain_expert_mutual_information(counts[l]);
-    const double h = domain_entropy(counts[l]);
-    r.mutual_information.push_back(mi);
-    r.normalized_mi.push_back(h > 0 ? mi / h : 0.0);
-    r.max_violation.push_back(max_violation(counts[l].sum(0)));
-    r.domain_counts.push_back(counts[l].clone());
+  for (const auto& layer : a.layers) {
+    const auto f = layer_figures(layer, a.tokens);
+    r.mutual_information.push_back(f.mutual_information);
+    r.normalized_mi.push_back(f.normalized_mi);
+    r.max_violation.push_back(f.max_violation);
+    r.domain_counts.push_back(layer.counts);
   }
   return r;
 }
@@ -463,7 +433,7 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
     const bool eval_now =
         config.train.eval_every > 0 && (done % config.train.eval_every == 0 || done == total_steps);
     if (eval_now) {
-      summary.eval = evaluate(model, val_batches, domains, world, device, autocast_bf16, done);
+      summary.eval = evaluate(model, val_batches, domains, world, autocast_bf16, done);
       if (rank0) append_line(metrics_path, eval_json(summary.eval));
       std::ostringstream e;
       e << std::fixed << std::setprecision(4) << "eval step " << done << " | val loss "
