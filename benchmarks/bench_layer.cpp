@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "moe/moe_layer.h"
+#include "moe/swiglu_cpu.h"
 
 namespace {
 
@@ -59,9 +60,10 @@ void run(const Shape& s, int reps) {
   const double flops = 3.0 * 2.0 * s.T * s.K * 3.0 * s.D * s.F;
   std::printf(
       "gbmoe_layer %s T=%lld D=%lld F=%lld E=%lld K=%lld step_s=%.4f tok_s=%.0f gflops=%.1f "
-      "sgemm_gflops=%.1f threads=%d\n",
+      "sgemm_gflops=%.1f threads=%d swiglu=%s\n",
       s.name, (long long)s.T, (long long)s.D, (long long)s.F, (long long)s.E, (long long)s.K, dt,
-      s.T / dt, flops / dt / 1e9, sgemm_gflops(1024, 10), torch::get_num_threads());
+      s.T / dt, flops / dt / 1e9, sgemm_gflops(1024, 10), torch::get_num_threads(),
+      gbmoe::detail::swiglu_cpu_variant());
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "moe/kernels.h"
+#include "moe/swiglu_cpu.h"
 
 // at::_grouped_mm (one launch for all experts' GEMMs) is in LibTorch from 2.9 on, on CUDA and CPU.
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
@@ -64,6 +65,58 @@ void for_each_expert(const std::vector<int64_t>& offsets, bool parallel, const F
   });
 }
 
+// The SwiGLU element-wise steps run as the fused fp32 passes of moe/swiglu_cpu.h on the CPU in
+// the fused kernel mode, else as LibTorch's ops, which stay the reference. Rows are split over
+// the intra-op threads unless the caller already runs in a parallel region (then inline).
+bool use_fused_swiglu(const torch::Tensor& h_nH) {
+  return h_nH.is_cpu() && h_nH.scalar_type() == torch::kFloat && kernel_mode() == KernelMode::Fused;
+}
+
+int64_t rows_per_task(int64_t F) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1)); }
+
+// act_nF = silu(gate) * up for the rows of h_nH = [gate | up].
+void swiglu_forward(const torch::Tensor& h_nH, torch::Tensor& act_nF) {
+  const int64_t F = act_nF.size(1);
+  if (!use_fused_swiglu(h_nH)) {
+    torch::silu_out(act_nF, h_nH.narrow(1, 0, F)).mul_(h_nH.narrow(1, F, F));
+    return;
+  }
+  const float* h = h_nH.data_ptr<float>();
+  float* act = act_nF.data_ptr<float>();
+  const int64_t ld_h = h_nH.stride(0), ld_act = act_nF.stride(0);
+  at::parallel_for(0, h_nH.size(0), rows_per_task(F), [&](int64_t begin, int64_t end) {
+    detail::swiglu_forward_rows(h + begin * ld_h, ld_h, act + begin * ld_act, ld_act, end - begin,
+                                F);
+  });
+}
+
+// dh_nH = [dgate | dup] = [dact * up * silu'(gate) | dact * silu(gate)] and act_nF = silu(gate) *
+// up, as in forward. dact_nF may be overwritten.
+void swiglu_backward(const torch::Tensor& h_nH, torch::Tensor& dact_nF, torch::Tensor& dh_nH,
+                     torch::Tensor& act_nF) {
+  const int64_t F = act_nF.size(1);
+  auto gate = h_nH.narrow(1, 0, F), up = h_nH.narrow(1, F, F);
+  auto dgate = dh_nH.narrow(1, 0, F), dup = dh_nH.narrow(1, F, F);
+  if (!use_fused_swiglu(h_nH)) {
+    torch::silu_out(act_nF, gate);
+    torch::mul_out(dup, dact_nF, act_nF);
+    act_nF.mul_(up);
+    torch::silu_backward_out(dgate, dact_nF.mul_(up), gate);
+    return;
+  }
+  const float* h = h_nH.data_ptr<float>();
+  const float* dact = dact_nF.data_ptr<float>();
+  float* dh = dh_nH.data_ptr<float>();
+  float* act = act_nF.data_ptr<float>();
+  const int64_t ld_h = h_nH.stride(0), ld_dact = dact_nF.stride(0), ld_dh = dh_nH.stride(0),
+                ld_act = act_nF.stride(0);
+  at::parallel_for(0, h_nH.size(0), rows_per_task(F), [&](int64_t begin, int64_t end) {
+    detail::swiglu_backward_rows(h + begin * ld_h, ld_h, dact + begin * ld_dact, ld_dact,
+                                 dh + begin * ld_dh, ld_dh, act + begin * ld_act, ld_act,
+                                 end - begin, F);
+  });
+}
+
 // y_e = silu(x_e Wg_e) * (x_e Wu_e) Wd_e for each contiguous block e of rows. Each expert's
 // element-wise work runs right after its multiply, on rows still in cache.
 class GroupedSwiGLUFunction : public torch::autograd::Function<GroupedSwiGLUFunction> {
@@ -81,7 +134,7 @@ class GroupedSwiGLUFunction : public torch::autograd::Function<GroupedSwiGLUFunc
       auto act = act_NF.narrow(0, o, n);
       auto y = y_ND.narrow(0, o, n);
       torch::mm_out(h, x_ND.narrow(0, o, n), gate_up_EDH[e]);
-      torch::silu_out(act, h.narrow(1, 0, F)).mul_(h.narrow(1, F, F));
+      swiglu_forward(h, act);
       torch::mm_out(y, act, down_EFD[e]);
     });
     ctx->save_for_backward({x_ND, gate_up_EDH, down_EFD, h_NH});
@@ -115,19 +168,13 @@ class GroupedSwiGLUFunction : public torch::autograd::Function<GroupedSwiGLUFunc
     for_each_expert(offsets, parallel, [&](int64_t e) {
       const int64_t o = offsets[e], n = offsets[e + 1] - o;
       auto x = x_ND.narrow(0, o, n), dy = dy_ND.narrow(0, o, n);
-      auto gate = h_NH.narrow(0, o, n).narrow(1, 0, F);
-      auto up = h_NH.narrow(0, o, n).narrow(1, F, F);
       auto dh = dh_NH.narrow(0, o, n);
-      auto dgate = dh.narrow(1, 0, F), dup = dh.narrow(1, F, F);
       auto dact = dact_NF.narrow(0, o, n), act = act_NF.narrow(0, o, n);
       auto dx = dx_ND.narrow(0, o, n);
       torch::mm_out(dact, dy, down_EFD[e].t());
-      torch::silu_out(act, gate);
-      torch::mul_out(dup, dact, act);  // dup = dact * silu(gate)
-      act.mul_(up);                    // act = silu(gate) * up, as in forward
+      swiglu_backward(h_NH.narrow(0, o, n), dact, dh, act);
       auto ddown_e = ddown[e];
       torch::mm_out(ddown_e, act.t(), dy);
-      torch::silu_backward_out(dgate, dact.mul_(up), gate);  // dgate = silu'(g) dact up
       auto dgate_up_e = dgate_up[e];
       torch::mm_out(dx, dh, gate_up_EDH[e].t());
       torch::mm_out(dgate_up_e, x.t(), dh);

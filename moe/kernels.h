@@ -13,7 +13,8 @@
 namespace gbmoe {
 
 /// Which implementation the MoE layer uses where a fused kernel is registered.
-/// Fused: the registered kernels (and the grouped GEMM on CUDA); Reference: plain LibTorch.
+/// Fused: the registered kernels (and the grouped GEMM on CUDA, the fused fp32 SwiGLU passes of
+/// moe/swiglu_cpu.h on the CPU); Reference: plain LibTorch.
 /// The environment variable GBMOE_KERNELS=reference|fused sets the initial mode.
 enum class KernelMode { Fused, Reference };
 
