@@ -3,7 +3,6 @@
 // the share of that time spent in the all-to-all exchanges (split sizes and tokens, forward and
 // backward). Each rank routes its own T tokens. Rank 0 prints one line per size.
 //   mpirun -np 4 build/parallel/gbmoe_bench_ep [T D F E K reps]
-#include <malloc.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -11,6 +10,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "moe/cpu_buffer_cache.h"
 #include "moe/moe_layer.h"
 #include "parallel/expert_parallel.h"
 #include "parallel/process_groups.h"
@@ -110,9 +110,7 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Keep freed large buffers in the process (as bench_layer does).
-  mallopt(M_MMAP_THRESHOLD, 1 << 30);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  gbmoe::install_cpu_buffer_cache();  // as bench_layer and gbmoe-train do
   gbmoe::MpiRuntime mpi(&argc, &argv);
   return gbmoe::run_distributed([&] { return run(argc, argv); });
 }

@@ -10,6 +10,8 @@
 #include <cstdio>
 #include <vector>
 
+#include "moe/cpu_buffer_cache.h"
+#include "moe/kernels.h"
 #include "moe/moe_layer.h"
 #include "moe/swiglu_cpu.h"
 
@@ -37,7 +39,7 @@ double sgemm_gflops(int64_t n, int reps) {
   return 2.0 * n * n * n / best / 1e9;
 }
 
-void run(const Shape& s, int reps) {
+void run(const Shape& s, int reps, const char* memory) {
   torch::manual_seed(0);
   using namespace gbmoe;
   MoELayer layer(MoELayerOptions(s.D, s.E, s.F).router(RouterOptions().top_k(s.K)));
@@ -60,10 +62,10 @@ void run(const Shape& s, int reps) {
   const double flops = 3.0 * 2.0 * s.T * s.K * 3.0 * s.D * s.F;
   std::printf(
       "gbmoe_layer %s T=%lld D=%lld F=%lld E=%lld K=%lld step_s=%.4f tok_s=%.0f gflops=%.1f "
-      "sgemm_gflops=%.1f threads=%d swiglu=%s\n",
+      "sgemm_gflops=%.1f threads=%d kernels=%s swiglu=%s memory=%s\n",
       s.name, (long long)s.T, (long long)s.D, (long long)s.F, (long long)s.E, (long long)s.K, dt,
       s.T / dt, flops / dt / 1e9, sgemm_gflops(1024, 10), torch::get_num_threads(),
-      gbmoe::detail::swiglu_cpu_variant());
+      to_string(kernel_mode()).c_str(), gbmoe::detail::swiglu_cpu_variant(), memory);
 }
 
 }  // namespace
@@ -73,7 +75,10 @@ int main(int argc, char** argv) {
   cli.add_options()("threads", "intra-op threads", cxxopts::value<int>()->default_value("1"))(
       "reps", "timed repetitions (median reported)", cxxopts::value<int>()->default_value("5"))(
       "shape", "coarse, fine, or both", cxxopts::value<std::string>()->default_value("both"))(
-      "h,help", "print help");
+      "memory",
+      "large buffers: cache (gbmoe::install_cpu_buffer_cache, huge pages), mallopt (glibc "
+      "keeps freed memory) or default (glibc as it is)",
+      cxxopts::value<std::string>()->default_value("cache"))("h,help", "print help");
   cxxopts::ParseResult args;
   try {
     args = cli.parse(argc, argv);
@@ -86,10 +91,22 @@ int main(int argc, char** argv) {
     return 0;
   }
   torch::set_num_threads(args["threads"].as<int>());
-  // Keep freed large buffers in the process: glibc otherwise unmaps them and every step pays
-  // page faults on fresh activation memory.
-  mallopt(M_MMAP_THRESHOLD, 1 << 30);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  // Large activation buffers come and go every step: glibc unmaps freed ones, and every step
+  // then pays page faults on fresh memory.
+  const std::string memory = args["memory"].as<std::string>();
+  if (memory == "cache") {
+    if (!gbmoe::install_cpu_buffer_cache()) {
+      std::fprintf(stderr, "gbmoe_bench_layer: --memory cache needs LibTorch >= 2.3\n");
+      return 2;
+    }
+  } else if (memory == "mallopt") {
+    mallopt(M_MMAP_THRESHOLD, 1 << 30);
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  } else if (memory != "default") {
+    std::fprintf(stderr, "gbmoe_bench_layer: --memory (%s) must be cache, mallopt or default\n",
+                 memory.c_str());
+    return 2;
+  }
   const std::string which = args["shape"].as<std::string>();
   const Shape coarse{"coarse", 4096, 512, 1024, 8, 2};
   const Shape fine{"fine", 4096, 256, 128, 64, 8};
@@ -98,7 +115,7 @@ int main(int argc, char** argv) {
                  which.c_str());
     return 2;
   }
-  if (which != "fine") run(coarse, args["reps"].as<int>());
-  if (which != "coarse") run(fine, args["reps"].as<int>());
+  if (which != "fine") run(coarse, args["reps"].as<int>(), memory.c_str());
+  if (which != "coarse") run(fine, args["reps"].as<int>(), memory.c_str());
   return 0;
 }

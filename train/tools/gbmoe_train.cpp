@@ -2,13 +2,12 @@
 // mpirun. Example: mpirun -np 2 gbmoe-train --config configs/default.yaml --set train.steps=50
 #include <cxxopts.hpp>
 
-#include <malloc.h>
-
 #include <cstdio>
 #include <iomanip>
 #include <iostream>
 #include <sstream>
 
+#include "moe/cpu_buffer_cache.h"
 #include "parallel/process_groups.h"
 #include "parallel/runtime.h"
 #include "train/config.h"
@@ -56,9 +55,8 @@ void print_summary(const gbmoe::TrainSummary& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Keep freed activation buffers in the process instead of unmapping them each step.
-  mallopt(M_MMAP_THRESHOLD, 1 << 30);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  // Reuse freed activation buffers (on huge pages) instead of mapping fresh memory each step.
+  gbmoe::install_cpu_buffer_cache();
   gbmoe::MpiRuntime mpi(&argc, &argv);
   return gbmoe::run_distributed([&] {
     cxxopts::Options cli("gbmoe-train", "Train a mixture-of-experts language model");

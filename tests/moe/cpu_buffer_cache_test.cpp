@@ -1,0 +1,144 @@
+// The CPU buffer cache: large buffers are reused by size, small ones are not cached, the cap
+// holds, the raw and clone interfaces work, and cached buffers are eligible for huge pages.
+// Each test runs in its own process (gtest_discover_tests), so installing changes no other test.
+#include "moe/cpu_buffer_cache.h"
+
+#include <c10/core/CPUAllocator.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include "moe/moe_layer.h"
+
+namespace gbmoe {
+namespace {
+
+constexpr size_t kMiB = size_t{1} << 20;
+
+torch::Tensor floats(size_t bytes) { return torch::empty({static_cast<int64_t>(bytes / 4)}); }
+
+TEST(CpuBufferCache, ReusesFreedLargeBuffersBySize) {
+  ASSERT_TRUE(install_cpu_buffer_cache());
+  release_cpu_buffer_cache();
+  const auto before = cpu_buffer_cache_stats();
+  void* first;
+  {
+    auto t = floats(3 * kMiB);  // rounded up to 4 MiB
+    first = t.data_ptr();
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(first) % (2 * kMiB), 0u);
+    EXPECT_EQ(cpu_buffer_cache_stats().live_bytes, before.live_bytes + 4 * kMiB);
+  }
+  EXPECT_EQ(cpu_buffer_cache_stats().cached_bytes, 4 * kMiB);
+  auto again = floats(4 * kMiB - 64);  // another size with the same rounding
+  EXPECT_EQ(again.data_ptr(), first);
+  const auto after = cpu_buffer_cache_stats();
+  EXPECT_EQ(after.reused, before.reused + 1);
+  EXPECT_EQ(after.fresh, before.fresh + 1);
+  EXPECT_EQ(after.cached_bytes, 0u);
+  auto other = floats(6 * kMiB);  // a different size does not take it
+  EXPECT_NE(other.data_ptr(), first);
+}
+
+TEST(CpuBufferCache, LeavesSmallBuffersToLibTorch) {
+  ASSERT_TRUE(install_cpu_buffer_cache());
+  const auto before = cpu_buffer_cache_stats();
+  { auto t = floats(64 * 1024); }
+  const auto after = cpu_buffer_cache_stats();
+  EXPECT_EQ(after.fresh, before.fresh);
+  EXPECT_EQ(after.cached_bytes, before.cached_bytes);
+}
+
+TEST(CpuBufferCache, KeepsNoMoreThanItsCap) {
+  CpuBufferCacheOptions options;
+  options.max_cached_bytes = 4 * kMiB;
+  ASSERT_TRUE(install_cpu_buffer_cache(options));
+  release_cpu_buffer_cache();
+  { auto a = floats(4 * kMiB), b = floats(4 * kMiB); }
+  EXPECT_EQ(cpu_buffer_cache_stats().cached_bytes, 4 * kMiB);
+  release_cpu_buffer_cache();
+  EXPECT_EQ(cpu_buffer_cache_stats().cached_bytes, 0u);
+}
+
+TEST(CpuBufferCache, RawAndCloneInterfacesWork) {
+  ASSERT_TRUE(install_cpu_buffer_cache());
+  c10::Allocator* allocator = c10::GetCPUAllocator();
+  const size_t n = 5 * kMiB;
+  void* raw = allocator->raw_allocate(n);
+  std::memset(raw, 7, n);
+  auto copy = allocator->clone(raw, n);
+  EXPECT_EQ(std::memcmp(copy.get(), raw, n), 0);
+  const auto live = cpu_buffer_cache_stats().live_bytes;
+  allocator->raw_deallocate(raw);
+  EXPECT_EQ(cpu_buffer_cache_stats().live_bytes, live - 6 * kMiB);
+  void* small = allocator->raw_allocate(100);
+  allocator->raw_deallocate(small);
+}
+
+TEST(CpuBufferCache, RejectsZeroThreshold) {
+  CpuBufferCacheOptions options;
+  options.min_bytes = 0;
+  EXPECT_THROW(install_cpu_buffer_cache(options), c10::Error);
+}
+
+// A MoE layer's step gives the same result with the cache (the buffers it reuses hold the last
+// step's data, which nothing may read).
+TEST(CpuBufferCache, LayerStepsMatchWithoutIt) {
+  auto steps = [] {
+    torch::manual_seed(0);
+    MoELayer layer(MoELayerOptions(256, 8, 512).router(RouterOptions().top_k(2)));
+    auto x = torch::randn({2048, 256}, torch::requires_grad());
+    std::vector<torch::Tensor> out;
+    for (int i = 0; i < 3; ++i) {
+      auto y = layer->forward(x);
+      (y.square().mean() + layer->stats().aux_loss()).backward();
+      out.push_back(y.detach().clone());
+    }
+    out.push_back(layer->experts->gate_up.grad().clone());
+    out.push_back(x.grad().clone());
+    return out;
+  };
+  auto plain = steps();
+  ASSERT_TRUE(install_cpu_buffer_cache());
+  auto cached = steps();
+  EXPECT_GT(cpu_buffer_cache_stats().reused, 0);
+  for (size_t i = 0; i < plain.size(); ++i) EXPECT_TRUE(torch::equal(plain[i], cached[i])) << i;
+}
+
+// The kernel's view of the mapping that holds p: its THPeligible line (Linux 5.0 on).
+std::string thp_eligible(const void* p) {
+  std::ifstream smaps("/proc/self/smaps");
+  std::string line;
+  bool inside = false;
+  const auto addr = reinterpret_cast<uintptr_t>(p);
+  while (std::getline(smaps, line)) {
+    uintptr_t lo, hi;
+    char dash;
+    std::istringstream head(line);
+    if (line.find(':') == std::string::npos || line.find('-') < line.find(' ')) {
+      if (head >> std::hex >> lo >> dash >> hi && dash == '-') inside = lo <= addr && addr < hi;
+    }
+    if (inside && line.rfind("THPeligible:", 0) == 0) return line.substr(12);
+  }
+  return "";
+}
+
+TEST(CpuBufferCache, AdvisesHugePagesForCachedBuffers) {
+  std::ifstream mode("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string modes;
+  std::getline(mode, modes);
+  if (modes.empty() || modes.find("[never]") != std::string::npos) {
+    GTEST_SKIP() << "transparent huge pages off here (" << modes << ")";
+  }
+  ASSERT_TRUE(install_cpu_buffer_cache());
+  auto t = floats(8 * kMiB);
+  const std::string eligible = thp_eligible(t.data_ptr());
+  if (eligible.empty()) GTEST_SKIP() << "kernel without THPeligible in /proc/self/smaps";
+  EXPECT_NE(eligible.find('1'), std::string::npos) << "THPeligible:" << eligible;
+}
+
+}  // namespace
+}  // namespace gbmoe
