@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compiles and links gbmoe's whole CUDA path against the CUDA build of LibTorch 2.14.1 (unpacked
 # by scripts/setup_cuda.sh): kernels (nvcc), their LibTorch glue, the NCCL communicator, the CUDA
-# and NCCL tests, the GPU benchmark and the trainer. Nothing of it runs: CI has no GPU.
+# and NCCL tests, the GPU benchmark and the trainer; then installs the package and builds
+# examples/consumer against it with gbmoe::cuda. Nothing of it runs: CI has no GPU.
 # Usage: scripts/build_cuda.sh   (build dir: $GBMOE_CUDA_BUILD_DIR, default build-cuda/;
 #        GBMOE_CUDA_BUILD=auto skips with a message when nvcc or the wheels are missing, on fails)
 set -euo pipefail
@@ -36,4 +37,15 @@ cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGBMOE_BUILD_T
 grep -E "gbmoe: (LibTorch|CUDA kernels|NCCL)" "$build/configure.log"
 cmake --build "$build" -j"${GBMOE_JOBS:-2}" --target gbmoe_cuda_kernels gbmoe_cuda gbmoe_parallel \
   gbmoe_cuda_tests gbmoe_parallel_tests gbmoe_bench_moe_cuda gbmoe-train
+cmake --install "$build" --prefix "$build/prefix" --component Development > /dev/null
+consumer=$build/consumer
+cmake -S "$root/examples/consumer" -B "$consumer" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_PREFIX_PATH="$build/prefix" -DTorch_DIR="$prefix/torch/share/cmake/Torch" \
+  -DCMAKE_CUDA_COMPILER="$toolkit/bin/nvcc" -DCUDAToolkit_ROOT="$toolkit" \
+  -DCUDA_TOOLKIT_ROOT_DIR="$toolkit" -DTORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+  "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--unresolved-symbols=ignore-in-shared-libs" >"$consumer.log" 2>&1 ||
+  { cat "$consumer.log"; exit 1; }
+cmake --build "$consumer" -j"${GBMOE_JOBS:-2}"
+grep -q "gbmoe_cuda" "$consumer/build.ninja" ||
+  { echo "build_cuda: the consumer did not link gbmoe::cuda" >&2; exit 1; }
 echo "build_cuda: CUDA path compiled and linked in $(($(date +%s) - start)) s ($build)"

@@ -1,6 +1,9 @@
 // Drops gbmoe::MoELayer into a small LibTorch model and trains it for a few steps.
 #include <moe/moe_layer.h>
 #include <torch/torch.h>
+#ifdef GBMOE_WITH_CUDA_KERNELS  // defined by gbmoe::cuda
+#include <csrc_cuda/moe_kernels.h>
+#endif
 
 #include <cstdio>
 
@@ -23,6 +26,9 @@ struct TinyModelImpl : torch::nn::Module {
 TORCH_MODULE(TinyModel);
 
 int main() {
+#ifdef GBMOE_WITH_CUDA_KERNELS
+  gbmoe::cuda::register_kernels();  // CUDA tensors get the fused kernels; CPU ones are unchanged
+#endif
   torch::manual_seed(0);
   TinyModel model;
   torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(1e-2));
