@@ -3,7 +3,9 @@
 #include <torch/torch.h>
 #include <cxxopts.hpp>
 
+#ifdef __GLIBC__
 #include <malloc.h>
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -100,8 +102,13 @@ int main(int argc, char** argv) {
       return 2;
     }
   } else if (memory == "mallopt") {
+#ifdef __GLIBC__
     mallopt(M_MMAP_THRESHOLD, 1 << 30);
     mallopt(M_TRIM_THRESHOLD, 1 << 30);
+#else
+    std::fprintf(stderr, "gbmoe_bench_layer: --memory mallopt needs glibc\n");
+    return 2;
+#endif
   } else if (memory != "default") {
     std::fprintf(stderr, "gbmoe_bench_layer: --memory (%s) must be cache, mallopt or default\n",
                  memory.c_str());

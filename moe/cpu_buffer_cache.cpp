@@ -10,12 +10,26 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <list>
+#include <map>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#endif
+
+#if defined(__SANITIZE_ADDRESS__)
+#define GBMOE_ASAN
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define GBMOE_ASAN
+#endif
+#endif
+
+#if defined(__GLIBC__)
+#include <malloc.h>
 #endif
 
 // c10::Allocator took its present form (non-const allocate, pure virtual copy_data) in 2.3.
@@ -33,7 +47,11 @@ class BufferCache {
   void set_options(const CpuBufferCacheOptions& options) {
     std::lock_guard<std::mutex> lock(mutex_);
     options_ = options;
+#ifdef GBMOE_ASAN
+    options_.max_cached_bytes = 0;  // reused memory would hide use-after-free from ASan
+#endif
     min_bytes_.store(options.min_bytes);
+    evict_to(options_.max_cached_bytes);
   }
 
   size_t min_bytes() const { return min_bytes_.load(); }
@@ -43,14 +61,18 @@ class BufferCache {
     bool huge_pages;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      auto it = free_.find(size);
-      if (it != free_.end() && !it->second.empty()) {
-        void* p = it->second.back();
-        it->second.pop_back();
-        stats_.cached_bytes -= size;
-        stats_.live_bytes += size;
+      // The smallest cached buffer that fits, if it wastes at most a quarter of the request.
+      auto it = by_size_.lower_bound(size);
+      if (it != by_size_.end() && it->first <= size + size / 4) {
+        const auto entry = it->second;
+        void* p = entry->ptr;
+        const size_t got = entry->size;
+        by_size_.erase(it);
+        lru_.erase(entry);
+        stats_.cached_bytes -= got;
+        stats_.live_bytes += got;
         ++stats_.reused;
-        live_[p] = size;
+        live_[p] = got;
         return p;
       }
       huge_pages = options_.huge_pages;
@@ -60,7 +82,13 @@ class BufferCache {
       release_all();
       p = aligned(size);
     }
-    TORCH_CHECK(p, "gbmoe CPU buffer cache: out of memory allocating ", n, " bytes");
+    if (!p) {
+      const auto st = stats();
+      TORCH_CHECK(false, "gbmoe CPU buffer cache: out of memory allocating ", n,
+                  " bytes (tensors hold ", st.live_bytes,
+                  " bytes of cached-size buffers; lower the batch, or "
+                  "CpuBufferCacheOptions::max_cached_bytes / train.cpu_buffer_cache_mib)");
+    }
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     if (huge_pages) madvise(p, size, MADV_HUGEPAGE);  // advice only: failure changes nothing
 #endif
@@ -71,7 +99,8 @@ class BufferCache {
     return p;
   }
 
-  // Keeps p for reuse (or frees it past max_cached_bytes); false if p is not one of ours.
+  // Keeps p for reuse, dropping the least recently freed buffers past max_cached_bytes; false if
+  // p is not one of ours.
   bool give_back(void* p) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = live_.find(p);
@@ -79,22 +108,16 @@ class BufferCache {
     const size_t size = it->second;
     live_.erase(it);
     stats_.live_bytes -= size;
-    if (stats_.cached_bytes + size <= options_.max_cached_bytes) {
-      free_[size].push_back(p);
-      stats_.cached_bytes += size;
-    } else {
-      std::free(p);
-    }
+    lru_.push_front({p, size});
+    by_size_.emplace(size, lru_.begin());
+    stats_.cached_bytes += size;
+    evict_to(options_.max_cached_bytes);
     return true;
   }
 
   void release_all() {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (auto& [size, buffers] : free_) {
-      for (void* p : buffers) std::free(p);
-    }
-    free_.clear();
-    stats_.cached_bytes = 0;
+    evict_to(0);
   }
 
   CpuBufferCacheStats stats() {
@@ -103,16 +126,40 @@ class BufferCache {
   }
 
  private:
+  struct Cached {
+    void* ptr;
+    size_t size;
+  };
+  using Lru = std::list<Cached>;  // most recently freed first
+
   static void* aligned(size_t size) {
     void* p = nullptr;
     return posix_memalign(&p, kHugePage, size) == 0 ? p : nullptr;
   }
 
+  // Frees the least recently freed buffers until at most limit bytes stay cached. Holds mutex_.
+  void evict_to(size_t limit) {
+    while (stats_.cached_bytes > limit) {
+      const Cached oldest = lru_.back();
+      auto range = by_size_.equal_range(oldest.size);
+      for (auto it = range.first; it != range.second; ++it) {
+        if (it->second->ptr == oldest.ptr) {
+          by_size_.erase(it);
+          break;
+        }
+      }
+      lru_.pop_back();
+      stats_.cached_bytes -= oldest.size;
+      std::free(oldest.ptr);
+    }
+  }
+
   std::mutex mutex_;
   CpuBufferCacheOptions options_;
   std::atomic<size_t> min_bytes_{CpuBufferCacheOptions().min_bytes};
-  std::unordered_map<void*, size_t> live_;               // buffer -> rounded size
-  std::unordered_map<size_t, std::vector<void*>> free_;  // rounded size -> buffers
+  std::unordered_map<void*, size_t> live_;  // buffer -> its size
+  Lru lru_;
+  std::multimap<size_t, Lru::iterator> by_size_;
   CpuBufferCacheStats stats_;
 };
 
@@ -146,9 +193,10 @@ class CachingCpuAllocator final : public c10::Allocator {
 }  // namespace
 
 bool install_cpu_buffer_cache(const CpuBufferCacheOptions& options) {
+  TORCH_CHECK(options.min_bytes >= kHugePage, "CpuBufferCacheOptions::min_bytes (",
+              options.min_bytes, ") must be >= ", kHugePage,
+              " (2 MiB): cached buffers take whole huge pages");
 #ifdef GBMOE_HAS_ALLOCATOR_API
-  TORCH_CHECK(options.min_bytes > 0, "CpuBufferCacheOptions min_bytes (", options.min_bytes,
-              ") must be > 0");
   cache().set_options(options);
   static auto* allocator = new CachingCpuAllocator();  // SetAllocator wants static lifetime
   static std::once_flag installed;
@@ -156,7 +204,11 @@ bool install_cpu_buffer_cache(const CpuBufferCacheOptions& options) {
                  [] { c10::SetAllocator(c10::DeviceType::CPU, allocator, /*priority=*/255); });
   return true;
 #else
-  (void)options;
+#if defined(__GLIBC__)
+  // The next best thing: glibc keeps freed memory instead of unmapping it.
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+#endif
   return false;
 #endif
 }

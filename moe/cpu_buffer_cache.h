@@ -11,11 +11,13 @@ namespace gbmoe {
 
 /// What the cache keeps.
 struct CpuBufferCacheOptions {
-  /// Buffers of at least this many bytes are cached (and rounded up to whole huge pages);
-  /// smaller ones go to LibTorch's own CPU allocation.
+  /// Buffers of at least this many bytes (>= 2 MiB) are cached, rounded up to whole huge pages;
+  /// smaller ones go to LibTorch's own CPU allocation. A request takes the smallest cached
+  /// buffer that fits it with at most a quarter to spare.
   size_t min_bytes = size_t{2} << 20;
-  /// Freed buffers beyond this many bytes in the cache are returned to the system.
-  size_t max_cached_bytes = size_t{8} << 30;
+  /// Freed buffers beyond this many bytes in the cache are returned to the system, least
+  /// recently freed first. (In AddressSanitizer builds nothing is kept.)
+  size_t max_cached_bytes = size_t{2} << 30;
   /// madvise(MADV_HUGEPAGE) on the cached buffers (Linux; ignored elsewhere).
   bool huge_pages = true;
 };
@@ -23,7 +25,7 @@ struct CpuBufferCacheOptions {
 /// Makes the cache LibTorch's CPU allocator for tensors created from now on; tensors that exist
 /// keep their own allocator. Call it once, early (before the model is built). Later calls only
 /// change the options. Returns false where LibTorch is older than 2.3 (another allocator
-/// interface), and then changes nothing.
+/// interface): there it only tells glibc to keep freed memory (mallopt).
 ///
 /// Example (first lines of main):
 ///   gbmoe::install_cpu_buffer_cache();

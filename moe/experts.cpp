@@ -91,7 +91,7 @@ void swiglu_forward(const torch::Tensor& h_nH, torch::Tensor& act_nF) {
 }
 
 // dh_nH = [dgate | dup] = [dact * up * silu'(gate) | dact * silu(gate)] and act_nF = silu(gate) *
-// up, as in forward. dact_nF may be overwritten.
+// up, as in forward: four separate buffers. dact_nF may be overwritten.
 void swiglu_backward(const torch::Tensor& h_nH, torch::Tensor& dact_nF, torch::Tensor& dh_nH,
                      torch::Tensor& act_nF) {
   const int64_t F = act_nF.size(1);
@@ -105,6 +105,8 @@ void swiglu_backward(const torch::Tensor& h_nH, torch::Tensor& dact_nF, torch::T
     return;
   }
   const float* h = h_nH.data_ptr<float>();
+  TORCH_CHECK(dh_nH.data_ptr() != h_nH.data_ptr() && act_nF.data_ptr() != dact_nF.data_ptr(),
+              "swiglu_backward needs outputs apart from its inputs");
   const float* dact = dact_nF.data_ptr<float>();
   float* dh = dh_nH.data_ptr<float>();
   float* act = act_nF.data_ptr<float>();

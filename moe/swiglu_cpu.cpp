@@ -5,6 +5,12 @@
 // another target.
 #include "moe/swiglu_cpu.h"
 
+// The round-to-integer step of exp_approx relies on IEEE evaluation order; -ffast-math folds it
+// away (CMakeLists.txt builds this file with -fno-fast-math).
+#ifdef __FAST_MATH__
+#error "moe/swiglu_cpu.cpp must be compiled without -ffast-math"
+#endif
+
 #include <atomic>
 #include <cstring>
 
@@ -16,13 +22,14 @@ namespace gbmoe {
 namespace detail {
 namespace {
 
-// e^x within 2 ulp for x in [-87, 88] (clamped outside, where sigmoid is 0 or 1 to fp32 anyway):
-// x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for an exact n ln2), e^r by the Cephes
-// single-precision polynomial, 2^n written into the exponent bits. A NaN becomes e^-87 here; the
-// callers multiply by the NaN gate, so their results stay NaN.
+// e^x within 2 ulp for x in [-87, 88.7]: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for
+// an exact n ln2), e^r by the Cephes single-precision polynomial, 2^n written into the exponent
+// bits. Below -87 it gives e^-87; above 88.7 (clamped at 89, n = 128) the exponent bits make
+// +inf, as the true value overflows fp32 there. A NaN becomes e^-87; the callers multiply by the
+// NaN gate, so their results stay NaN.
 inline __attribute__((always_inline)) float exp_approx(float x) {
   x = x > -87.f ? x : -87.f;
-  x = x < 88.f ? x : 88.f;
+  x = x < 89.f ? x : 89.f;
   constexpr float kRoundShift = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
   const float n = (x * 1.44269504088896341f + kRoundShift) - kRoundShift;
   float r = x - n * 0.693145751953125f;
@@ -40,11 +47,17 @@ inline __attribute__((always_inline)) float exp_approx(float x) {
   return p * scale;
 }
 
+// sigmoid(g) = 1 / (1 + e^-g): 0 below about -88.7 (the true value is a denormal there), so that
+// silu(-inf) is NaN as in LibTorch.
+inline __attribute__((always_inline)) float sigmoid(float g) {
+  return 1.f / (1.f + exp_approx(-g));
+}
+
 inline __attribute__((always_inline)) void forward_row(const float* __restrict gate,
                                                        const float* __restrict up,
                                                        float* __restrict act, int64_t F) {
   for (int64_t j = 0; j < F; ++j) {
-    const float s = 1.f / (1.f + exp_approx(-gate[j]));
+    const float s = sigmoid(gate[j]);
     act[j] = gate[j] * s * up[j];
   }
 }
@@ -53,7 +66,7 @@ inline __attribute__((always_inline)) void backward_row(
     const float* __restrict gate, const float* __restrict up, const float* __restrict dact,
     float* __restrict dgate, float* __restrict dup, float* __restrict act, int64_t F) {
   for (int64_t j = 0; j < F; ++j) {
-    const float g = gate[j], s = 1.f / (1.f + exp_approx(-g)), silu = g * s;
+    const float g = gate[j], s = sigmoid(g), silu = g * s;
     act[j] = silu * up[j];
     dup[j] = dact[j] * silu;
     dgate[j] = dact[j] * up[j] * s * (1.f + g * (1.f - s));

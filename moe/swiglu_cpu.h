@@ -3,6 +3,7 @@
 // no LibTorch: experts.cpp slices the tensors, splits the rows over threads and keeps the
 // LibTorch ops as the reference these are tested against (tests/moe/swiglu_cpu_test.cpp).
 // Letters: F expert hidden dim. A row of h holds [gate | up], 2F entries; ld_* are row strides.
+// Outputs must not overlap inputs (the loops read through restrict pointers).
 #pragma once
 
 #include <cstdint>

@@ -46,6 +46,6 @@ cmake -S "$root/examples/consumer" -B "$consumer" -G Ninja -DCMAKE_BUILD_TYPE=Re
   "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--unresolved-symbols=ignore-in-shared-libs" >"$consumer.log" 2>&1 ||
   { cat "$consumer.log"; exit 1; }
 cmake --build "$consumer" -j"${GBMOE_JOBS:-2}"
-grep -q "gbmoe_cuda" "$consumer/build.ninja" ||
-  { echo "build_cuda: the consumer did not link gbmoe::cuda" >&2; exit 1; }
+nm -C "$consumer/consumer" | grep "gbmoe::cuda::register_kernels()" > /dev/null ||
+  { echo "build_cuda: the consumer did not link gbmoe::cuda::register_kernels" >&2; exit 1; }
 echo "build_cuda: CUDA path compiled and linked in $(($(date +%s) - start)) s ($build)"

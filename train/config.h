@@ -99,7 +99,10 @@ class ConfigError : public std::invalid_argument {
     "compute dtype (parameters and optimizer state stay float32)")                                 \
   X(bool, activation_checkpointing, false, AnyValue(),                                             \
     "recompute each block's activations in the backward pass to save memory")                      \
-  X(int64_t, threads, 1, AtLeast(1), "intra-op CPU threads per rank")
+  X(int64_t, threads, 1, AtLeast(1), "intra-op CPU threads per rank")                             \
+  X(int64_t, cpu_buffer_cache_mib, 2048, AtLeast(0),                                               \
+    "MiB of freed CPU buffers (2 MiB and more, on huge pages) each rank keeps for reuse; "         \
+    "0 = off (glibc malloc)")
 
 #define GBMOE_PARALLEL_FIELDS(X)                                                                   \
   X(int64_t, expert_parallel, 1, AtLeast(1),                                                       \

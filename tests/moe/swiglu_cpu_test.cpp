@@ -40,12 +40,13 @@ std::vector<torch::Tensor> reference(const torch::Tensor& h, const torch::Tensor
   return {act.detach(), grads[0], grads[1]};
 }
 
-// |a - b| <= 2e-6 |b| + 1e-6 scale + 1e-30 elementwise: scale is the size of the factors where a
-// sum cancels (dgate has 1 + g (1 - s), zero near g = -1.28), 1e-30 covers fp32 underflow.
+// |a - b| <= 2e-6 |b| + 1e-6 scale + 1e-36 elementwise: scale is the size of the factors where a
+// sum cancels (dgate has 1 + g (1 - s), zero near g = -1.28); 1e-36 covers gates below -88.7,
+// where the fp32 sigmoid is 0 and the true |silu| is under 4e-37.
 void expect_close(const torch::Tensor& a, const torch::Tensor& b, const std::string& what,
                   const torch::Tensor& scale = {}) {
   auto diff = (a.to(torch::kDouble) - b).abs();
-  auto bound = b.abs() * 2e-6 + 1e-30;
+  auto bound = b.abs() * 2e-6 + 1e-36;
   if (scale.defined()) bound = bound + scale.to(torch::kDouble).abs() * 1e-6;
   auto worst = (diff - bound).max().item<double>();
   EXPECT_LE(worst, 0.0) << what << ": max |a - b| " << diff.max().item<double>();
@@ -127,6 +128,41 @@ TEST(SwiGLUCpu, NaNPropagates) {
     EXPECT_TRUE(std::isnan(act[1][5].item<float>()));
     EXPECT_TRUE(std::isnan(dh[1][5].item<float>()));  // dgate needs up
     EXPECT_EQ(torch::isnan(act).sum().item<int64_t>(), 2);
+  });
+}
+
+// Gates at and past the ends of fp32's exp: the same values, infinities and NaNs as LibTorch in
+// fp64 (silu(-inf) and silu'(+-inf) are NaN there too).
+TEST(SwiGLUCpu, ExtremeGatesMatchLibTorch) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> gates = {-inf, -1e30f, -100.f, -88.6f, -88.f, -87.f, -20.f,
+                                    20.f, 87.f,   88.6f,  100.f,  1e30f, inf};
+  const int64_t F = static_cast<int64_t>(gates.size());
+  auto h = torch::cat({torch::tensor(gates), torch::full({F}, 1.5f)}).view({1, 2 * F});
+  auto dact = torch::full({1, F}, 0.75f);
+  auto ref = reference(h, dact, F);
+  auto same = [](const torch::Tensor& a, const torch::Tensor& b, const char* what) {
+    auto ad = a.to(torch::kDouble).view(-1), bd = b.view(-1);
+    for (int64_t i = 0; i < ad.numel(); ++i) {
+      const double x = ad[i].item<double>(), y = bd[i].item<double>();
+      if (std::isnan(y) || std::isinf(y)) {
+        EXPECT_TRUE((std::isnan(x) && std::isnan(y)) || x == y)
+            << what << "[" << i << "] " << x << " vs " << y;
+      } else {
+        EXPECT_LE(std::abs(x - y), 2e-6 * std::abs(y) + 1e-36) << what << "[" << i << "]";
+      }
+    }
+  };
+  for_each_variant([&] {
+    auto act = torch::zeros({1, F}), act_bwd = torch::zeros({1, F});
+    auto dh = torch::zeros({1, 2 * F});
+    detail::swiglu_forward_rows(h.data_ptr<float>(), 2 * F, act.data_ptr<float>(), F, 1, F);
+    detail::swiglu_backward_rows(h.data_ptr<float>(), 2 * F, dact.data_ptr<float>(), F,
+                                 dh.data_ptr<float>(), 2 * F, act_bwd.data_ptr<float>(), F, 1, F);
+    same(act, ref[0], "act");
+    same(act_bwd, ref[0], "backward act");
+    same(dh.narrow(1, 0, F), ref[1], "dgate");
+    same(dh.narrow(1, F, F), ref[2], "dup");
   });
 }
 

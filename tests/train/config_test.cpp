@@ -82,6 +82,7 @@ const std::map<std::string, std::string> kEveryKeyChanged = {
     {"train.device", "cuda"},
     {"train.dtype", "bfloat16"},
     {"train.activation_checkpointing", "true"},
+    {"train.cpu_buffer_cache_mib", "512"},
     {"train.threads", "2"},
     {"parallel.expert_parallel", "2"},
 };

@@ -55,8 +55,6 @@ void print_summary(const gbmoe::TrainSummary& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Reuse freed activation buffers (on huge pages) instead of mapping fresh memory each step.
-  gbmoe::install_cpu_buffer_cache();
   gbmoe::MpiRuntime mpi(&argc, &argv);
   return gbmoe::run_distributed([&] {
     cxxopts::Options cli("gbmoe-train", "Train a mixture-of-experts language model");
@@ -88,6 +86,13 @@ int main(int argc, char** argv) {
     if (args.count("print-config")) {
       if (mpi.rank() == 0) std::cout << config.to_yaml();
       return 0;
+    }
+    if (config.train.cpu_buffer_cache_mib > 0) {
+      // Reuse freed activation buffers (on huge pages) instead of mapping fresh memory each
+      // step. Before the model is built: tensors keep the allocator they were made with.
+      gbmoe::CpuBufferCacheOptions cache;
+      cache.max_cached_bytes = static_cast<size_t>(config.train.cpu_buffer_cache_mib) << 20;
+      gbmoe::install_cpu_buffer_cache(cache);
     }
     gbmoe::TrainSummary summary;
     {
