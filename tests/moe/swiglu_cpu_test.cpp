@@ -67,6 +67,24 @@ void for_each_variant(const Check& check) {
   EXPECT_GE(ran, 1);
 }
 
+struct Outputs {
+  torch::Tensor act, act_bwd, dh;  // forward act; backward act and [dgate | dup]
+};
+
+// Both passes over h (rows of stride >= 2F) and dact (stride >= F) into fresh outputs with
+// `extra` padding entries per row, filled with kPad: each variant must write its own.
+Outputs run_passes(const torch::Tensor& h, const torch::Tensor& dact, int64_t F, int64_t extra) {
+  const int64_t rows = h.size(0);
+  Outputs out{torch::full({rows, F + extra}, kPad), torch::full({rows, F + extra}, kPad),
+              torch::full({rows, 2 * F + extra}, kPad)};
+  detail::swiglu_forward_rows(h.data_ptr<float>(), h.stride(0), out.act.data_ptr<float>(),
+                              out.act.stride(0), rows, F);
+  detail::swiglu_backward_rows(h.data_ptr<float>(), h.stride(0), dact.data_ptr<float>(),
+                               dact.stride(0), out.dh.data_ptr<float>(), out.dh.stride(0),
+                               out.act_bwd.data_ptr<float>(), out.act_bwd.stride(0), rows, F);
+  return out;
+}
+
 struct Shape {
   int64_t rows, F, extra;  // extra: row padding beyond 2F (h, dh) or F (act, dact)
 };
@@ -79,16 +97,8 @@ TEST_P(SwiGLUCpuShapes, ForwardAndBackwardMatchFp64Reference) {
   auto h = make_h(rows, F, 2 * F + extra);
   auto dact = torch::full({rows, F + extra}, kPad);
   dact.narrow(1, 0, F).copy_(torch::randn({rows, F}));
-  for_each_variant([&] {  // fresh outputs each time: a variant must write its own
-    auto act = torch::full({rows, F + extra}, kPad);
-    auto act_bwd = torch::full({rows, F + extra}, kPad);
-    auto dh = torch::full({rows, 2 * F + extra}, kPad);
-    detail::swiglu_forward_rows(h.data_ptr<float>(), h.stride(0), act.data_ptr<float>(),
-                                act.stride(0), rows, F);
-    detail::swiglu_backward_rows(h.data_ptr<float>(), h.stride(0), dact.data_ptr<float>(),
-                                 dact.stride(0), dh.data_ptr<float>(), dh.stride(0),
-                                 act_bwd.data_ptr<float>(), act_bwd.stride(0), rows, F);
-
+  for_each_variant([&] {
+    const auto [act, act_bwd, dh] = run_passes(h, dact, F, extra);
     auto ref = reference(h, dact.narrow(1, 0, F), F);
     expect_close(act.narrow(1, 0, F), ref[0], "forward act");
     expect_close(act_bwd.narrow(1, 0, F), ref[0], "backward act");
@@ -116,11 +126,7 @@ TEST(SwiGLUCpu, NaNPropagates) {
   h[1][F + 5] = nan;  // an up
   auto dact = torch::randn({2, F});
   for_each_variant([&] {
-    auto act = torch::zeros({2, F}), act_bwd = torch::zeros({2, F});
-    auto dh = torch::zeros({2, 2 * F});
-    detail::swiglu_forward_rows(h.data_ptr<float>(), 2 * F, act.data_ptr<float>(), F, 2, F);
-    detail::swiglu_backward_rows(h.data_ptr<float>(), 2 * F, dact.data_ptr<float>(), F,
-                                 dh.data_ptr<float>(), 2 * F, act_bwd.data_ptr<float>(), F, 2, F);
+    const auto [act, act_bwd, dh] = run_passes(h, dact, F, 0);
     EXPECT_TRUE(std::isnan(act[0][3].item<float>()));
     EXPECT_TRUE(std::isnan(act_bwd[0][3].item<float>()));
     EXPECT_TRUE(std::isnan(dh[0][3].item<float>()));      // dgate
@@ -154,11 +160,7 @@ TEST(SwiGLUCpu, ExtremeGatesMatchLibTorch) {
     }
   };
   for_each_variant([&] {
-    auto act = torch::zeros({1, F}), act_bwd = torch::zeros({1, F});
-    auto dh = torch::zeros({1, 2 * F});
-    detail::swiglu_forward_rows(h.data_ptr<float>(), 2 * F, act.data_ptr<float>(), F, 1, F);
-    detail::swiglu_backward_rows(h.data_ptr<float>(), 2 * F, dact.data_ptr<float>(), F,
-                                 dh.data_ptr<float>(), 2 * F, act_bwd.data_ptr<float>(), F, 1, F);
+    const auto [act, act_bwd, dh] = run_passes(h, dact, F, 0);
     same(act, ref[0], "act");
     same(act_bwd, ref[0], "backward act");
     same(dh.narrow(1, 0, F), ref[1], "dgate");
