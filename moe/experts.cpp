@@ -95,18 +95,18 @@ void swiglu_forward(const torch::Tensor& h_nH, torch::Tensor& act_nF) {
 void swiglu_backward(const torch::Tensor& h_nH, torch::Tensor& dact_nF, torch::Tensor& dh_nH,
                      torch::Tensor& act_nF) {
   const int64_t F = act_nF.size(1);
-  auto gate = h_nH.narrow(1, 0, F), up = h_nH.narrow(1, F, F);
-  auto dgate = dh_nH.narrow(1, 0, F), dup = dh_nH.narrow(1, F, F);
   if (!use_fused_swiglu(h_nH)) {
+    auto gate = h_nH.narrow(1, 0, F), up = h_nH.narrow(1, F, F);
+    auto dgate = dh_nH.narrow(1, 0, F), dup = dh_nH.narrow(1, F, F);
     torch::silu_out(act_nF, gate);
     torch::mul_out(dup, dact_nF, act_nF);
     act_nF.mul_(up);
     torch::silu_backward_out(dgate, dact_nF.mul_(up), gate);
     return;
   }
-  const float* h = h_nH.data_ptr<float>();
   TORCH_CHECK(dh_nH.data_ptr() != h_nH.data_ptr() && act_nF.data_ptr() != dact_nF.data_ptr(),
               "swiglu_backward needs outputs apart from its inputs");
+  const float* h = h_nH.data_ptr<float>();
   const float* dact = dact_nF.data_ptr<float>();
   float* dh = dh_nH.data_ptr<float>();
   float* act = act_nF.data_ptr<float>();

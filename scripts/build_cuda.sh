@@ -26,25 +26,22 @@ if [ -f "$build/CMakeCache.txt" ] &&
   ! grep -qxE "Torch_DIR:[A-Z]+=$prefix/torch/share/cmake/Torch" "$build/CMakeCache.txt"; then
   rm -rf "$build/CMakeCache.txt" "$build/CMakeFiles"
 fi
+# The CUDA LibTorch and toolkit, for gbmoe and for the consumer built against its install.
 # libtorch_cuda.so needs cuBLAS, cuDNN, ... which CI does not unpack (they are only loaded at run
 # time), so executables link with their symbols left to the loader.
-cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGBMOE_BUILD_TESTS=ON \
-  -DGBMOE_WITH_CUDA=ON -DTorch_DIR="$prefix/torch/share/cmake/Torch" \
-  -DCMAKE_CUDA_COMPILER="$toolkit/bin/nvcc" -DCUDAToolkit_ROOT="$toolkit" \
-  -DCUDA_TOOLKIT_ROOT_DIR="$toolkit" -DTORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
-  "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--unresolved-symbols=ignore-in-shared-libs" >"$build/configure.log" 2>&1 ||
-  { cat "$build/configure.log"; exit 1; }
+cuda_args=(-G Ninja -DCMAKE_BUILD_TYPE=Release -DTorch_DIR="$prefix/torch/share/cmake/Torch"
+  -DCMAKE_CUDA_COMPILER="$toolkit/bin/nvcc" -DCUDAToolkit_ROOT="$toolkit"
+  -DCUDA_TOOLKIT_ROOT_DIR="$toolkit" -DTORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+  "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--unresolved-symbols=ignore-in-shared-libs")
+cmake -S "$root" -B "$build" "${cuda_args[@]}" -DGBMOE_BUILD_TESTS=ON -DGBMOE_WITH_CUDA=ON \
+  >"$build/configure.log" 2>&1 || { cat "$build/configure.log"; exit 1; }
 grep -E "gbmoe: (LibTorch|CUDA kernels|NCCL)" "$build/configure.log"
 cmake --build "$build" -j"${GBMOE_JOBS:-2}" --target gbmoe_cuda_kernels gbmoe_cuda gbmoe_parallel \
   gbmoe_cuda_tests gbmoe_parallel_tests gbmoe_bench_moe_cuda gbmoe-train
 cmake --install "$build" --prefix "$build/prefix" --component Development > /dev/null
 consumer=$build/consumer
-cmake -S "$root/examples/consumer" -B "$consumer" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DCMAKE_PREFIX_PATH="$build/prefix" -DTorch_DIR="$prefix/torch/share/cmake/Torch" \
-  -DCMAKE_CUDA_COMPILER="$toolkit/bin/nvcc" -DCUDAToolkit_ROOT="$toolkit" \
-  -DCUDA_TOOLKIT_ROOT_DIR="$toolkit" -DTORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
-  "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--unresolved-symbols=ignore-in-shared-libs" >"$consumer.log" 2>&1 ||
-  { cat "$consumer.log"; exit 1; }
+cmake -S "$root/examples/consumer" -B "$consumer" "${cuda_args[@]}" \
+  -DCMAKE_PREFIX_PATH="$build/prefix" >"$consumer.log" 2>&1 || { cat "$consumer.log"; exit 1; }
 cmake --build "$consumer" -j"${GBMOE_JOBS:-2}"
 nm -C "$consumer/consumer" | grep "gbmoe::cuda::register_kernels()" > /dev/null ||
   { echo "build_cuda: the consumer did not link gbmoe::cuda::register_kernels" >&2; exit 1; }
