@@ -15,6 +15,7 @@
 #include "moe/cpu_buffer_cache.h"
 #include "moe/kernels.h"
 #include "moe/moe_layer.h"
+#include "moe/objective.h"
 #include "moe/swiglu_cpu.h"
 
 namespace {
@@ -46,10 +47,15 @@ void run(const Shape& s, int reps, const char* memory) {
   using namespace gbmoe;
   MoELayer layer(MoELayerOptions(s.D, s.E, s.F).router(RouterOptions().top_k(s.K)));
   auto x = torch::randn({s.T, s.D}, torch::requires_grad());
+  // The layer trained alone: its balancing and z-loss terms come from the objective.
+  TrainingObjective objective({layer}, BalanceOptions().scope(BalanceScope::Micro));
   auto step = [&] {
-    auto y = layer->forward(x);
-    auto loss = y.square().mean() + layer->stats().aux_loss();
+    objective.begin_step(1, static_cast<double>(s.T));
+    auto routing = objective.context();
+    auto y = layer->forward(x, {}, &routing);
+    auto loss = y.square().mean() + objective.micro_batch_loss(routing, torch::zeros({}));
     loss.backward();
+    objective.end_step();
   };
   step();
   std::vector<double> times;

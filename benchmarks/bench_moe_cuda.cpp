@@ -64,8 +64,7 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);
   torch::manual_seed(0);
-  gbmoe::MoELayer moe(
-      gbmoe::MoELayerOptions(D, E, F).router(gbmoe::RouterOptions().top_k(K).z_loss_coef(0)));
+  gbmoe::MoELayer moe(gbmoe::MoELayerOptions(D, E, F).router(gbmoe::RouterOptions().top_k(K)));
   moe->to(torch::kCUDA);
   auto opts = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kBFloat16);
   auto x = torch::randn({T, D}, opts).requires_grad_(true);

@@ -39,6 +39,13 @@ BalanceScope balance_scope_from_string(const std::string& name) {
 
 void BalanceOptions::validate() const {
   TORCH_CHECK(std::isfinite(alpha()) && alpha() >= 0, "balance alpha (", alpha(), ") must be >= 0");
+  TORCH_CHECK(std::isfinite(micro_alpha()) && micro_alpha() >= 0, "balance micro_alpha (",
+              micro_alpha(), ") must be >= 0");
+  TORCH_CHECK(std::isfinite(z_loss()) && z_loss() >= 0, "balance z_loss (", z_loss(),
+              ") must be >= 0");
+  TORCH_CHECK(group_size() >= 0, "balance group_size (", group_size(), ") must be >= 0");
+  TORCH_CHECK(std::isfinite(bias_update_rate()) && bias_update_rate() >= 0,
+              "balance bias_update_rate (", bias_update_rate(), ") must be >= 0");
 }
 
 torch::Tensor selection_frequency(const torch::Tensor& counts, double num_tokens, int64_t top_k) {
@@ -74,9 +81,10 @@ torch::Tensor micro_load_balancing_loss(const torch::Tensor& scores,
   return load_balancing_loss(counts, n, mean_scores(scores, valid), K, alpha);
 }
 
-torch::Tensor sequence_load_balancing_loss(const torch::Tensor& scores,
-                                           const torch::Tensor& expert_ids,
-                                           const torch::Tensor& valid, double alpha) {
+std::pair<torch::Tensor, torch::Tensor> sequence_balance_terms(const torch::Tensor& scores,
+                                                               const torch::Tensor& expert_ids,
+                                                               const torch::Tensor& valid,
+                                                               double alpha) {
   TORCH_CHECK(scores.dim() == 3 && expert_ids.dim() == 3,
               "sequence LBL needs scores (B, S, E) and ", "expert_ids (B, S, K), got ",
               scores.sizes(), " and ", expert_ids.sizes());
@@ -94,7 +102,13 @@ torch::Tensor sequence_load_balancing_loss(const torch::Tensor& scores,
   auto n_safe_B = n_B.clamp_min(1).unsqueeze(-1);
   auto f_BE = counts_BE / (static_cast<double>(K) * n_safe_B);
   auto P_BE = (scores * w_BS.unsqueeze(-1)).sum(1) / n_safe_B;
-  auto per_seq_B = alpha * static_cast<double>(E) * (f_BE * P_BE).sum(-1);
+  return {alpha * static_cast<double>(E) * (f_BE * P_BE).sum(-1), n_B.detach()};
+}
+
+torch::Tensor sequence_load_balancing_loss(const torch::Tensor& scores,
+                                           const torch::Tensor& expert_ids,
+                                           const torch::Tensor& valid, double alpha) {
+  auto [per_seq_B, n_B] = sequence_balance_terms(scores, expert_ids, valid, alpha);
   auto has_tokens_B = (n_B > 0).to(scores.scalar_type());
   return (per_seq_B * has_tokens_B).sum() / has_tokens_B.sum().clamp_min(1);
 }

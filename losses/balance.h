@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <string>
+#include <utility>
 
 namespace gbmoe {
 
@@ -24,22 +25,27 @@ BalanceMethod balance_method_from_string(const std::string& name);
 std::string to_string(BalanceScope s);
 BalanceScope balance_scope_from_string(const std::string& name);
 
+/// What a model trains besides its task loss: the balancing scope and method, their weights and
+/// the router z-loss. Defaults are the spec's: scope global, alpha 0.01, z-loss 0.001.
+///
 /// Example:
 ///   BalanceOptions().scope(BalanceScope::Micro).alpha(0.01)
 struct BalanceOptions {
-  TORCH_ARG(BalanceScope, scope) = BalanceScope::Micro;
+  TORCH_ARG(BalanceScope, scope) = BalanceScope::Global;
   /// Weight alpha of the load-balancing loss; the loss equals alpha at perfect balance.
   TORCH_ARG(double, alpha) = 0.01;
   /// Weight of an extra micro-batch LBL added to a global or group loss (the paper used 1% of
   /// alpha to keep each rank's experts locally busy). 0 = none.
   TORCH_ARG(double, micro_alpha) = 0.0;
-  /// Ranks per balance group for scope Group (consecutive ranks).
+  /// Ranks per balance group for scope Group (consecutive ranks); 0 = all data-parallel ranks.
   TORCH_ARG(int64_t, group_size) = 0;
   TORCH_ARG(BalanceMethod, method) = BalanceMethod::AuxLoss;
-  /// Loss-free balancing: bias step u in b_i += u * sign(mean_j c_j - c_i) per optimizer step,
-  /// from the counts of the scope (all ranks for global, the group for group, this rank's own
-  /// for micro and sequence).
+  /// Loss-free balancing: bias step u in b_i += u * mean_units sign(mean_j c_j - c_i) per
+  /// optimizer step, the mean over the scope's balance units of the step (the global batch; each
+  /// group; each micro-batch of each rank; each sequence), the same on every rank.
   TORCH_ARG(double, bias_update_rate) = 1e-3;
+  /// Router z-loss weight beta (ST-MoE): beta * mean_t logsumexp(z_t)^2. 0 disables it.
+  TORCH_ARG(double, z_loss) = 1e-3;
 
  public:
   void validate() const;
@@ -77,6 +83,14 @@ torch::Tensor micro_load_balancing_loss(const torch::Tensor& scores,
 torch::Tensor sequence_load_balancing_loss(const torch::Tensor& scores,
                                            const torch::Tensor& expert_ids,
                                            const torch::Tensor& valid, double alpha);
+
+/// Per-sequence LBL terms: for each sequence b, LBL(f(b), P(b)) (0 for a sequence without valid
+/// tokens) and its valid-token count n_b. scores: (B, S, E); expert_ids: (B, S, K); valid: (B, S)
+/// bool or undefined. Returns {losses (B,), tokens (B,)}; losses differentiable in scores.
+std::pair<torch::Tensor, torch::Tensor> sequence_balance_terms(const torch::Tensor& scores,
+                                                               const torch::Tensor& expert_ids,
+                                                               const torch::Tensor& valid,
+                                                               double alpha);
 
 /// Router z-loss (ST-MoE): beta * mean_{t valid} (logsumexp_i z_{t,i})^2. logits: (T, E).
 torch::Tensor router_z_loss(const torch::Tensor& logits, const torch::Tensor& valid, double beta);

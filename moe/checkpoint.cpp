@@ -2,7 +2,6 @@
 #include "moe/checkpoint.h"
 
 #include "moe/autocast.h"
-#include "moe/recompute.h"
 
 namespace gbmoe {
 namespace {
@@ -23,18 +22,20 @@ class AutocastRestore {
 };
 
 // What the backward needs besides the saved input; held by the autograd graph as a capsule.
-// Layers are not owned: their stats() hold outputs of this graph, and owning them would make a
-// reference cycle.
 struct CheckpointState : torch::CustomClassHolder {
-  std::function<torch::Tensor(const torch::Tensor&)> fn;
-  std::vector<MoELayerImpl*> layers;
+  CheckpointedFn fn;
+  bool records = false;  // whether the forward recorded routing (the rerun must return the same)
   CudaAutocast autocast;
+  RoutingContext forward_routing;  // the forward's records, handed on after apply()
 
-  // fn's output followed by each layer's differentiable statistics.
-  variable_list run(const torch::Tensor& x) const {
-    variable_list out{fn(x)};
-    for (const auto& layer : layers) {
-      for (auto& t : layer->differentiable_stats()) out.push_back(t);
+  // fn's output followed by each record's scores and logits.
+  variable_list run(const torch::Tensor& x, RoutingContext* routing) const {
+    variable_list out{fn(x, routing)};
+    if (routing) {
+      for (const auto& r : routing->layers()) {
+        out.push_back(r.routing.scores);
+        out.push_back(r.routing.logits);
+      }
     }
     return out;
   }
@@ -45,7 +46,7 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
   static variable_list forward(AutogradContext* ctx, const torch::Tensor& x,
                                c10::intrusive_ptr<CheckpointState> state) {
     state->autocast = CudaAutocast::current();
-    auto out = state->run(x);
+    auto out = state->run(x, state->records ? &state->forward_routing : nullptr);
     ctx->save_for_backward({x});
     ctx->saved_data["state"] = c10::IValue::make_capsule(std::move(state));
     return out;
@@ -59,9 +60,9 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
     variable_list outputs;
     {
       torch::AutoGradMode grad_mode(true);
-      RecomputeGuard recompute;
       AutocastRestore autocast(state.autocast);
-      outputs = state.run(input);
+      RoutingContext scratch;  // the recomputation's routing counts nowhere
+      outputs = state.run(input, state.records ? &scratch : nullptr);
     }
     TORCH_CHECK(outputs.size() == grad_outputs.size(), "checkpoint: the recomputation returned ",
                 outputs.size(), " tensors, the forward ", grad_outputs.size());
@@ -79,15 +80,21 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
 
 }  // namespace
 
-torch::Tensor checkpoint(std::function<torch::Tensor(const torch::Tensor&)> fn,
-                         const torch::Tensor& x, const std::vector<MoELayer>& layers) {
+torch::Tensor checkpoint(CheckpointedFn fn, const torch::Tensor& x, RoutingContext* routing) {
   TORCH_CHECK(x.is_floating_point(), "checkpoint: x must be a floating tensor, got ", x.dtype());
   auto state = c10::make_intrusive<CheckpointState>();
   state->fn = std::move(fn);
-  for (MoELayer layer : layers) state->layers.push_back(layer.get());
+  state->records = routing != nullptr;
   auto out = CheckpointFunction::apply(x, state);
-  for (size_t l = 0; l < state->layers.size(); ++l) {
-    state->layers[l]->set_differentiable_stats({out[1 + 3 * l], out[2 + 3 * l], out[3 + 3 * l]});
+  if (routing) {
+    auto& records = state->forward_routing.layers();
+    for (size_t l = 0; l < records.size(); ++l) {
+      RoutingRecord r = records[l];
+      r.routing.scores = out[1 + 2 * l];
+      r.routing.logits = out[2 + 2 * l];
+      routing->record(std::move(r));
+    }
+    records.clear();  // the graph keeps the state; the records live on in `routing`
   }
   return out[0];
 }

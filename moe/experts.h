@@ -62,6 +62,10 @@ class GroupedExpertsImpl : public torch::nn::Cloneable<GroupedExpertsImpl> {
   GroupedExpertsOptions options;
   torch::Tensor gate_up;  // (E, D, 2F): gate columns [0, F), up columns [F, 2F)
   torch::Tensor down;     // (E, F, D)
+  /// Ranks over which this module's experts are sharded; apply_expert_parallel sets it, and
+  /// data parallelism, gradient clipping and checkpoints treat the parameters of modules with
+  /// shards > 1 as expert shards.
+  int64_t shards = 1;
 };
 TORCH_MODULE(GroupedExperts);
 

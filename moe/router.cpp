@@ -20,7 +20,6 @@ void RouterOptions::validate() const {
   TORCH_CHECK(num_experts() > 0, "num_experts (", num_experts(), ") must be > 0");
   TORCH_CHECK(top_k() >= 1 && top_k() <= num_experts(), "top_k (", top_k(),
               ") must be in [1, num_experts (", num_experts(), ")]");
-  TORCH_CHECK(z_loss_coef() >= 0, "z_loss_coef (", z_loss_coef(), ") must be >= 0");
   TORCH_CHECK(init_std() > 0, "router init_std (", init_std(), ") must be > 0");
 }
 

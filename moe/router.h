@@ -20,7 +20,7 @@ ScoreFunction score_function_from_string(const std::string& name);
 /// Options of a Router. dim and num_experts are required; MoELayer fills them from its own.
 ///
 /// Example:
-///   Router router(RouterOptions(512, 64).top_k(4).z_loss_coef(1e-3));
+///   Router router(RouterOptions(512, 64).top_k(4));
 struct RouterOptions {
   RouterOptions(int64_t dim = 0, int64_t num_experts = 0) : dim_(dim), num_experts_(num_experts) {}
   /// Model dimension D of the tokens routed.
@@ -32,8 +32,6 @@ struct RouterOptions {
   TORCH_ARG(ScoreFunction, score_function) = ScoreFunction::Softmax;
   /// Renormalize the K selected weights to sum to 1 (used when K > 1).
   TORCH_ARG(bool, renormalize) = true;
-  /// Router z-loss weight beta (ST-MoE): beta * mean_t logsumexp(z_t)^2. 0 disables it.
-  TORCH_ARG(double, z_loss_coef) = 1e-3;
   /// Standard deviation of the gate's normal initialization.
   TORCH_ARG(double, init_std) = 0.02;
 

@@ -1,10 +1,10 @@
-// Connects model-level balancing (gbmoe::Balancer) to the process groups: the count reducer
-// over a Communicator, and the group that each balance scope reduces over.
+// Connects the training objective (gbmoe::TrainingObjective) to the process groups: the count
+// reducer over a Communicator, and the group that each balance scope reduces over.
 #pragma once
 
 #include <memory>
 
-#include "moe/balancer.h"
+#include "moe/objective.h"
 #include "parallel/communicator.h"
 #include "parallel/process_groups.h"
 
@@ -21,14 +21,18 @@ class CommunicatorCountReducer : public CountReducer {
   std::shared_ptr<Communicator> comm_;
 };
 
-/// The reducer a balance scope needs: the data-parallel world for global (every rank holds
-/// distinct data, expert-parallel ranks included), the balance group for group, none for
-/// micro and sequence.
+/// The reducers an objective needs: the data-parallel world (every rank holds distinct data,
+/// expert-parallel ranks included) for the step's tokens, and for the counts the world for
+/// scope global, the balance group for group, none for micro and sequence. On one process both
+/// are null. options.group_size must be resolved (balance_group_size).
 ///
 /// Example:
-///   Balancer balancer(model->moe_layers(), balance_reducer(options.balance(), groups));
-std::shared_ptr<CountReducer> balance_reducer(const BalanceOptions& options,
-                                              const ProcessGroups& groups);
+///   TrainingObjective objective(model->moe_layers(), options, objective_reducers(options,
+///   groups));
+ObjectiveReducers objective_reducers(const BalanceOptions& options, const ProcessGroups& groups);
+
+/// balance.group_size as the process groups need it: 0 = every data-parallel rank.
+int64_t balance_group_size(int64_t group_size, int64_t data_parallel_size);
 
 /// Sum of a double over the communicator's ranks (e.g. the valid tokens of a step).
 double all_reduce_sum(Communicator& comm, double value);

@@ -2,18 +2,31 @@
 #include "parallel/data_parallel.h"
 
 #include <map>
+#include <set>
 #include <tuple>
+
+#include "moe/experts.h"
 
 namespace gbmoe {
 
-bool is_expert_parameter(const std::string& name) {
-  return name.find("experts.") != std::string::npos;
+ExpertParameterRule expert_parameter_rule(const torch::nn::Module& model) {
+  std::set<std::string> names;
+  auto mark = [&](const torch::nn::Module& module, const std::string& prefix) {
+    const auto* experts = dynamic_cast<const GroupedExpertsImpl*>(&module);
+    if (!experts || experts->shards <= 1) return;
+    for (const auto& p : experts->named_parameters(/*recurse=*/false)) {
+      names.insert(prefix.empty() ? p.key() : prefix + "." + p.key());
+    }
+  };
+  mark(model, "");  // the model itself may be the experts (and need not be in a shared_ptr)
+  for (const auto& item : model.named_modules("", /*include_self=*/false)) {
+    mark(*item.value(), item.key());
+  }
+  return [names = std::move(names)](const std::string& name) { return names.count(name) > 0; };
 }
 
 void DataParallelOptions::validate() const {
   TORCH_CHECK(bucket_bytes() > 0, "bucket_bytes (", bucket_bytes(), ") must be > 0");
-  TORCH_CHECK(static_cast<bool>(expert_rule()),
-              "expert_rule must be set (use is_expert_parameter)");
 }
 
 DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module,
@@ -26,6 +39,7 @@ DataParallel::DataParallel(std::shared_ptr<torch::nn::Module> module,
       options_(std::move(options)) {
   options_.validate();
   TORCH_CHECK(module_, "DataParallel needs a module, got null");
+  if (!options_.expert_rule()) options_.expert_rule(expert_parameter_rule(*module_));
   TORCH_CHECK(data_parallel_, "DataParallel needs a data-parallel communicator, got null");
   if (expert_data_parallel_) {
     TORCH_CHECK(data_parallel_->size() % expert_data_parallel_->size() == 0,

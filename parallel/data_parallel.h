@@ -16,18 +16,20 @@ namespace gbmoe {
 /// True for the names of parameters that belong to an expert-parallel shard.
 using ExpertParameterRule = std::function<bool(const std::string& name)>;
 
-/// The default rule: every parameter whose name contains "experts." (the routed experts of a
-/// MoELayer; its "shared." experts stay dense).
-bool is_expert_parameter(const std::string& name);
+/// The rule of a model: true for the parameters (and their names as named_parameters() gives
+/// them) of the GroupedExperts modules that apply_expert_parallel sharded (shards > 1), by
+/// module, not by name: a module of the user's called "experts" stays dense.
+ExpertParameterRule expert_parameter_rule(const torch::nn::Module& model);
 
 /// Example:
-///   DataParallelOptions().bucket_bytes(32 << 20).expert_rule(is_expert_parameter)
+///   DataParallelOptions().bucket_bytes(32 << 20)
 struct DataParallelOptions {
   /// Bytes per gradient bucket: each bucket is one all-reduce. A parameter larger than this
   /// gets a bucket of its own.
   TORCH_ARG(int64_t, bucket_bytes) = int64_t{16} << 20;
-  /// Which parameters are expert-parallel shards (used only with an expert-data-parallel group).
-  TORCH_ARG(ExpertParameterRule, expert_rule) = is_expert_parameter;
+  /// Which parameters are expert-parallel shards (used only with an expert-data-parallel group);
+  /// unset = expert_parameter_rule(module).
+  TORCH_ARG(ExpertParameterRule, expert_rule) = nullptr;
 
  public:
   void validate() const;

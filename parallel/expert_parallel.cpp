@@ -117,6 +117,7 @@ int64_t apply_expert_parallel(torch::nn::Module& model, const ProcessGroups& gro
     auto dispatcher = std::make_shared<AllToAllDispatcher>(comm, E, layer->options.dispatcher());
     const auto shard = expert_shard(E, comm->size(), comm->rank());
     layer->experts->keep_experts(shard.first, shard.count);
+    layer->experts->shards = comm->size();
     layer->set_dispatcher(std::move(dispatcher));
     ++sharded;
   }
@@ -126,6 +127,7 @@ int64_t apply_expert_parallel(torch::nn::Module& model, const ProcessGroups& gro
 double clip_grad_norm(torch::nn::Module& model, double max_norm, Communicator& expert_parallel,
                       const ExpertParameterRule& rule) {
   TORCH_CHECK(max_norm > 0, "clip_grad_norm max_norm (", max_norm, ") must be > 0");
+  const auto is_shard = rule ? rule : expert_parameter_rule(model);
   torch::NoGradGuard no_grad;
   std::vector<torch::Tensor> grads;
   // Squared norms of the dense gradients (equal on every rank) and of this rank's shards.
@@ -134,7 +136,7 @@ double clip_grad_norm(torch::nn::Module& model, double max_norm, Communicator& e
     const auto& grad = item.value().grad();
     if (!grad.defined()) continue;
     grads.push_back(grad);
-    squares[rule(item.key()) ? 1 : 0] += grad.to(torch::kDouble).pow(2).sum().cpu();
+    squares[is_shard(item.key()) ? 1 : 0] += grad.to(torch::kDouble).pow(2).sum().cpu();
   }
   auto shards = squares.narrow(0, 1, 1).to(grads.empty() ? torch::kCPU : grads[0].device());
   expert_parallel.all_reduce(shards, ReduceOp::Sum);

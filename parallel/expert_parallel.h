@@ -76,7 +76,8 @@ int64_t apply_expert_parallel(torch::nn::Module& model, const ProcessGroups& gro
 /// Example:
 ///   dp.average_gradients();
 ///   const double norm = clip_grad_norm(*model, 1.0, *groups.expert_parallel);
+/// rule: which parameters are shards; unset = expert_parameter_rule(model).
 double clip_grad_norm(torch::nn::Module& model, double max_norm, Communicator& expert_parallel,
-                      const ExpertParameterRule& rule = is_expert_parameter);
+                      const ExpertParameterRule& rule = nullptr);
 
 }  // namespace gbmoe

@@ -43,14 +43,15 @@ RoutingAnalysis analyze_routing(LanguageModel& model, const std::vector<Batch>& 
     TORCH_CHECK(d >= 0 && d < M, "batch domain id (", d, ") is outside the ", M, " domains");
     TORCH_CHECK((b.domain == d).all().item<bool>(),
                 "analyze_routing needs batches of one domain each (validation_batches)");
-    auto logits = model->forward(b.inputs.to(device), b.mask.to(device));
+    RoutingContext routing;
+    auto logits = model->forward(b.inputs.to(device), b.mask.to(device), &routing);
     a.loss_sum[d] += torch::nn::functional::cross_entropy(
                          logits.flatten(0, 1), b.targets.to(device).flatten(),
                          torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
                          .item<double>();
     a.tokens[d] += b.mask.sum().item<double>();
     for (size_t l = 0; l < moe.size(); ++l) {
-      const auto& r = moe[l]->last_routing();
+      const auto& r = routing.layers()[l].routing;
       a.layers[l].counts[d] += r.counts.to(torch::kDouble).cpu();
       a.layers[l].score_sum[d] +=
           topk_score_sum(r.scores, r.expert_ids).masked_select(r.valid.cpu()).sum();

@@ -194,7 +194,8 @@ void read_model(torch::serialize::InputArchive& archive, const std::string& path
 torch::serialize::OutputArchive gather_training_state(torch::nn::Module& model,
                                                       torch::optim::AdamW& optimizer,
                                                       Communicator& expert_parallel,
-                                                      const ExpertParameterRule& rule) {
+                                                      const ExpertParameterRule& shard_rule) {
+  const auto rule = shard_rule ? shard_rule : expert_parameter_rule(model);
   torch::serialize::OutputArchive archive;
   for (const auto& item : model.named_parameters()) {
     const auto& name = item.key();
@@ -220,7 +221,8 @@ torch::serialize::OutputArchive gather_training_state(torch::nn::Module& model,
 
 void load_training_state(const std::string& path, torch::nn::Module& model,
                          torch::optim::AdamW& optimizer, const Communicator& expert_parallel,
-                         const ExpertParameterRule& rule) {
+                         const ExpertParameterRule& shard_rule) {
+  const auto rule = shard_rule ? shard_rule : expert_parameter_rule(model);
   auto archive = open_state(path);
   const int64_t P = expert_parallel.size(), rank = expert_parallel.rank();
   read_model(archive, path, model, P, rank, rule);
@@ -243,7 +245,7 @@ void load_training_state(const std::string& path, torch::nn::Module& model,
 
 void load_model_state(const std::string& path, torch::nn::Module& model) {
   auto archive = open_state(path);
-  read_model(archive, path, model, 1, 0, is_expert_parameter);
+  read_model(archive, path, model, 1, 0, [](const std::string&) { return false; });
 }
 
 }  // namespace gbmoe

@@ -44,16 +44,18 @@ std::vector<std::string> list_checkpoints(const std::string& run_dir);
 
 /// The model's parameters and buffers ("model/<name>") and the AdamW state of each parameter
 /// ("adamw/<name>/step", ".../exp_avg", ...), as full CPU tensors: tensors of parameters that
-/// `rule` names are expert shards, split along dim 0 over the expert-parallel group in rank
+/// `rule` (unset: expert_parameter_rule(model)) names are expert shards, split along dim 0 over
+/// the expert-parallel group in rank
 /// order, and are gathered here. Collective over expert_parallel; every rank gets the archive
 /// (one of them saves it).
 ///
 /// Example:
 ///   auto state = gather_training_state(*model, optimizer, *groups.expert_parallel);
 ///   if (rank0) state.save_to(dir + "/state.pt");
-torch::serialize::OutputArchive gather_training_state(
-    torch::nn::Module& model, torch::optim::AdamW& optimizer, Communicator& expert_parallel,
-    const ExpertParameterRule& rule = is_expert_parameter);
+torch::serialize::OutputArchive gather_training_state(torch::nn::Module& model,
+                                                      torch::optim::AdamW& optimizer,
+                                                      Communicator& expert_parallel,
+                                                      const ExpertParameterRule& rule = nullptr);
 
 /// Loads what gather_training_state saved into a model and optimizer of the same architecture
 /// at any expert-parallel size: each rank takes its block of the expert tensors. Mismatched
@@ -63,7 +65,7 @@ torch::serialize::OutputArchive gather_training_state(
 ///   load_training_state(dir + "/state.pt", *model, optimizer, *groups.expert_parallel);
 void load_training_state(const std::string& path, torch::nn::Module& model,
                          torch::optim::AdamW& optimizer, const Communicator& expert_parallel,
-                         const ExpertParameterRule& rule = is_expert_parameter);
+                         const ExpertParameterRule& rule = nullptr);
 
 /// Loads only the model (all experts, as on one process) from what gather_training_state saved:
 /// for analysis and inference. Mismatched names or shapes fail naming the tensor and the file.

@@ -347,21 +347,17 @@ void DataBuildOptions::validate() const {
   }
 }
 
-DataBuildSummary build_dataset(const DataBuildOptions& o) {
-  const auto t_start = Clock::now();
-  o.validate();
-  const Corpus corpus = find_corpus(o.input());
-  const fs::path staging = prepare_output(o);
-  struct StagingGuard {
-    fs::path dir;
-    ~StagingGuard() {
-      std::error_code ec;
-      if (!dir.empty()) fs::remove_all(dir, ec);
-    }
-  } guard{staging};
+namespace {
 
-  DataBuildSummary summary;
-  std::vector<SourceDoc> train_docs, val_docs;
+struct SplitDocs {
+  std::vector<SourceDoc> train, val;
+};
+
+// Reads every input file (valid UTF-8 or an error naming it), splits large ones into documents
+// and assigns whole files to train or validation; fills the per-domain file and document counts.
+SplitDocs read_documents(const DataBuildOptions& o, const Corpus& corpus,
+                         DataBuildSummary& summary) {
+  SplitDocs docs;
   for (size_t d = 0; d < corpus.domains.size(); ++d) {
     DomainSummary ds;
     ds.name = corpus.domains[d];
@@ -377,19 +373,22 @@ DataBuildSummary build_dataset(const DataBuildOptions& o) {
       ds.files += 1;
       ds.bytes += static_cast<int64_t>(text.size());
       for (auto& part : split_text(text, static_cast<size_t>(o.max_doc_bytes()))) {
-        auto& dst = is_val[f] ? val_docs : train_docs;
+        auto& dst = is_val[f] ? docs.val : docs.train;
         dst.push_back({static_cast<int64_t>(d), files[f].string(), std::move(part)});
         (is_val[f] ? ds.val_documents : ds.train_documents) += 1;
       }
     }
     summary.domains.push_back(ds);
   }
+  return docs;
+}
 
-  // The tokenizer sees training documents only, so validation text stays unseen.
-  const auto t_tok = Clock::now();
-  const std::string model_path = (staging / "tokenizer.model").string();
-  Tokenizer tok;
+// The given tokenizer, copied to model_path, or a BPE tokenizer trained there on the training
+// documents only, so validation text stays unseen.
+Tokenizer make_tokenizer(const DataBuildOptions& o, const std::vector<SourceDoc>& train_docs,
+                         const std::string& model_path) {
   if (!o.tokenizer().empty()) {
+    Tokenizer tok;
     try {
       tok = Tokenizer::load(o.tokenizer());
     } catch (const DataError& e) {
@@ -398,83 +397,109 @@ DataBuildSummary build_dataset(const DataBuildOptions& o) {
     std::ofstream out(model_path, std::ios::binary);
     out << tok.serialized_model();
     if (!out) throw DataError("cannot write " + model_path);
-  } else {
-    size_t doc = 0, pos = 0;
-    auto next_line = [&](std::string* line) {
-      while (doc < train_docs.size()) {
-        const std::string& t = train_docs[doc].text;
-        if (pos >= t.size()) {
-          ++doc;
-          pos = 0;
-          continue;
-        }
-        size_t end = t.find('\n', pos);
-        if (end == std::string::npos) end = t.size();
-        line->assign(t, pos, end - pos);
-        pos = end + 1;
-        if (!line->empty()) return true;
-      }
-      return false;
-    };
-    TokenizerTrainOptions to;
-    to.vocab_size = o.vocab_size();
-    to.max_sentences = o.tokenizer_sentences();
-    to.seed = o.seed();
-    to.num_threads =
-        o.threads() > 0 ? o.threads() : std::max(1u, std::thread::hardware_concurrency());
-    if (o.progress())
-      std::fprintf(stderr, "gbmoe-data: training a BPE tokenizer, vocabulary %lld\n",
-                   static_cast<long long>(o.vocab_size()));
-    try {
-      tok = Tokenizer::train(next_line, model_path, to);
-    } catch (const DataError& e) {
-      throw DataError(std::string(e.what()) + " (--vocab-size " + std::to_string(o.vocab_size()) +
-                      "; a smaller value may fit this corpus)");
-    }
+    return tok;
   }
+  size_t doc = 0, pos = 0;
+  auto next_line = [&](std::string* line) {
+    while (doc < train_docs.size()) {
+      const std::string& t = train_docs[doc].text;
+      if (pos >= t.size()) {
+        ++doc;
+        pos = 0;
+        continue;
+      }
+      size_t end = t.find('\n', pos);
+      if (end == std::string::npos) end = t.size();
+      line->assign(t, pos, end - pos);
+      pos = end + 1;
+      if (!line->empty()) return true;
+    }
+    return false;
+  };
+  TokenizerTrainOptions to;
+  to.vocab_size = o.vocab_size();
+  to.max_sentences = o.tokenizer_sentences();
+  to.seed = o.seed();
+  to.num_threads =
+      o.threads() > 0 ? o.threads() : std::max(1u, std::thread::hardware_concurrency());
+  if (o.progress()) {
+    std::fprintf(stderr, "gbmoe-data: training a BPE tokenizer, vocabulary %lld\n",
+                 static_cast<long long>(o.vocab_size()));
+  }
+  try {
+    return Tokenizer::train(next_line, model_path, to);
+  } catch (const DataError& e) {
+    throw DataError(std::string(e.what()) + " (--vocab-size " + std::to_string(o.vocab_size()) +
+                    "; a smaller value may fit this corpus)");
+  }
+}
+
+// Tokenizes one split in blocks (threads encode a block, then it is written in order) into the
+// staging directory; adds the token counts to the summary and advances the progress line.
+void write_split(const std::vector<SourceDoc>& docs, const std::string& split,
+                 const fs::path& staging, const Corpus& corpus, const Tokenizer& tok, int threads,
+                 DataBuildSummary& summary, Progress& progress, int64_t& done) {
+  TokenFileWriter writer(staging.string(), split, summary.vocab_size, corpus.domains);
+  const int eos = tok.eos_id();
+  const size_t block = 256;
+  std::vector<std::vector<int>> ids(block);
+  for (size_t b0 = 0; b0 < docs.size(); b0 += block) {
+    const size_t n = std::min(block, docs.size() - b0);
+    std::atomic<size_t> next{0};
+    auto work = [&] {
+      for (size_t i = next++; i < n; i = next++) {
+        ids[i] = tok.encode(docs[b0 + i].text);
+        if (eos >= 0) ids[i].push_back(eos);
+      }
+    };
+    std::vector<std::thread> pool;
+    for (int t = 1; t < threads; ++t) pool.emplace_back(work);
+    work();
+    for (auto& t : pool) t.join();
+    for (size_t i = 0; i < n; ++i) {
+      const auto& doc = docs[b0 + i];
+      writer.add_document(doc.domain, ids[i]);
+      auto& ds = summary.domains[static_cast<size_t>(doc.domain)];
+      (split == "train" ? ds.train_tokens : ds.val_tokens) += static_cast<int64_t>(ids[i].size());
+    }
+    done += static_cast<int64_t>(n);
+    progress.update(done);
+  }
+  writer.commit();
+}
+
+}  // namespace
+
+DataBuildSummary build_dataset(const DataBuildOptions& o) {
+  const auto t_start = Clock::now();
+  o.validate();
+  const Corpus corpus = find_corpus(o.input());
+  const fs::path staging = prepare_output(o);
+  struct StagingGuard {
+    fs::path dir;
+    ~StagingGuard() {
+      std::error_code ec;
+      if (!dir.empty()) fs::remove_all(dir, ec);
+    }
+  } guard{staging};
+
+  DataBuildSummary summary;
+  const SplitDocs docs = read_documents(o, corpus, summary);
+
+  const auto t_tok = Clock::now();
+  const Tokenizer tok = make_tokenizer(o, docs.train, (staging / "tokenizer.model").string());
   summary.vocab_size = tok.vocab_size();
   summary.token_bytes = static_cast<int>(token_bytes_for_vocab(summary.vocab_size));
   summary.tokenizer_seconds = seconds_since(t_tok);
 
-  // Tokenize in blocks: threads encode a block, then it is written in order.
   const auto t_enc = Clock::now();
   const int threads = o.threads() > 0
                           ? o.threads()
                           : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  const int64_t total_docs = static_cast<int64_t>(train_docs.size() + val_docs.size());
-  Progress progress(o.progress(), total_docs);
+  Progress progress(o.progress(), static_cast<int64_t>(docs.train.size() + docs.val.size()));
   int64_t done = 0;
-  const int eos = tok.eos_id();
-  auto write_split = [&](const std::vector<SourceDoc>& docs, const std::string& split) {
-    TokenFileWriter writer(staging.string(), split, summary.vocab_size, corpus.domains);
-    const size_t block = 256;
-    std::vector<std::vector<int>> ids(block);
-    for (size_t b0 = 0; b0 < docs.size(); b0 += block) {
-      const size_t n = std::min(block, docs.size() - b0);
-      std::atomic<size_t> next{0};
-      auto work = [&] {
-        for (size_t i = next++; i < n; i = next++) {
-          ids[i] = tok.encode(docs[b0 + i].text);
-          if (eos >= 0) ids[i].push_back(eos);
-        }
-      };
-      std::vector<std::thread> pool;
-      for (int t = 1; t < threads; ++t) pool.emplace_back(work);
-      work();
-      for (auto& t : pool) t.join();
-      for (size_t i = 0; i < n; ++i) {
-        const auto& doc = docs[b0 + i];
-        writer.add_document(doc.domain, ids[i]);
-        auto& ds = summary.domains[static_cast<size_t>(doc.domain)];
-        (split == "train" ? ds.train_tokens : ds.val_tokens) += static_cast<int64_t>(ids[i].size());
-      }
-      done += static_cast<int64_t>(n);
-      progress.update(done);
-    }
-    writer.commit();
-  };
-  write_split(train_docs, "train");
-  write_split(val_docs, "val");
+  write_split(docs.train, "train", staging, corpus, tok, threads, summary, progress, done);
+  write_split(docs.val, "val", staging, corpus, tok, threads, summary, progress, done);
   progress.update(done, true);
   summary.tokenize_seconds = seconds_since(t_enc);
 

@@ -28,9 +28,11 @@ RMSNormImpl::RMSNormImpl(int64_t dim_, double eps_) : dim(dim_), eps(eps_) { res
 void RMSNormImpl::reset() { weight = register_parameter("weight", torch::ones({dim})); }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
-  auto xf = x.to(torch::kFloat);
+  // At least fp32 (bf16 activations are normalized in fp32; fp64 stays fp64).
+  const auto dtype = x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  auto xf = x.to(dtype);
   auto normed = xf * torch::rsqrt(xf.square().mean(-1, true) + eps);
-  return (normed * weight.to(torch::kFloat)).to(x.scalar_type());
+  return (normed * weight.to(dtype)).to(x.scalar_type());
 }
 
 AttentionImpl::AttentionImpl(int64_t dim_, int64_t num_heads_, double rope_theta_)
@@ -88,10 +90,11 @@ void BlockImpl::reset() {
   }
 }
 
-torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& mask) {
+torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& mask,
+                                 RoutingContext* routing) {
   auto h = x + attn->forward(attn_norm->forward(x));
   auto n = ffn_norm->forward(h);
-  return h + (is_moe ? moe->forward(n, mask) : dense->forward(n));
+  return h + (is_moe ? moe->forward(n, mask, routing) : dense->forward(n));
 }
 
 LanguageModelImpl::LanguageModelImpl(LanguageModelOptions options_) : options(std::move(options_)) {
@@ -141,7 +144,8 @@ void LanguageModelImpl::reset_parameters() {
   }
 }
 
-torch::Tensor LanguageModelImpl::forward(const torch::Tensor& tokens, const torch::Tensor& mask) {
+torch::Tensor LanguageModelImpl::forward(const torch::Tensor& tokens, const torch::Tensor& mask,
+                                         RoutingContext* routing) {
   TORCH_CHECK(tokens.dim() == 2, "tokens must be (B, S), got ", tokens.sizes());
   auto x = embed->forward(tokens);
   const bool recompute =
@@ -149,17 +153,17 @@ torch::Tensor LanguageModelImpl::forward(const torch::Tensor& tokens, const torc
   for (const auto& module : *blocks) {
     auto* block = module->as<BlockImpl>();
     if (!recompute) {
-      x = block->forward(x, mask);
+      x = block->forward(x, mask, routing);
       continue;
     }
-    std::vector<MoELayer> layers;
-    if (block->is_moe) layers.push_back(block->moe);
-    x = checkpoint([block, mask](const torch::Tensor& in) { return block->forward(in, mask); }, x,
-                   layers);
+    x = checkpoint([block, mask](const torch::Tensor& in,
+                                 RoutingContext* r) { return block->forward(in, mask, r); },
+                   x, routing);
   }
   x = final_norm->forward(x);
   auto logits = head ? head->forward(x) : torch::nn::functional::linear(x, embed->weight);
-  return logits.to(torch::kFloat);
+  // fp32 logits under autocast; an fp64 model (tests) keeps fp64.
+  return logits.scalar_type() == torch::kDouble ? logits : logits.to(torch::kFloat);
 }
 
 std::vector<MoELayer> LanguageModelImpl::moe_layers() const {

@@ -76,8 +76,10 @@ class BlockImpl : public torch::nn::Cloneable<BlockImpl> {
  public:
   BlockImpl(const LanguageModelOptions& options, bool is_moe);
   void reset() override;
-  /// x: (B, S, D); mask: (B, S) bool of valid tokens or undefined.
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask = {});
+  /// x: (B, S, D); mask: (B, S) bool of valid tokens or undefined; routing: where the MoE layer
+  /// records its routing (null: nowhere).
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask = {},
+                        RoutingContext* routing = nullptr);
   LanguageModelOptions options;
   bool is_moe;
   RMSNorm attn_norm{nullptr}, ffn_norm{nullptr};
@@ -92,16 +94,18 @@ TORCH_MODULE(Block);
 /// Example:
 ///   LanguageModel model(options);
 ///   auto logits = model->forward(tokens_BS, mask_BS);  // (B, S, V)
-///   Balancer balancer(model->moe_layers(), reducer);
+///   TrainingObjective objective(model->moe_layers(), balance_options, reducers);
 class LanguageModelImpl : public torch::nn::Cloneable<LanguageModelImpl> {
  public:
   explicit LanguageModelImpl(LanguageModelOptions options);
   void reset() override;
   void reset_parameters();
 
-  /// tokens: (B, S) int64; mask: (B, S) bool (false = padding) or undefined. Returns logits
-  /// (B, S, V) in fp32.
-  torch::Tensor forward(const torch::Tensor& tokens, const torch::Tensor& mask = {});
+  /// tokens: (B, S) int64; mask: (B, S) bool (false = padding) or undefined; routing: where the
+  /// MoE layers record their routing, in block order (null: nowhere). Returns logits (B, S, V)
+  /// in fp32 (fp64 for an fp64 model).
+  torch::Tensor forward(const torch::Tensor& tokens, const torch::Tensor& mask = {},
+                        RoutingContext* routing = nullptr);
 
   /// The MoE layers in block order.
   std::vector<MoELayer> moe_layers() const;

@@ -104,21 +104,23 @@ std::string TokenIndex::serialize() const {
   return out;
 }
 
-TokenIndex TokenIndex::parse(const std::string& bytes, const std::string& path) {
-  Reader r(bytes, path);
+namespace {
+
+// The magic number, the format version and the trailing checksum, before any count is trusted.
+void check_index_header(Reader& r, const std::string& bytes, const std::string& path) {
   const std::string magic = r.get_string(8, "the magic number");
-  if (magic != std::string(kMagic, 8)) {
+  if (magic != std::string(TokenIndex::kMagic, 8)) {
     std::string shown;
     for (char c : magic) shown += (c >= 32 && c < 127) ? c : '?';
-    throw DataError(path + " has magic \"" + shown + "\", expected \"" + kMagic +
+    throw DataError(path + " has magic \"" + shown + "\", expected \"" + TokenIndex::kMagic +
                     "\": it is not a gbmoe token index or it is corrupt" + kRebuild);
   }
   const auto version = r.get<uint32_t>("the format version");
-  if (version != kVersion) {
+  if (version != TokenIndex::kVersion) {
     throw DataError(path + " has format version " + std::to_string(version) +
-                    " but this build reads version " + std::to_string(kVersion) + kRebuild);
+                    " but this build reads version " + std::to_string(TokenIndex::kVersion) +
+                    kRebuild);
   }
-  // Check the trailing checksum before trusting any count in the file.
   if (bytes.size() >= 16) {
     uint64_t stored;
     std::memcpy(&stored, bytes.data() + bytes.size() - 8, 8);
@@ -126,7 +128,10 @@ TokenIndex TokenIndex::parse(const std::string& bytes, const std::string& path) 
       throw DataError(path + " fails its checksum: the file is truncated or corrupt" + kRebuild);
     }
   }
-  TokenIndex idx;
+}
+
+// The token width, the vocabulary and the domain names.
+void read_index_vocabulary(Reader& r, size_t file_bytes, const std::string& path, TokenIndex& idx) {
   idx.token_bytes = r.get<uint32_t>("the token width");
   if (idx.token_bytes != 2 && idx.token_bytes != 4) {
     throw DataError(path + " says tokens are " + std::to_string(idx.token_bytes) +
@@ -140,13 +145,18 @@ TokenIndex TokenIndex::parse(const std::string& bytes, const std::string& path) 
   const auto num_domains = r.get<uint64_t>("the domain count");
   if (num_domains == 0 || num_domains > r.remaining() / 4) {
     throw DataError(path + " says it has " + std::to_string(num_domains) +
-                    " domains, which cannot be right for a file of " +
-                    std::to_string(bytes.size()) + " bytes" + kRebuild);
+                    " domains, which cannot be right for a file of " + std::to_string(file_bytes) +
+                    " bytes" + kRebuild);
   }
   for (uint64_t d = 0; d < num_domains; ++d) {
     const auto n = r.get<uint32_t>("a domain name length");
     idx.domain_names.push_back(r.get_string(n, "a domain name"));
   }
+}
+
+// The documents, each of a known domain and following the previous one; returns their tokens.
+int64_t read_index_documents(Reader& r, const std::string& path, TokenIndex& idx) {
+  const auto num_domains = static_cast<int64_t>(idx.domain_names.size());
   const auto num_docs = r.get<uint64_t>("the document count");
   if (num_docs > r.remaining() / 20) {
     throw DataError(path + " says it has " + std::to_string(num_docs) + " documents but only " +
@@ -160,7 +170,7 @@ TokenIndex TokenIndex::parse(const std::string& bytes, const std::string& path) 
     d.domain = r.get<uint32_t>("a document's domain");
     d.offset = static_cast<int64_t>(r.get<uint64_t>("a document's offset"));
     d.length = static_cast<int64_t>(r.get<uint64_t>("a document's length"));
-    if (d.domain >= static_cast<int64_t>(num_domains) || d.offset != next_offset || d.length <= 0) {
+    if (d.domain >= num_domains || d.offset != next_offset || d.length <= 0) {
       throw DataError(
           path + ": document " + std::to_string(i) + " (domain " + std::to_string(d.domain) +
           ", offset " + std::to_string(d.offset) + ", length " + std::to_string(d.length) +
@@ -169,6 +179,17 @@ TokenIndex TokenIndex::parse(const std::string& bytes, const std::string& path) 
     }
     next_offset += d.length;
   }
+  return next_offset;
+}
+
+}  // namespace
+
+TokenIndex TokenIndex::parse(const std::string& bytes, const std::string& path) {
+  Reader r(bytes, path);
+  check_index_header(r, bytes, path);
+  TokenIndex idx;
+  read_index_vocabulary(r, bytes.size(), path, idx);
+  const int64_t document_tokens = read_index_documents(r, path, idx);
   idx.total_tokens = static_cast<int64_t>(r.get<uint64_t>("the total token count"));
   idx.bin_checksum = r.get<uint64_t>("the token file checksum");
   r.get<uint64_t>("the index checksum");
@@ -177,9 +198,9 @@ TokenIndex TokenIndex::parse(const std::string& bytes, const std::string& path) 
                     " unexpected bytes after its end at byte " + std::to_string(r.pos()) +
                     kRebuild);
   }
-  if (idx.total_tokens != next_offset) {
+  if (idx.total_tokens != document_tokens) {
     throw DataError(path + " says it holds " + std::to_string(idx.total_tokens) +
-                    " tokens but its documents add up to " + std::to_string(next_offset) +
+                    " tokens but its documents add up to " + std::to_string(document_tokens) +
                     kRebuild);
   }
   return idx;

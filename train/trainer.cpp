@@ -14,7 +14,7 @@
 #include <sstream>
 
 #include "moe/autocast.h"
-#include "moe/balancer.h"
+#include "moe/objective.h"
 #include "parallel/balance_sync.h"
 #include "parallel/data_parallel.h"
 #include "parallel/expert_parallel.h"
@@ -131,7 +131,8 @@ BalanceOptions balance_options_from_config(const Config& config) {
       .micro_alpha(b.micro_alpha)
       .group_size(b.scope == "group" ? b.group_size : 0)
       .method(balance_method_from_string(b.method))
-      .bias_update_rate(b.bias_update_rate);
+      .bias_update_rate(b.bias_update_rate)
+      .z_loss(b.z_loss);
 }
 
 LanguageModelOptions model_options_from_config(const Config& config, int64_t vocab_size) {
@@ -142,12 +143,10 @@ LanguageModelOptions model_options_from_config(const Config& config, int64_t voc
                              .top_k(m.top_k)
                              .score_function(score_function_from_string(m.score_function))
                              .renormalize(m.renormalize)
-                             .z_loss_coef(config.balance.z_loss)
                              .init_std(m.init_std))
                  .dispatcher(DispatcherOptions()
                                  .capacity_factor(m.capacity_factor)
                                  .drop_policy(drop_policy_from_string(m.drop_policy)))
-                 .balance(balance_options_from_config(config))
                  .init_std(m.init_std);
   return LanguageModelOptions(vocab_size, m.dim, m.num_layers, m.num_heads)
       .moe_layers(m.moe_layer_indices())
@@ -160,8 +159,40 @@ LanguageModelOptions model_options_from_config(const Config& config, int64_t voc
       .activation_checkpointing(config.train.activation_checkpointing);
 }
 
-namespace {
+StepLosses forward_backward(LanguageModel& model, TrainingObjective& objective,
+                            const std::vector<Batch>& micro_batches, const torch::Device& device,
+                            bool autocast_bf16) {
+  double local_tokens = 0;
+  for (const auto& b : micro_batches) local_tokens += b.mask.sum().item<double>();
+  objective.begin_step(static_cast<int64_t>(micro_batches.size()), local_tokens);
+  const auto ce_sum = torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum);
+  for (const auto& b : micro_batches) {
+    auto routing = objective.context();
+    torch::Tensor task;
+    {
+      AutocastScope autocast(autocast_bf16);
+      auto logits = model->forward(b.inputs.to(device), b.mask.to(device), &routing);
+      // Padding targets are -100 (ignored): the sum runs over exactly the valid tokens.
+      task = torch::nn::functional::cross_entropy(logits.flatten(0, 1),
+                                                  b.targets.to(device).flatten(), ce_sum);
+    }
+    objective.micro_batch_loss(routing, task).backward();
+  }
+  StepLosses out;
+  out.values = objective.step_values();
+  out.local_tokens = local_tokens;
+  for (const auto& [name, v] : {std::pair<const char*, double>{"cross_entropy", out.values.task},
+                                {"balance loss", out.values.balance},
+                                {"z-loss", out.values.z_loss}}) {
+    if (out.finite && !std::isfinite(v)) {
+      out.finite = false;
+      out.bad_term = std::string(name) + " = " + std::to_string(v);
+    }
+  }
+  return out;
+}
 
+namespace {
 // Evaluates the validation batches: rank r takes batches r, r + R, ...; sums are all-reduced.
 EvalResult evaluate(LanguageModel& model, const std::vector<Batch>& batches,
                     const std::vector<std::string>& domains, Communicator& world,
@@ -214,245 +245,278 @@ void append_line(const std::string& path, const std::string& line) {
   out << line << "\n";
 }
 
-}  // namespace
+/// Everything one rank's training run holds, and the named pieces of a step.
+class Trainer {
+ public:
+  Trainer(const Config& config, const ProcessGroups& groups);
+  TrainSummary run(int64_t stop_after);
 
-TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t stop_after) {
+ private:
+  void open_data();
+  void build_model();
+  void build_optimizer();
+  int64_t resume();
+  // Forward, backward, optimizer: one step; returns false (after all ranks agreed) to stop.
+  bool train_step(int64_t step, int64_t stop_after);
+  void record_step(int64_t done, double lr, double grad_norm, const StepLosses& losses,
+                   const std::vector<LayerStepStats>& layers, double seconds);
+  void log_progress(int64_t done);
+  void evaluate_now(int64_t done);
+  void save(int64_t step);
+
+  const Config& config_;
+  const ProcessGroups& groups_;
+  Communicator& world_;
+  const bool rank0_;
+  torch::Device device_{torch::kCPU};
+  bool autocast_bf16_ = false;
+  bool expert_parallel_ = false;
+  std::shared_ptr<TokenDataset> train_data_;
+  std::unique_ptr<SequenceSampler> sampler_;
+  std::vector<Batch> val_batches_;
+  std::vector<std::string> domains_;
+  LanguageModel model_{nullptr};
+  std::unique_ptr<TrainingObjective> objective_;
+  std::unique_ptr<DataParallel> dp_;
+  std::unique_ptr<torch::optim::AdamW> optimizer_;
+  std::string metrics_path_;
+  TrainSummary summary_;
+  double window_tokens_ = 0, window_seconds_ = 0;
+};
+
+Trainer::Trainer(const Config& config, const ProcessGroups& groups)
+    : config_(config), groups_(groups), world_(*groups.world), rank0_(world_.rank() == 0) {
   config.validate_for_world(static_cast<int>(groups.sizes.world));
-  Communicator& world = *groups.world;
-  const bool rank0 = world.rank() == 0;
   torch::set_num_threads(static_cast<int>(config.train.threads));
   TORCH_CHECK(config.parallel.expert_parallel == groups.sizes.expert_parallel,
               "parallel.expert_parallel (", config.parallel.expert_parallel,
               ") differs from the process groups' expert-parallel size (",
               groups.sizes.expert_parallel, "); build them from the config");
-  const torch::Device device = select_device(config);
-  TORCH_CHECK(config.train.dtype == "float32" || device.is_cuda(), "train.dtype (",
+  device_ = select_device(config);
+  TORCH_CHECK(config.train.dtype == "float32" || device_.is_cuda(), "train.dtype (",
               config.train.dtype, ") needs train.device cuda; use float32 on the CPU");
-  const bool autocast_bf16 = config.train.dtype == "bfloat16";
+  autocast_bf16_ = config.train.dtype == "bfloat16";
+  expert_parallel_ = groups.sizes.expert_parallel > 1;
+  open_data();
+  build_model();
+  build_optimizer();
+}
 
-  // Data.
-  auto train_data = std::make_shared<TokenDataset>(TokenDataset::open(config.data.dir, "train"));
-  auto val_data = TokenDataset::open(config.data.dir, "val");
+void Trainer::open_data() {
+  train_data_ = std::make_shared<TokenDataset>(TokenDataset::open(config_.data.dir, "train"));
+  auto val_data = TokenDataset::open(config_.data.dir, "val");
+  sampler_ = std::make_unique<SequenceSampler>(
+      train_data_, SamplerOptions(config_.data.seq_len, config_.data.micro_batch_size)
+                       .seed(static_cast<uint64_t>(config_.train.seed))
+                       .rank(world_.rank())
+                       .world_size(world_.size()));
+  val_batches_ = validation_batches(val_data, config_.data.seq_len, config_.data.micro_batch_size,
+                                    config_.data.val_batches_per_domain);
+  domains_ = val_data.domain_names();
+}
+
+void Trainer::build_model() {
   const int64_t vocab =
-      config.model.vocab_size > 0 ? config.model.vocab_size : train_data->vocab_size();
-  TORCH_CHECK(vocab >= train_data->vocab_size(), "model.vocab_size (", vocab,
-              ") is smaller than the dataset's vocabulary (", train_data->vocab_size(), ") in ",
-              config.data.dir);
-  SequenceSampler sampler(train_data,
-                          SamplerOptions(config.data.seq_len, config.data.micro_batch_size)
-                              .seed(static_cast<uint64_t>(config.train.seed))
-                              .rank(world.rank())
-                              .world_size(world.size()));
-  auto val_batches = validation_batches(val_data, config.data.seq_len, config.data.micro_batch_size,
-                                        config.data.val_batches_per_domain);
-  const auto& domains = val_data.domain_names();
+      config_.model.vocab_size > 0 ? config_.model.vocab_size : train_data_->vocab_size();
+  TORCH_CHECK(vocab >= train_data_->vocab_size(), "model.vocab_size (", vocab,
+              ") is smaller than the dataset's vocabulary (", train_data_->vocab_size(), ") in ",
+              config_.data.dir);
+  torch::manual_seed(static_cast<uint64_t>(config_.train.seed));
+  model_ = LanguageModel(model_options_from_config(config_, vocab));
+  model_->to(device_);
+  if (expert_parallel_) apply_expert_parallel(*model_, groups_);
+  const auto balance = balance_options_from_config(config_);
+  objective_ = std::make_unique<TrainingObjective>(model_->moe_layers(), balance,
+                                                   objective_reducers(balance, groups_));
+  dp_ = std::make_unique<DataParallel>(model_.ptr(), groups_.data_parallel,
+                                       expert_parallel_ ? groups_.expert_data_parallel : nullptr);
+  dp_->broadcast_parameters();
+}
 
-  // Model, balancing, data parallelism, optimizer.
-  torch::manual_seed(static_cast<uint64_t>(config.train.seed));
-  LanguageModel model(model_options_from_config(config, vocab));
-  model->to(device);
-  const bool expert_parallel = groups.sizes.expert_parallel > 1;
-  if (expert_parallel) apply_expert_parallel(*model, groups);
-  auto moe_layers = model->moe_layers();
-  const auto balance = balance_options_from_config(config);
-  Balancer balancer(moe_layers, balance_reducer(balance, groups));
-  DataParallel dp(model.ptr(), groups.data_parallel,
-                  expert_parallel ? groups.expert_data_parallel : nullptr);
-  dp.broadcast_parameters();
-
+void Trainer::build_optimizer() {
   std::vector<torch::Tensor> decay, no_decay;
-  for (auto& p : model->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
-  auto adamw = torch::optim::AdamWOptions(config.optim.lr)
-                   .betas({config.optim.beta1, config.optim.beta2})
-                   .eps(config.optim.eps);
+  for (auto& p : model_->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
+  const auto& o = config_.optim;
+  auto adamw = torch::optim::AdamWOptions(o.lr).betas({o.beta1, o.beta2}).eps(o.eps);
   std::vector<torch::optim::OptimizerParamGroup> param_groups;
-  param_groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(
-                                       adamw.weight_decay(config.optim.weight_decay)));
+  param_groups.emplace_back(
+      decay, std::make_unique<torch::optim::AdamWOptions>(adamw.weight_decay(o.weight_decay)));
   param_groups.emplace_back(no_decay,
                             std::make_unique<torch::optim::AdamWOptions>(adamw.weight_decay(0.0)));
-  torch::optim::AdamW optimizer(param_groups, adamw);
+  optimizer_ = std::make_unique<torch::optim::AdamW>(param_groups, adamw);
+}
 
-  // Run directory and resume.
-  const std::string run_dir = config.train.run_dir;
-  const std::string metrics_path = (fs::path(run_dir) / "metrics.jsonl").string();
-  TrainSummary summary;
-  summary.run_dir = run_dir;
+int64_t Trainer::resume() {
+  const std::string& run_dir = config_.train.run_dir;
+  metrics_path_ = (fs::path(run_dir) / "metrics.jsonl").string();
   int64_t start_step = 0;
-  const std::string resume_dir = resolve_resume(run_dir, config.train.resume);
+  const std::string resume_dir = resolve_resume(run_dir, config_.train.resume);
   if (!resume_dir.empty()) {
     auto meta = read_checkpoint_meta(resume_dir);
-    load_training_state(resume_dir + "/state.pt", *model, optimizer, *groups.expert_parallel);
-    sampler.load_state(SamplerState::from_string(meta.sampler_state));
+    load_training_state(resume_dir + "/state.pt", *model_, *optimizer_, *groups_.expert_parallel);
+    sampler_->load_state(SamplerState::from_string(meta.sampler_state));
     start_step = meta.step;
     log0("resumed from ", resume_dir, " at step ", start_step);
   }
-  if (rank0) {
+  if (rank0_) {
     fs::create_directories(run_dir);
-    std::ofstream(fs::path(run_dir) / "config.yaml") << config.to_yaml();
-    if (start_step == 0) std::ofstream(metrics_path, std::ios::trunc);
+    std::ofstream(fs::path(run_dir) / "config.yaml") << config_.to_yaml();
+    if (start_step == 0) std::ofstream(metrics_path_, std::ios::trunc);
   }
-  summary.first_step = start_step;
-  summary.last_step = start_step;
+  return start_step;
+}
 
-  auto save = [&](int64_t step) {
-    // Rank 0 writes; only its expert-parallel group (expert-data-parallel rank 0) gathers.
-    torch::serialize::OutputArchive state;
-    if (groups.expert_data_parallel->rank() == 0) {
-      state = gather_training_state(*model, optimizer, *groups.expert_parallel);
-    }
-    if (rank0) {
-      CheckpointMeta meta{step, sampler.state().to_string(), config.to_yaml()};
-      auto dir = write_checkpoint(run_dir, meta, config.train.keep_checkpoints,
-                                  [&](const std::string& d) { state.save_to(d + "/state.pt"); });
-      log0("checkpoint ", dir);
-    }
-    world.barrier();
-  };
+void Trainer::save(int64_t step) {
+  // Rank 0 writes; only its expert-parallel group (expert-data-parallel rank 0) gathers.
+  torch::serialize::OutputArchive state;
+  if (groups_.expert_data_parallel->rank() == 0) {
+    state = gather_training_state(*model_, *optimizer_, *groups_.expert_parallel);
+  }
+  if (rank0_) {
+    CheckpointMeta meta{step, sampler_->state().to_string(), config_.to_yaml()};
+    auto dir = write_checkpoint(config_.train.run_dir, meta, config_.train.keep_checkpoints,
+                                [&](const std::string& d) { state.save_to(d + "/state.pt"); });
+    log0("checkpoint ", dir);
+  }
+  world_.barrier();
+}
 
+bool Trainer::train_step(int64_t step, int64_t stop_after) {
+  auto t0 = std::chrono::steady_clock::now();
+  const double lr = learning_rate(config_.optim, step, config_.train.steps);
+  for (auto& group : optimizer_->param_groups()) {
+    static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+  }
+  optimizer_->zero_grad();
+  std::vector<Batch> micro(config_.data.grad_accum);
+  for (auto& b : micro) b = sampler_->next_batch();
+  const auto losses = forward_backward(model_, *objective_, micro, device_, autocast_bf16_);
+  const bool stop_here = g_stop_requested || (stop_after >= 0 && step + 1 >= stop_after);
+  auto flags = torch::tensor({losses.finite ? 0.0 : 1.0, stop_here ? 1.0 : 0.0}, torch::kDouble);
+  world_.all_reduce(flags, ReduceOp::Max);
+  TORCH_CHECK(flags[0].item<double>() == 0.0, "step ", step + 1, ": non-finite loss (",
+              losses.finite ? "on another rank" : losses.bad_term,
+              "); stopping without an optimizer step. The last checkpoint is intact; lower "
+              "optim.lr or raise optim.warmup_steps");
+  dp_->average_gradients();
+  // With clipping off the call only measures the norm (an unreachable bound).
+  const double clip = config_.optim.grad_clip > 0 ? config_.optim.grad_clip : 1e30;
+  const double grad_norm = expert_parallel_
+                               ? clip_grad_norm(*model_, clip, *groups_.expert_parallel)
+                               : torch::nn::utils::clip_grad_norm_(model_->parameters(), clip);
+  optimizer_->step();
+  const auto layers = objective_->end_step();
+  record_step(step + 1, lr, grad_norm, losses, layers, seconds_since(t0));
+  return flags[1].item<double>() == 0.0;
+}
+
+// Metrics in one all-reduce: rank shares of the objective and micro-batch figures averaged over
+// ranks, valid tokens and selection counts summed (MaxVio of the whole step).
+void Trainer::record_step(int64_t done, double lr, double grad_norm, const StepLosses& losses,
+                          const std::vector<LayerStepStats>& layers, double seconds) {
+  const int64_t L = static_cast<int64_t>(layers.size()), R = world_.size();
+  std::vector<double> head{losses.values.task, losses.values.balance, losses.values.z_loss,
+                           losses.local_tokens * R};
+  for (const auto& st : layers) head.push_back(st.micro_max_violation);
+  std::vector<torch::Tensor> parts{torch::tensor(head, torch::kDouble)};
+  for (const auto& st : layers) parts.push_back(st.local_counts.cpu());
+  auto packed = sum_over(world_, torch::cat(parts)) / static_cast<double>(R);
+  std::vector<double> mv_global, mv_micro;
+  for (int64_t l = 0, offset = 4 + L; l < L; ++l) {
+    const int64_t E = layers[l].local_counts.numel();
+    mv_global.push_back(max_violation(packed.narrow(0, offset, E)));
+    mv_micro.push_back(packed[4 + l].item<double>());
+    offset += E;
+  }
+  const double ce = packed[0].item<double>(), bal = packed[1].item<double>();
+  const double z = packed[2].item<double>(), step_tokens = packed[3].item<double>();
+  summary_.last_step = done;
+  summary_.losses.push_back(ce);
+  summary_.max_violation_global = mv_global;
+  summary_.max_violation_micro = mv_micro;
+  window_tokens_ += step_tokens;
+  window_seconds_ += seconds;
+  if (!rank0_) return;
+  std::ostringstream line;
+  line << "{\"step\":" << done << ",\"loss\":" << json_number(ce + bal + z)
+       << ",\"ce\":" << json_number(ce) << ",\"balance\":" << json_number(bal)
+       << ",\"z_loss\":" << json_number(z) << ",\"lr\":" << json_number(lr)
+       << ",\"grad_norm\":" << json_number(grad_norm)
+       << ",\"tokens_per_s\":" << json_number(step_tokens / seconds)
+       << ",\"maxvio_global\":" << json_list(mv_global)
+       << ",\"maxvio_micro\":" << json_list(mv_micro) << "}";
+  append_line(metrics_path_, line.str());
+}
+
+void Trainer::log_progress(int64_t done) {
+  const int64_t total = config_.train.steps;
+  if (done % config_.train.log_every != 0 && done != total) return;
+  double mvg = 0, mvm = 0;
+  const auto L = static_cast<double>(summary_.max_violation_global.size());
+  for (size_t l = 0; l < summary_.max_violation_global.size(); ++l) {
+    mvg += summary_.max_violation_global[l] / L, mvm += summary_.max_violation_micro[l] / L;
+  }
+  const double tps = window_tokens_ / std::max(1e-9, window_seconds_);
+  const double left =
+      (total - done) * (window_seconds_ / std::max<int64_t>(1, config_.train.log_every));
+  const double lr = learning_rate(config_.optim, done - 1, total);
+  std::ostringstream p;
+  p << std::fixed << "step " << done << "/" << total << " | loss " << std::setprecision(4)
+    << summary_.losses.back() << " | maxvio global " << std::setprecision(2) << mvg << " micro "
+    << mvm << " | " << std::setprecision(0) << tps << " tok/s | lr " << std::scientific
+    << std::setprecision(2) << lr << " | " << format_duration(left) << " left";
+  log0(p.str());
+  summary_.tokens_per_second = tps;
+  window_tokens_ = window_seconds_ = 0;
+}
+
+void Trainer::evaluate_now(int64_t done) {
+  const int64_t every = config_.train.eval_every;
+  if (every <= 0 || (done % every != 0 && done != config_.train.steps)) return;
+  summary_.eval = evaluate(model_, val_batches_, domains_, world_, autocast_bf16_, done);
+  if (rank0_) append_line(metrics_path_, eval_json(summary_.eval));
+  std::ostringstream e;
+  e << std::fixed << std::setprecision(4) << "eval step " << done << " | val loss "
+    << summary_.eval.loss;
+  for (const auto& [name, loss] : summary_.eval.domain_loss) e << " | " << name << " " << loss;
+  log0(e.str());
+}
+
+TrainSummary Trainer::run(int64_t stop_after) {
+  summary_.run_dir = config_.train.run_dir;
+  const int64_t start_step = resume();
+  summary_.first_step = summary_.last_step = start_step;
   SigtermStops sigterm;
-  const int64_t M = config.data.grad_accum;
-  const int64_t total_steps = config.train.steps;
+  const auto is_shard = expert_parameter_rule(*model_);
   int64_t parameters = 0;
-  for (const auto& item : model->named_parameters()) {
-    const bool shard = expert_parallel && is_expert_parameter(item.key());
-    parameters += item.value().numel() * (shard ? groups.sizes.expert_parallel : 1);
+  for (const auto& item : model_->named_parameters()) {
+    parameters += item.value().numel() * (is_shard(item.key()) ? groups_.sizes.expert_parallel : 1);
   }
-  log0("gbmoe-train: ", world.size(), " ranks, ", parameters / 1e6, "M parameters, ",
-       moe_layers.size(), " MoE layers x ", config.model.num_experts, " experts (top-",
-       config.model.top_k, "), scope ", config.balance.scope, ", ", train_data->num_tokens(),
-       " training tokens in ", domains.size(), " domains");
-
-  double window_tokens = 0, window_seconds = 0;
-  for (int64_t step = start_step; step < total_steps; ++step) {
-    auto t0 = std::chrono::steady_clock::now();
-    const double lr = learning_rate(config.optim, step, total_steps);
-    for (auto& group : optimizer.param_groups()) {
-      static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
-    }
-    optimizer.zero_grad();
-    std::vector<Batch> micro(M);
-    double local_tokens = 0;
-    for (auto& b : micro) {
-      b = sampler.next_batch();
-      local_tokens += b.mask.sum().item<double>();
-    }
-    balancer.begin_step(M);
-    balancer.set_local_step_tokens(local_tokens);  // summed with the first micro-batch's counts
-    double ce_sum = 0, balance_sum = 0;
-    bool finite = true;
-    std::string bad_term;
-    for (const auto& b : micro) {
-      auto mask = b.mask.to(device);
-      torch::Tensor ce;
-      {
-        AutocastScope autocast(autocast_bf16);
-        auto logits = model->forward(b.inputs.to(device), mask);
-        ce = torch::nn::functional::cross_entropy(logits.flatten(0, 1),
-                                                  b.targets.to(device).flatten());
-      }
-      auto bal = balancer.micro_batch_loss();
-      const double ce_v = ce.item<double>(), bal_v = bal.item<double>();
-      if (finite && (!std::isfinite(ce_v) || !std::isfinite(bal_v))) {
-        finite = false;
-        bad_term = !std::isfinite(ce_v) ? "cross_entropy = " + std::to_string(ce_v)
-                                        : "balance loss = " + std::to_string(bal_v);
-      }
-      ((ce + bal) / static_cast<double>(M)).backward();
-      ce_sum += ce_v;
-      balance_sum += bal_v;
-    }
-    const bool stop_here = g_stop_requested || (stop_after >= 0 && step + 1 >= stop_after);
-    auto flags = torch::tensor({finite ? 0.0 : 1.0, stop_here ? 1.0 : 0.0}, torch::kDouble);
-    world.all_reduce(flags, ReduceOp::Max);
-    TORCH_CHECK(flags[0].item<double>() == 0.0, "step ", step + 1, ": non-finite loss (",
-                finite ? "on another rank" : bad_term,
-                "); stopping without an optimizer step. The last checkpoint is intact; lower "
-                "optim.lr or raise optim.warmup_steps");
-    dp.average_gradients();
-    // With clipping off the call only measures the norm (an unreachable bound).
-    const double clip = config.optim.grad_clip > 0 ? config.optim.grad_clip : 1e30;
-    const double grad_norm = expert_parallel
-                                 ? clip_grad_norm(*model, clip, *groups.expert_parallel)
-                                 : torch::nn::utils::clip_grad_norm_(model->parameters(), clip);
-    optimizer.step();
-    auto layer_stats = balancer.end_step();
+  log0("gbmoe-train: ", world_.size(), " ranks, ", parameters / 1e6, "M parameters, ",
+       objective_->num_layers(), " MoE layers x ", config_.model.num_experts, " experts (top-",
+       config_.model.top_k, "), scope ", config_.balance.scope, ", ", train_data_->num_tokens(),
+       " training tokens in ", domains_.size(), " domains");
+  for (int64_t step = start_step; step < config_.train.steps; ++step) {
+    const bool go_on = train_step(step, stop_after);
     const int64_t done = step + 1;
-    summary.last_step = done;
-
-    // Metrics in one all-reduce: losses and micro-batch MaxVio averaged over ranks, valid
-    // tokens and selection counts summed (MaxVio of the whole step).
-    const int64_t L = static_cast<int64_t>(layer_stats.size());
-    std::vector<torch::Tensor> parts{
-        torch::tensor({ce_sum / M, balance_sum / M, local_tokens * world.size()}, torch::kDouble)};
-    for (int64_t l = 0; l < L; ++l) {
-      parts.push_back(torch::full({1}, layer_stats[l].micro_max_violation, torch::kDouble));
-    }
-    for (int64_t l = 0; l < L; ++l) parts.push_back(layer_stats[l].local_counts.cpu());
-    auto packed = sum_over(world, torch::cat(parts)) / world.size();
-    std::vector<double> mv_global, mv_micro;
-    for (int64_t l = 0, offset = 3 + L; l < L; ++l) {
-      const int64_t E = layer_stats[l].local_counts.numel();
-      mv_global.push_back(max_violation(packed.narrow(0, offset, E)));
-      mv_micro.push_back(packed[3 + l].item<double>());
-      offset += E;
-    }
-    const double ce_mean = packed[0].item<double>(), bal_mean = packed[1].item<double>();
-    summary.losses.push_back(ce_mean);
-    summary.max_violation_global = mv_global;
-    summary.max_violation_micro = mv_micro;
-    const double dt = seconds_since(t0);
-    const double step_tokens = packed[2].item<double>();
-    window_tokens += step_tokens;
-    window_seconds += dt;
-    if (rank0) {
-      std::ostringstream line;
-      line << "{\"step\":" << done << ",\"loss\":" << json_number(ce_mean + bal_mean)
-           << ",\"ce\":" << json_number(ce_mean) << ",\"balance\":" << json_number(bal_mean)
-           << ",\"lr\":" << json_number(lr) << ",\"grad_norm\":" << json_number(grad_norm)
-           << ",\"tokens_per_s\":" << json_number(step_tokens / dt)
-           << ",\"maxvio_global\":" << json_list(mv_global)
-           << ",\"maxvio_micro\":" << json_list(mv_micro) << "}";
-      append_line(metrics_path, line.str());
-    }
-    if (done % config.train.log_every == 0 || done == total_steps) {
-      double mvg = 0, mvm = 0;
-      for (int64_t l = 0; l < L; ++l) mvg += mv_global[l] / L, mvm += mv_micro[l] / L;
-      const double tps = window_tokens / std::max(1e-9, window_seconds);
-      const double left =
-          (total_steps - done) * (window_seconds / std::max<int64_t>(1, config.train.log_every));
-      std::ostringstream p;
-      p << std::fixed << "step " << done << "/" << total_steps << " | loss " << std::setprecision(4)
-        << ce_mean << " | bal " << std::setprecision(4) << bal_mean << " | maxvio global "
-        << std::setprecision(2) << mvg << " micro " << mvm << " | " << std::setprecision(0) << tps
-        << " tok/s | lr " << std::scientific << std::setprecision(2) << lr << " | "
-        << format_duration(left) << " left";
-      log0(p.str());
-      summary.tokens_per_second = tps;
-      window_tokens = window_seconds = 0;
-    }
-    const bool eval_now =
-        config.train.eval_every > 0 && (done % config.train.eval_every == 0 || done == total_steps);
-    if (eval_now) {
-      summary.eval = evaluate(model, val_batches, domains, world, autocast_bf16, done);
-      if (rank0) append_line(metrics_path, eval_json(summary.eval));
-      std::ostringstream e;
-      e << std::fixed << std::setprecision(4) << "eval step " << done << " | val loss "
-        << summary.eval.loss;
-      for (const auto& [name, loss] : summary.eval.domain_loss) e << " | " << name << " " << loss;
-      log0(e.str());
-    }
-    const bool stop = flags[1].item<double>() > 0;
-    if ((config.train.checkpoint_every > 0 && done % config.train.checkpoint_every == 0) ||
-        done == total_steps || stop) {
-      save(done);
-    }
-    if (stop) {
+    log_progress(done);
+    evaluate_now(done);
+    const int64_t every = config_.train.checkpoint_every;
+    if ((every > 0 && done % every == 0) || done == config_.train.steps || !go_on) save(done);
+    if (!go_on) {
       log0("stopped after step ", done, "; resume with --set train.resume=auto");
-      summary.interrupted = true;
+      summary_.interrupted = true;
       break;
     }
   }
-  return summary;
+  return summary_;
+}
+
+}  // namespace
+
+TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t stop_after) {
+  Trainer trainer(config, groups);
+  return trainer.run(stop_after);
 }
 
 }  // namespace gbmoe

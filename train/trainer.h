@@ -6,9 +6,11 @@
 #include <string>
 #include <vector>
 
+#include "moe/objective.h"
 #include "parallel/process_groups.h"
 #include "train/config.h"
 #include "train/model.h"
+#include "train/sampler.h"
 
 namespace gbmoe {
 
@@ -17,6 +19,27 @@ LanguageModelOptions model_options_from_config(const Config& config, int64_t voc
 
 /// The balance options of a config's balance section.
 BalanceOptions balance_options_from_config(const Config& config);
+
+/// What the forward and backward passes of one optimizer step gave on this rank.
+struct StepLosses {
+  StepValues values;        // this rank's share of the step's objective
+  double local_tokens = 0;  // this rank's valid tokens of the step
+  bool finite = true;
+  std::string bad_term;  // the first non-finite term, "name = value"
+};
+
+/// The forward and backward passes of one optimizer step on this rank: the micro-batches run
+/// through the model with the objective's routing context, the token-summed cross-entropy and
+/// the balancing terms backpropagate through objective.micro_batch_loss(), and the gradients
+/// accumulate in the parameters' .grad (not yet averaged over ranks). Opens the objective's
+/// step (begin_step); the caller averages gradients, steps the optimizer and calls end_step().
+///
+/// Example:
+///   auto losses = forward_backward(model, objective, micro_batches, device, false);
+///   dp.average_gradients(); optimizer.step(); objective.end_step();
+StepLosses forward_backward(LanguageModel& model, TrainingObjective& objective,
+                            const std::vector<Batch>& micro_batches, const torch::Device& device,
+                            bool autocast_bf16);
 
 /// Validation figures of one evaluation.
 struct EvalResult {

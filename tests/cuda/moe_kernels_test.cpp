@@ -15,6 +15,7 @@
 #include "moe/experts.h"
 #include "moe/kernels.h"
 #include "moe/moe_layer.h"
+#include "moe/objective.h"
 #include "tests/test_util.h"
 
 namespace gbmoe {
@@ -201,9 +202,14 @@ TEST(MoELayer, FusedPathMatchesReference_CUDA) {
     auto mask = torch::rand({2, 129}, torch::kCUDA) > 0.1;
     auto run = [&] {
       moe->zero_grad();
+      TrainingObjective objective({moe}, BalanceOptions().scope(BalanceScope::Micro));
+      objective.begin_step(1, mask.sum().item<double>());
       auto x = x0.clone().requires_grad_(true);
-      auto y = moe->forward(x, mask);
-      (y.to(torch::kFloat).square().mean() + moe->stats().aux_loss()).backward();
+      auto routing = objective.context();
+      auto y = moe->forward(x, mask, &routing);
+      auto aux = objective.micro_batch_loss(routing, torch::zeros({}, torch::kCUDA));
+      (y.to(torch::kFloat).square().mean() + aux).backward();
+      objective.end_step();
       return std::make_tuple(y.detach(), x.grad(), moe->router->weight.grad().clone(),
                              moe->experts->gate_up.grad().clone());
     };

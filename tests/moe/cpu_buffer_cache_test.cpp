@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "moe/moe_layer.h"
+#include "moe/objective.h"
 #include "tests/test_util.h"
 
 namespace gbmoe {
@@ -166,9 +167,13 @@ TEST(CpuBufferCache, LayerStepsMatchWithoutIt) {
     MoELayer layer(MoELayerOptions(256, 8, 512).router(RouterOptions().top_k(2)));
     auto x = torch::randn({2048, 256}, torch::requires_grad());
     std::vector<torch::Tensor> out;
+    TrainingObjective objective({layer}, BalanceOptions().scope(BalanceScope::Micro));
     for (int i = 0; i < 3; ++i) {
-      auto y = layer->forward(x);
-      (y.square().mean() + layer->stats().aux_loss()).backward();
+      objective.begin_step(1, static_cast<double>(x.size(0)));
+      auto routing = objective.context();
+      auto y = layer->forward(x, {}, &routing);
+      (y.square().mean() + objective.micro_batch_loss(routing, torch::zeros({}))).backward();
+      objective.end_step();
       out.push_back(y.detach().clone());
     }
     out.push_back(layer->experts->gate_up.grad().clone());

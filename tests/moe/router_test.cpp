@@ -102,7 +102,7 @@ TEST(Router, InvalidOptionsNameTheOptionAndValue) {
   expect_throw_with([] { Router(RouterOptions(8, 4).top_k(5)); }, "top_k (5)");
   expect_throw_with([] { Router(RouterOptions(8, 0)); }, "num_experts (0)");
   expect_throw_with([] { Router(RouterOptions(8, 4).top_k(0)); }, "top_k (0)");
-  expect_throw_with([] { Router(RouterOptions(8, 4).z_loss_coef(-1)); }, "z_loss_coef (-1)");
+  expect_throw_with([] { Router(RouterOptions(8, 4).init_std(0)); }, "router init_std (0)");
   expect_throw_with([] { score_function_from_string("relu"); }, "score_function (relu)");
 }
 

@@ -1,7 +1,9 @@
 // DataParallel: R ranks training on shards equal one process on the whole batch (with and without
-// gradient accumulation), bucket fusion, missing gradients, and the expert-shard rule.
+// gradient accumulation), bucket fusion, missing gradients, and the expert-shard rule (by module
+// marks, not by names).
 #include <gtest/gtest.h>
 
+#include "moe/moe_layer.h"
 #include "parallel/data_parallel.h"
 #include "parallel/process_groups.h"
 #include "tests/parallel/mpi_test_util.h"
@@ -134,26 +136,66 @@ TEST(DataParallel, BucketsFuseParametersAndMissingGradientsCountAsZero) {
   }
 }
 
-// A dense layer and an "experts" layer standing in for an expert-parallel shard.
+// A dense layer, a MoE layer whose routed experts are marked as shards over `shards` ranks (as
+// apply_expert_parallel marks them), and two of the user's modules whose names merely mention
+// experts: an unsharded GroupedExperts called shared_experts and a Linear called experts.
 struct ShardedNet : torch::nn::Module {
-  ShardedNet() {
+  explicit ShardedNet(int64_t shards) {
     dense = register_module("dense", torch::nn::Linear(4, 4));
+    moe = register_module("moe", MoELayer(MoELayerOptions(4, 2, 3)));
+    moe->experts->shards = shards;
+    shared_experts =
+        register_module("shared_experts", GroupedExperts(GroupedExpertsOptions(2, 4, 3)));
     experts = register_module("experts", torch::nn::Linear(4, 4));
   }
+  // Every parameter but the routed experts'.
+  std::vector<torch::Tensor> dense_parameters() const {
+    std::vector<torch::Tensor> out;
+    for (const auto& p : named_parameters()) {
+      if (p.key().rfind("moe.experts.", 0) != 0) out.push_back(p.value());
+    }
+    return out;
+  }
   torch::nn::Linear dense{nullptr}, experts{nullptr};
+  MoELayer moe{nullptr};
+  GroupedExperts shared_experts{nullptr};
 };
+
+TEST(DataParallel, ExpertRuleFollowsModuleMarksNotNames) {
+  auto net = std::make_shared<ShardedNet>(/*shards=*/2);
+  const auto rule = expert_parameter_rule(*net);
+  int64_t experts = 0;
+  for (const auto& p : net->named_parameters()) {
+    const bool routed = p.key() == "moe.experts.gate_up" || p.key() == "moe.experts.down";
+    EXPECT_EQ(rule(p.key()), routed) << p.key();
+    experts += rule(p.key());
+  }
+  EXPECT_EQ(experts, 2);
+  // Unsharded (no expert parallelism, or a size of 1): nothing is an expert shard.
+  auto dense_net = std::make_shared<ShardedNet>(/*shards=*/1);
+  const auto dense_rule = expert_parameter_rule(*dense_net);
+  for (const auto& p : dense_net->named_parameters()) EXPECT_FALSE(dense_rule(p.key())) << p.key();
+  // The rule of a submodule names the parameters relative to it.
+  EXPECT_TRUE(expert_parameter_rule(*net->moe)("experts.gate_up"));
+  EXPECT_FALSE(expert_parameter_rule(*net->moe)("moe.experts.gate_up"));
+}
 
 TEST(DataParallel, ExpertShardsUseTheirOwnGroup) {
   auto world = test_world();
   const int R = world->size(), me = world->rank();
   const int ep = R % 2 == 0 ? 2 : 1;
   auto groups = build_process_groups(ParallelSizes{R, ep}, MPI_COMM_WORLD);
-  auto net = std::make_shared<ShardedNet>();
+  auto net = std::make_shared<ShardedNet>(ep);
   DataParallel dp(net, groups.data_parallel, groups.expert_data_parallel);
+  size_t expert_params = 0;
   for (const auto& bucket : dp.buckets()) {
-    for (const auto& name : bucket.names)
-      EXPECT_EQ(bucket.expert, is_expert_parameter(name)) << name;
+    for (const auto& name : bucket.names) {
+      const bool routed = name.rfind("moe.experts.", 0) == 0;
+      EXPECT_EQ(bucket.expert, routed && ep > 1) << name;
+      expert_params += bucket.expert ? 1 : 0;
+    }
   }
+  EXPECT_EQ(expert_params, ep > 1 ? 2u : 0u);
 
   // Broadcast: dense from world rank 0, expert shards from rank 0 of the expert-data-parallel
   // group, which is world rank me % ep.
@@ -162,8 +204,8 @@ TEST(DataParallel, ExpertShardsUseTheirOwnGroup) {
     for (auto& p : net->parameters()) p.fill_(me);
   }
   dp.broadcast_parameters();
-  for (auto& p : net->dense->parameters()) EXPECT_TRUE(torch::equal(p, torch::zeros_like(p)));
-  for (auto& p : net->experts->parameters()) {
+  for (auto& p : net->dense_parameters()) EXPECT_TRUE(torch::equal(p, torch::zeros_like(p)));
+  for (auto& p : net->moe->experts->parameters()) {
     EXPECT_TRUE(torch::equal(p, torch::full_like(p, me % ep)));
   }
 
@@ -173,10 +215,10 @@ TEST(DataParallel, ExpertShardsUseTheirOwnGroup) {
   dp.average_gradients();
   double expert_sum = 0;
   for (int r = me % ep; r < R; r += ep) expert_sum += r + 1;
-  for (auto& p : net->dense->parameters()) {
+  for (auto& p : net->dense_parameters()) {
     EXPECT_TRUE(torch::allclose(p.grad(), torch::full_like(p, (R + 1) / 2.0)));
   }
-  for (auto& p : net->experts->parameters()) {
+  for (auto& p : net->moe->experts->parameters()) {
     EXPECT_TRUE(torch::allclose(p.grad(), torch::full_like(p, expert_sum / R)));
   }
 }

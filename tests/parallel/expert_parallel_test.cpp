@@ -3,7 +3,7 @@
 // holding every expert. Each rank takes its slice of one batch that every rank can rebuild.
 #include <gtest/gtest.h>
 
-#include "moe/balancer.h"
+#include "moe/objective.h"
 #include "parallel/balance_sync.h"
 #include "parallel/data_parallel.h"
 #include "parallel/expert_parallel.h"
@@ -22,13 +22,12 @@ struct LayerCase {
   bool silent_last_rank = false;  // the last rank's tokens are all padding: it sends nothing
 };
 
-MoELayer make_layer(const LayerCase& c, BalanceScope scope = BalanceScope::Micro) {
+MoELayer make_layer(const LayerCase& c) {
   torch::manual_seed(7);  // identical weights on every rank and in the reference
   MoELayer layer(MoELayerOptions(kD, kE, kF)
-                     .router(RouterOptions().top_k(kK).z_loss_coef(0))
+                     .router(RouterOptions().top_k(kK))
                      .shared_experts(1)
-                     .dispatcher(DispatcherOptions().capacity_factor(c.capacity_factor))
-                     .balance(BalanceOptions().scope(scope).alpha(0.05)));
+                     .dispatcher(DispatcherOptions().capacity_factor(c.capacity_factor)));
   if (c.unused_experts) {
     layer->router->expert_bias[2] = -1e9;
     layer->router->expert_bias[5] = -1e9;
@@ -83,9 +82,12 @@ TEST_P(ExpertParallelLayer, OutputAndGradientsMatchAllExpertsLocal) {
   for (int r = 0; r < R; ++r) {
     auto sr = rank_slice(c, R, r);
     auto x = sr.x.clone().requires_grad_(true);
-    auto y = ref->forward(x, sr.mask);
+    RoutingContext routing;
+    auto y = ref->forward(x, sr.mask, &routing);
     (y * sr.g).sum().backward();
-    if (r == rank) ref_y = y.detach(), ref_dx = x.grad(), ref_dropped = ref->stats().num_dropped;
+    if (r == rank) {
+      ref_y = y.detach(), ref_dx = x.grad(), ref_dropped = routing.layers()[0].num_dropped;
+    }
   }
 
   for (int P : ep_sizes()) {
@@ -94,9 +96,17 @@ TEST_P(ExpertParallelLayer, OutputAndGradientsMatchAllExpertsLocal) {
     auto layer = make_layer(c);
     EXPECT_EQ(apply_expert_parallel(*layer, groups), 1);
     EXPECT_EQ(layer->experts->gate_up.size(0), kE / P);
+    EXPECT_EQ(layer->experts->shards, P);
+    // The sharded experts' parameters, by module: the routed experts' only when P > 1.
+    const auto is_expert = expert_parameter_rule(*layer);
+    for (const auto& item : layer->named_parameters()) {
+      const bool routed = item.key() == "experts.gate_up" || item.key() == "experts.down";
+      EXPECT_EQ(is_expert(item.key()), routed && P > 1) << item.key() << " P = " << P;
+    }
     DataParallel dp(layer.ptr(), groups.data_parallel, groups.expert_data_parallel);
     auto x = s.x.clone().requires_grad_(true);
-    auto y = layer->forward(x, s.mask);
+    RoutingContext routing;
+    auto y = layer->forward(x, s.mask, &routing);
     (y * s.g).sum().backward();
     dp.average_gradients();
 
@@ -105,16 +115,13 @@ TEST_P(ExpertParallelLayer, OutputAndGradientsMatchAllExpertsLocal) {
     const auto& ep = *groups.expert_parallel;
     for (const auto& item : ref->named_parameters()) {
       auto expected = item.value().grad() / R;
-      if (is_expert_parameter(item.key())) expected = shard_of(expected, ep);
+      if (is_expert(item.key())) expected = shard_of(expected, ep);
       const auto& got = layer->named_parameters()[item.key()].grad();
       EXPECT_LT(max_rel_diff(got, expected), 1e-5) << c.name << " P = " << P << " " << item.key();
     }
-    EXPECT_EQ(layer->stats().num_dropped, ref_dropped) << c.name << " P = " << P;
+    EXPECT_EQ(routing.layers()[0].num_dropped, ref_dropped) << c.name << " P = " << P;
   }
   EXPECT_GT(ref->experts->gate_up.grad().abs().max().item<double>(), 0.0);
-  if (c.capacity_factor > 0) {
-    EXPECT_GT(all_reduce_sum(*world, static_cast<double>(ref_dropped)), 0.0);
-  }
   if (c.capacity_factor > 0) {
     EXPECT_GT(all_reduce_sum(*world, static_cast<double>(ref_dropped)), 0.0);
   }
@@ -139,40 +146,47 @@ torch::Tensor gathered(const torch::Tensor& shard, Communicator& ep) {
   return ep.all_gather(shard.detach().contiguous());
 }
 
-// Three AdamW steps of two micro-batches with global balancing give the same parameters with
-// and without expert parallelism.
+// Rank r's token-summed task loss of micro-batch s: squared error to s.g over valid tokens.
+torch::Tensor task_loss_sum(const torch::Tensor& y, const Slice& s) {
+  return ((y - s.g).pow(2).mean(-1) * s.mask).sum();
+}
+
+// Three AdamW steps of two micro-batches with global balancing (and z-loss) give the same
+// parameters with and without expert parallelism.
 TEST(ExpertParallel, TrainingStepsMatchWithoutExpertParallelism) {
   auto world = test_world();
   const int R = world->size(), rank = world->rank();
   const LayerCase c{"train"};
+  const auto balance = BalanceOptions().scope(BalanceScope::Global).alpha(0.05);
   std::map<int, std::vector<torch::Tensor>> params;  // full parameters after training, per P
   for (int P : ep_sizes()) {
     auto groups = build_process_groups(ParallelSizes{R, std::max(P, 1)});
-    auto layer = make_layer(c, BalanceScope::Global);
+    auto layer = make_layer(c);
     if (P > 0) apply_expert_parallel(*layer, groups);
-    Balancer balancer({layer}, balance_reducer(layer->options.balance(), groups));
+    TrainingObjective objective({layer}, balance, objective_reducers(balance, groups));
     DataParallel dp(layer.ptr(), groups.data_parallel,
                     P > 0 ? groups.expert_data_parallel : nullptr);
+    const auto is_expert = expert_parameter_rule(*layer);
     torch::optim::AdamW optimizer(layer->parameters(), torch::optim::AdamWOptions(1e-2));
     for (int64_t step = 0; step < 3; ++step) {
       double tokens = 0;
       for (int64_t m = 0; m < 2; ++m)
         tokens += rank_slice(c, R, rank, 2 * step + m).mask.sum().item<double>();
-      balancer.begin_step(2, all_reduce_sum(*world, tokens));
+      objective.begin_step(2, tokens);
       optimizer.zero_grad();
       for (int64_t m = 0; m < 2; ++m) {
         auto s = rank_slice(c, R, rank, 2 * step + m);
-        auto y = layer->forward(s.x, s.mask);
-        (((y - s.g).pow(2).mean() + balancer.micro_batch_loss()) / 2.0).backward();
+        auto routing = objective.context();
+        auto y = layer->forward(s.x, s.mask, &routing);
+        objective.micro_batch_loss(routing, task_loss_sum(y, s)).backward();
       }
       dp.average_gradients();
       optimizer.step();
-      balancer.end_step();
+      objective.end_step();
     }
     for (const auto& item : layer->named_parameters()) {
-      params[P].push_back(P > 0 && is_expert_parameter(item.key())
-                              ? gathered(item.value(), *groups.expert_parallel)
-                              : item.value().detach().clone());
+      params[P].push_back(is_expert(item.key()) ? gathered(item.value(), *groups.expert_parallel)
+                                                : item.value().detach().clone());
     }
   }
   auto initial = make_layer(c)->parameters();
@@ -190,19 +204,22 @@ TEST(ExpertParallel, GlobalCountsAndLossIndependentOfExpertParallelSize) {
   auto world = test_world();
   const int R = world->size(), rank = world->rank();
   const LayerCase c{"balance", 1.0};  // capacity dropping on: counts are taken before it
+  const auto balance = BalanceOptions().scope(BalanceScope::Global).alpha(0.05).z_loss(0);
   torch::Tensor counts_0;
   double loss_0 = 0;
   for (int P : ep_sizes()) {
     auto groups = build_process_groups(ParallelSizes{R, std::max(P, 1)});
-    auto layer = make_layer(c, BalanceScope::Global);
+    auto layer = make_layer(c);
     if (P > 0) apply_expert_parallel(*layer, groups);
-    Balancer balancer({layer}, balance_reducer(layer->options.balance(), groups));
+    TrainingObjective objective({layer}, balance, objective_reducers(balance, groups));
     auto s = rank_slice(c, R, rank);
-    balancer.begin_step(1, all_reduce_sum(*world, s.mask.sum().item<double>()));
-    layer->forward(s.x, s.mask);
-    const double loss = balancer.micro_batch_loss().item<double>();
-    auto counts = balancer.running_counts(0).clone();
-    balancer.end_step();
+    objective.begin_step(1, s.mask.sum().item<double>());
+    auto routing = objective.context();
+    layer->forward(s.x, s.mask, &routing);
+    const double loss = objective.micro_batch_loss(routing, torch::zeros({})).item<double>();
+    auto counts = objective.running_counts(0);
+    EXPECT_EQ(objective.step_tokens(), all_reduce_sum(*world, s.mask.sum().item<double>()));
+    objective.end_step();
     if (P == 0) {
       counts_0 = counts, loss_0 = loss;
       EXPECT_EQ(counts.sum().item<double>(),

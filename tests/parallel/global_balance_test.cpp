@@ -1,9 +1,10 @@
 // The spec's properties of global-batch balancing on R ranks (global-lbl.md, "Properties that
-// tests must prove"): each rank takes its slice of one batch that every rank can rebuild, so
-// the single-process reference on the concatenated batch runs on every rank.
+// tests must prove"), through TrainingObjective: each rank takes its slice of one batch that
+// every rank can rebuild, so the single-process fp64 reference, computed from the spec's
+// formulas on the concatenated batch, runs on every rank.
 #include <gtest/gtest.h>
 
-#include "moe/balancer.h"
+#include "moe/objective.h"
 #include "parallel/balance_sync.h"
 #include "tests/parallel/mpi_test_util.h"
 #include "tests/test_util.h"
@@ -12,14 +13,17 @@ namespace gbmoe {
 namespace {
 
 constexpr int64_t kD = 8, kE = 6, kK = 2, kT = 12;
+constexpr double kAlpha = 0.05;
 
-MoELayer make_layer(BalanceScope scope, torch::Dtype dtype, int64_t group_size = 0) {
+MoELayer make_layer(torch::Dtype dtype) {
   torch::manual_seed(42);  // identical weights on every rank and in the reference
-  MoELayer layer(MoELayerOptions(kD, kE, 5)
-                     .router(RouterOptions().top_k(kK).z_loss_coef(0))
-                     .balance(BalanceOptions().scope(scope).alpha(0.05).group_size(group_size)));
+  MoELayer layer(MoELayerOptions(kD, kE, 5).router(RouterOptions().top_k(kK)));
   layer->to(dtype);
   return layer;
+}
+
+BalanceOptions options(BalanceScope scope, int64_t group_size = 0) {
+  return BalanceOptions().scope(scope).alpha(kAlpha).z_loss(0).group_size(group_size);
 }
 
 // The whole batch of micro-batch m, (R * kT, D), and its mask: rank r has kT - 3r valid tokens
@@ -45,43 +49,50 @@ torch::Tensor average(Communicator& comm, torch::Tensor t) {
   return t;
 }
 
-// Runs one optimizer step of M micro-batches on this rank and returns the loss averaged over
-// micro-batches and ranks and the router gradient averaged the same way.
-std::pair<double, torch::Tensor> distributed_step(MoELayer& layer, Balancer& balancer,
-                                                  Communicator& group, Communicator& world,
-                                                  int64_t M, torch::Dtype dtype, bool padded,
-                                                  bool local_step_tokens = false) {
+// Runs one optimizer step of M micro-batches on this rank (no task loss) and returns the
+// balancing objective and the router gradient, both averaged over ranks as data parallelism does.
+std::pair<double, torch::Tensor> distributed_step(MoELayer& layer, TrainingObjective& objective,
+                                                  Communicator& world, int64_t M,
+                                                  torch::Dtype dtype, bool padded) {
   const int R = world.size(), rank = world.rank();
   double tokens = 0;
   for (int64_t m = 0; m < M; ++m) {
     tokens += rank_slice(full_batch(R, m, dtype, padded).second, rank).sum().item<double>();
   }
-  if (local_step_tokens) {  // the group's total rides with the first count reduction
-    balancer.begin_step(M);
-    balancer.set_local_step_tokens(tokens);
-  } else {
-    balancer.begin_step(M, all_reduce_sum(group, tokens));
-  }
+  objective.begin_step(M, tokens);
   layer->zero_grad();
-  double loss_sum = 0;
   for (int64_t m = 0; m < M; ++m) {
     auto [x, mask] = full_batch(R, m, dtype, padded);
-    layer->forward(rank_slice(x, rank), rank_slice(mask, rank));
-    auto loss = balancer.micro_batch_loss() / static_cast<double>(M);
-    loss.backward();
-    loss_sum += loss.item<double>();
+    auto routing = objective.context();
+    layer->forward(rank_slice(x, rank), rank_slice(mask, rank), &routing);
+    objective.micro_batch_loss(routing, torch::zeros({}, x.options())).backward();
   }
-  balancer.end_step();
-  return {average(world, loss_sum), average(world, layer->router->weight.grad())};
+  const double loss = objective.step_values().balance;
+  objective.end_step();
+  return {average(world, loss), average(world, layer->router->weight.grad())};
 }
 
-// One process: the layer's micro-batch LBL on the concatenated batch is LBL(f(G), P(G)).
+// The spec's LBL(f(B), P(B)) in fp64 on tokens x of one process, from the layer's routing.
+torch::Tensor reference_lbl(MoELayer& ref, const torch::Tensor& x, const torch::Tensor& mask) {
+  RoutingContext routing;
+  ref->forward(x, mask, &routing);
+  const auto& r = routing.layers()[0].routing;
+  auto valid = r.valid.to(torch::kDouble);
+  const double n = valid.sum().item<double>();
+  auto counts = torch::zeros({kE}, torch::kDouble)
+                    .index_add_(0, r.expert_ids.index({r.valid}).flatten(),
+                                torch::ones({r.num_valid * kK}, torch::kDouble));
+  auto f = counts / (kK * n);
+  auto P = (r.scores.to(torch::kDouble) * valid.unsqueeze(1)).sum(0) / n;
+  return kAlpha * kE * (f * P).sum();
+}
+
+// One process on the concatenation: LBL(f(G), P(G)) and its router gradient.
 std::pair<double, torch::Tensor> reference_on_concatenation(torch::Dtype dtype, int R,
                                                             bool padded) {
-  auto ref = make_layer(BalanceScope::Micro, dtype);
+  auto ref = make_layer(dtype);
   auto [x, mask] = full_batch(R, 0, dtype, padded);
-  ref->forward(x, mask);
-  auto loss = ref->stats().balance_loss;
+  auto loss = reference_lbl(ref, x, mask);
   auto grad = torch::autograd::grad({loss}, {ref->router->weight})[0];
   return {loss.item<double>(), grad};
 }
@@ -90,7 +101,6 @@ struct ExactCase {
   torch::Dtype dtype;
   bool padded;
   double tolerance;
-  bool local_step_tokens = false;
 };
 
 class GlobalEqualsConcatenation : public ::testing::TestWithParam<ExactCase> {};
@@ -100,10 +110,11 @@ class GlobalEqualsConcatenation : public ::testing::TestWithParam<ExactCase> {};
 TEST_P(GlobalEqualsConcatenation, LossAndRouterGradient) {
   const auto c = GetParam();
   auto world = test_world();
-  auto layer = make_layer(BalanceScope::Global, c.dtype);
-  Balancer balancer({layer}, std::make_shared<CommunicatorCountReducer>(world));
-  auto [loss, grad] =
-      distributed_step(layer, balancer, *world, *world, 1, c.dtype, c.padded, c.local_step_tokens);
+  auto groups = build_process_groups(ParallelSizes{world->size(), 1});
+  auto layer = make_layer(c.dtype);
+  const auto o = options(BalanceScope::Global);
+  TrainingObjective objective({layer}, o, objective_reducers(o, groups));
+  auto [loss, grad] = distributed_step(layer, objective, *world, 1, c.dtype, c.padded);
   auto [ref_loss, ref_grad] = reference_on_concatenation(c.dtype, world->size(), c.padded);
   EXPECT_LT(std::abs(loss - ref_loss) / std::abs(ref_loss), c.tolerance);
   EXPECT_LT(max_rel_diff(grad, ref_grad), c.tolerance);
@@ -113,7 +124,6 @@ TEST_P(GlobalEqualsConcatenation, LossAndRouterGradient) {
 INSTANTIATE_TEST_SUITE_P(Dtypes, GlobalEqualsConcatenation,
                          ::testing::Values(ExactCase{torch::kDouble, false, 1e-9},
                                            ExactCase{torch::kDouble, true, 1e-9},
-                                           ExactCase{torch::kDouble, true, 1e-9, true},
                                            ExactCase{torch::kFloat, false, 1e-5},
                                            ExactCase{torch::kFloat, true, 1e-5}));
 
@@ -121,72 +131,91 @@ INSTANTIATE_TEST_SUITE_P(Dtypes, GlobalEqualsConcatenation,
 // all ranks' micro-batches 1..m, and f(G) at m = M; reset after the step.
 TEST(GlobalBalance, RunningBufferAcrossRanksAndMicroBatches) {
   auto world = test_world();
+  auto groups = build_process_groups(ParallelSizes{world->size(), 1});
   const int R = world->size();
   const int64_t M = 3;
-  auto layer = make_layer(BalanceScope::Global, torch::kDouble);
-  auto ref = make_layer(BalanceScope::Micro, torch::kDouble);
-  Balancer balancer({layer}, std::make_shared<CommunicatorCountReducer>(world));
-  balancer.begin_step(M);
+  auto layer = make_layer(torch::kDouble);
+  auto ref = make_layer(torch::kDouble);
+  const auto o = options(BalanceScope::Global);
+  TrainingObjective objective({layer}, o, objective_reducers(o, groups));
+  objective.begin_step(M, 1.0);
   auto cumulative = torch::zeros({kE}, torch::kDouble);
   double tokens = 0;
-  for (int64_t m = 0; m < M; ++m) {
-    auto [x, mask] = full_batch(R, m, torch::kDouble, true);
-    layer->forward(rank_slice(x, world->rank()), rank_slice(mask, world->rank()));
-    balancer.micro_batch_loss();
-    ref->forward(x, mask);  // all ranks' tokens of micro-batch m at once
-    cumulative += ref->stats().counts.to(torch::kDouble);
-    tokens += ref->stats().num_tokens;
-    EXPECT_TRUE(torch::equal(balancer.running_counts(0), cumulative)) << "micro-batch " << m;
-    EXPECT_EQ(balancer.running_tokens(0), tokens);
-    EXPECT_LT(max_rel_diff(balancer.stats()[0].frequency, cumulative / (kK * tokens)), 1e-15);
-  }
-  // f(G) from all micro-batches of all ranks concatenated
   std::vector<torch::Tensor> xs, masks;
   for (int64_t m = 0; m < M; ++m) {
     auto [x, mask] = full_batch(R, m, torch::kDouble, true);
+    auto routing = objective.context();
+    layer->forward(rank_slice(x, world->rank()), rank_slice(mask, world->rank()), &routing);
+    objective.micro_batch_loss(routing, torch::zeros({}, torch::kDouble));
+    RoutingContext all;  // all ranks' tokens of micro-batch m at once
+    ref->forward(x, mask, &all);
+    cumulative += all.layers()[0].routing.counts.to(torch::kDouble);
+    tokens += static_cast<double>(all.layers()[0].routing.num_valid);
+    EXPECT_TRUE(torch::equal(objective.running_counts(0), cumulative)) << "micro-batch " << m;
+    EXPECT_EQ(objective.running_tokens(0), tokens);
     xs.push_back(x);
     masks.push_back(mask);
   }
-  ref->forward(torch::cat(xs), torch::cat(masks));
-  auto f_G = selection_frequency(ref->stats().counts, ref->stats().num_tokens, kK);
-  EXPECT_LT(max_rel_diff(balancer.stats()[0].frequency, f_G), 1e-15);
-  balancer.end_step();
-  EXPECT_EQ(balancer.running_tokens(0), 0.0);
+  // f(G) from all micro-batches of all ranks concatenated
+  RoutingContext whole;
+  ref->forward(torch::cat(xs), torch::cat(masks), &whole);
+  const auto& g = whole.layers()[0].routing;
+  auto f_G = selection_frequency(g.counts, static_cast<double>(g.num_valid), kK);
+  auto stats = objective.end_step();
+  EXPECT_LT(max_rel_diff(stats[0].counts / (kK * stats[0].tokens), f_G), 1e-15);
+  EXPECT_EQ(objective.running_tokens(0), 0.0);
 }
 
-// Property 4: scope micro on R ranks is the average of the per-rank micro losses.
-TEST(GlobalBalance, MicroScopeIsTheAverageOfPerRankLosses) {
+// Property 4: scope micro on R ranks is the average of the per-rank micro losses (equal valid
+// tokens); with unequal valid tokens each rank's loss weighs by its tokens, like every term.
+TEST(GlobalBalance, MicroScopeIsTheTokenWeightedAverageOfPerRankLosses) {
   auto world = test_world();
   const int R = world->size();
-  auto layer = make_layer(BalanceScope::Micro, torch::kDouble);
-  Balancer balancer({layer});
-  auto [loss, grad] = distributed_step(layer, balancer, *world, *world, 1, torch::kDouble, true);
-  auto ref = make_layer(BalanceScope::Micro, torch::kDouble);
-  auto [x, mask] = full_batch(R, 0, torch::kDouble, true);
-  double sum = 0;
-  for (int r = 0; r < R; ++r) {
-    ref->forward(rank_slice(x, r), rank_slice(mask, r));
-    sum += ref->stats().balance_loss.item<double>();
+  auto groups = build_process_groups(ParallelSizes{R, 1});
+  for (bool padded : {false, true}) {
+    auto layer = make_layer(torch::kDouble);
+    const auto o = options(BalanceScope::Micro);
+    TrainingObjective objective({layer}, o, objective_reducers(o, groups));
+    auto [loss, grad] = distributed_step(layer, objective, *world, 1, torch::kDouble, padded);
+    auto ref = make_layer(torch::kDouble);
+    auto [x, mask] = full_batch(R, 0, torch::kDouble, padded);
+    torch::Tensor expected = torch::zeros({}, torch::kDouble);
+    const double N = mask.sum().item<double>();
+    for (int r = 0; r < R; ++r) {
+      const double n = rank_slice(mask, r).sum().item<double>();
+      expected = expected + reference_lbl(ref, rank_slice(x, r), rank_slice(mask, r)) * (n / N);
+    }
+    if (!padded) {  // the spec's plain average
+      double plain = 0;
+      for (int r = 0; r < R; ++r) {
+        plain += reference_lbl(ref, rank_slice(x, r), rank_slice(mask, r)).item<double>() / R;
+      }
+      EXPECT_NEAR(loss, plain, 1e-14);
+    }
+    auto ref_grad = torch::autograd::grad({expected}, {ref->router->weight})[0];
+    EXPECT_NEAR(loss, expected.item<double>(), 1e-14) << "padded " << padded;
+    EXPECT_LT(max_rel_diff(grad, ref_grad), 1e-10) << "padded " << padded;
   }
-  EXPECT_NEAR(loss, sum / R, 1e-15);
 }
 
-// Property 5: group with g = R equals global; with g = 1 and one micro-batch equals micro.
+// Property 5: group with g = R equals global; with g = 1 and one micro-batch equals micro,
+// with unequal valid tokens too. group_size 0 means every data-parallel rank.
 TEST(GlobalBalance, GroupScopeMatchesGlobalAndMicroAtItsEnds) {
   auto world = test_world();
   const int R = world->size();
-  for (int64_t g : {static_cast<int64_t>(R), int64_t{1}}) {
+  for (int64_t g : {static_cast<int64_t>(R), int64_t{1}, int64_t{0}}) {
     auto groups = build_process_groups(ParallelSizes{R, 1, g});
-    auto layer = make_layer(BalanceScope::Group, torch::kDouble, g);
-    BalanceOptions group_options = layer->options.balance();
-    Balancer balancer({layer}, balance_reducer(group_options, groups));
-    auto [loss, grad] =
-        distributed_step(layer, balancer, *groups.balance, *world, 1, torch::kDouble, true);
+    auto layer = make_layer(torch::kDouble);
+    const auto o = options(BalanceScope::Group, g);
+    TrainingObjective objective({layer}, o, objective_reducers(o, groups));
+    auto [loss, grad] = distributed_step(layer, objective, *world, 1, torch::kDouble, true);
 
-    auto other = make_layer(g == R ? BalanceScope::Global : BalanceScope::Micro, torch::kDouble);
-    Balancer other_balancer({other}, balance_reducer(other->options.balance(), groups));
+    auto other = make_layer(torch::kDouble);
+    const auto other_options = options(g == 1 ? BalanceScope::Micro : BalanceScope::Global);
+    TrainingObjective other_objective({other}, other_options,
+                                      objective_reducers(other_options, groups));
     auto [other_loss, other_grad] =
-        distributed_step(other, other_balancer, *world, *world, 1, torch::kDouble, true);
+        distributed_step(other, other_objective, *world, 1, torch::kDouble, true);
     EXPECT_NEAR(loss, other_loss, 1e-15 * std::abs(other_loss)) << "g = " << g;
     EXPECT_LT(max_rel_diff(grad, other_grad), 1e-12) << "g = " << g;
   }
@@ -198,25 +227,31 @@ TEST(GlobalBalance, GroupScopeSumsCountsWithinTheGroup) {
   const int R = world->size();
   if (R % 2 != 0) GTEST_SKIP() << "needs an even world";
   auto groups = build_process_groups(ParallelSizes{R, 1, 2});
-  auto layer = make_layer(BalanceScope::Group, torch::kDouble, 2);
-  Balancer balancer({layer}, balance_reducer(layer->options.balance(), groups));
+  auto layer = make_layer(torch::kDouble);
+  const auto o = options(BalanceScope::Group, 2);
+  TrainingObjective objective({layer}, o, objective_reducers(o, groups));
   auto [x, mask] = full_batch(R, 0, torch::kDouble, true);
-  layer->forward(rank_slice(x, world->rank()), rank_slice(mask, world->rank()));
-  balancer.micro_batch_loss();
-  auto ref = make_layer(BalanceScope::Micro, torch::kDouble);
+  objective.begin_step(1, 1.0);
+  auto routing = objective.context();
+  layer->forward(rank_slice(x, world->rank()), rank_slice(mask, world->rank()), &routing);
+  objective.micro_batch_loss(routing, torch::zeros({}, torch::kDouble));
+  auto ref = make_layer(torch::kDouble);
   const int first = world->rank() / 2 * 2;
-  ref->forward(x.narrow(0, first * kT, 2 * kT), mask.narrow(0, first * kT, 2 * kT));
-  EXPECT_TRUE(torch::equal(balancer.running_counts(0), ref->stats().counts.to(torch::kDouble)));
-  balancer.end_step();
+  RoutingContext pair;
+  ref->forward(x.narrow(0, first * kT, 2 * kT), mask.narrow(0, first * kT, 2 * kT), &pair);
+  EXPECT_TRUE(torch::equal(objective.running_counts(0),
+                           pair.layers()[0].routing.counts.to(torch::kDouble)));
+  objective.end_step();
 }
 
 TEST(GlobalBalance, GroupSizeMustMatchTheProcessGroups) {
   auto world = test_world();
   auto groups = build_process_groups(ParallelSizes{world->size(), 1, 1});
   const int64_t g = world->size() + 1;
+  if (world->size() == 1) GTEST_SKIP() << "one process has no reducers";
   expect_throw_with(
-      [&] { balance_reducer(BalanceOptions().scope(BalanceScope::Group).group_size(g), groups); },
-      "balance group_size (" + std::to_string(g) + ") differs");
+      [&] { objective_reducers(options(BalanceScope::Group, g), groups); },
+      "balance group_size (" + std::to_string(g) + ", " + std::to_string(g) + " ranks) differs");
 }
 
 }  // namespace

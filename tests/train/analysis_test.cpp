@@ -104,9 +104,10 @@ TEST_F(AnalyzeRoutingTest, SumsPerDomainOverValidTokens) {
   torch::NoGradGuard no_grad;
   model->eval();
   for (const auto& b : batches) {
-    model->forward(b.inputs, b.mask);
-    expected[b.domain[0].item<int64_t>()] +=
-        model->moe_layers()[0]->last_routing().counts.to(torch::kDouble);
+    RoutingContext routing;
+    model->forward(b.inputs, b.mask, &routing);
+    ASSERT_EQ(routing.size(), 1);
+    expected[b.domain[0].item<int64_t>()] += routing.layers()[0].routing.counts.to(torch::kDouble);
   }
   EXPECT_TRUE(torch::equal(a.layers[0].counts, expected));
   // A token's top-2 of 4 softmax scores holds between 2/4 and all of its probability.

@@ -179,6 +179,57 @@ TEST_F(TrainerTest, ActivationCheckpointingGivesTheSameTraining) {
   }
 }
 
+// The process groups gbmoe-train builds for a config: the balance group only for scope group.
+ProcessGroups groups_for(const Config& c, int world) {
+  return build_process_groups(ParallelSizes{world, c.parallel.expert_parallel,
+                                            c.balance.scope == "group" ? c.balance.group_size : 0});
+}
+
+// Every balance value that --help documents starts a run and trains: group_size 0 (= all ranks)
+// and 1, sequence scope, loss_free with each scope, micro_alpha with accumulation (R > 1 under
+// mpirun -np 2), expert parallelism with scope group.
+TEST_F(TrainerTest, EveryDocumentedBalanceSettingStartsATinyRun) {
+  std::vector<std::vector<std::string>> cases = {
+      {"balance.scope=group"},
+      {"balance.scope=group", "balance.group_size=1"},
+      {"balance.scope=sequence"},
+      {"balance.scope=sequence", "train.activation_checkpointing=true"},
+      {"balance.method=loss_free", "balance.scope=micro"},
+      {"balance.method=loss_free", "balance.scope=sequence"},
+      {"balance.method=loss_free", "balance.scope=global"},
+      {"balance.method=loss_free", "balance.scope=group"},
+      {"balance.micro_alpha=0.0001", "data.grad_accum=3"},
+      {"balance.scope=group", "balance.micro_alpha=0.0001"},
+  };
+  if (mpi_size() % 2 == 0) {
+    cases.push_back({"parallel.expert_parallel=2", "balance.scope=group"});
+    cases.push_back({"parallel.expert_parallel=2", "balance.scope=group", "balance.group_size=1"});
+    cases.push_back(
+        {"parallel.expert_parallel=2", "balance.method=loss_free", "balance.scope=micro"});
+  }
+  for (size_t i = 0; i < cases.size(); ++i) {
+    std::string what;
+    for (const auto& o : cases[i]) what += o + " ";
+    auto config = tiny("settings_" + std::to_string(i));
+    auto overrides = cases[i];
+    for (const char* o : {"train.steps=2", "train.eval_every=2", "train.checkpoint_every=2"}) {
+      overrides.push_back(o);
+    }
+    config.apply_overrides(overrides);
+    TrainSummary s;
+    try {
+      s = train(config, groups_for(config, mpi_size()));
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << what << "failed to run: " << e.what();
+      continue;
+    }
+    EXPECT_EQ(s.last_step, 2) << what;
+    ASSERT_EQ(s.losses.size(), 2u) << what;
+    for (double l : s.losses) EXPECT_TRUE(std::isfinite(l)) << what;
+    EXPECT_EQ(s.max_violation_global.size(), 2u) << what;
+  }
+}
+
 // A diverged model (a NaN weight in the checkpoint it resumes from) stops the run at the first
 // step, naming the step and the term, and leaves the checkpoint as it was.
 TEST_F(TrainerTest, NonFiniteLossStopsNamingTheStepAndKeepsTheCheckpoint) {

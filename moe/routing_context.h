@@ -1,0 +1,57 @@
+// RoutingContext: what the MoE layers of one forward pass hand to whoever forms the training
+// objective (gbmoe::TrainingObjective) or analyses routing. Statistics travel as values: a layer
+// appends one record per forward to the context it is given and keeps nothing for others.
+// Letters: T tokens, E experts, K top-k.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <functional>
+#include <vector>
+
+#include "moe/router.h"
+
+namespace gbmoe {
+
+/// One MoE layer's routing in one forward pass.
+struct RoutingRecord {
+  RoutingResult routing;  // logits, scores (differentiable), ids, weights, valid, counts
+  std::vector<int64_t>
+      lead_shape;           // the input's leading shape: (B, S) for (B, S, D), (T) for (T, D)
+  int64_t num_experts = 0;  // E
+  int64_t num_dropped = 0;  // assignments dropped by capacity
+};
+
+/// The routing records of one forward pass, in the order the MoE layers ran. Pass a pointer to
+/// the model's or layer's forward; without one the layers record nothing (inference, and eval
+/// forwards that need no statistics).
+///
+/// Example:
+///   RoutingContext routing;
+///   auto y = moe->forward(x_BSD, mask_BS, &routing);
+///   routing.layers()[0].routing.counts;   // (E,) selections of the valid tokens
+class RoutingContext {
+ public:
+  /// Called after each record with the context; TrainingObjective uses it to start the count
+  /// reduction once every MoE layer of the micro-batch has routed.
+  using OnRecord = std::function<void(RoutingContext&)>;
+
+  RoutingContext() = default;
+  explicit RoutingContext(OnRecord on_record) : on_record_(std::move(on_record)) {}
+
+  /// Appends a layer's routing (called by MoELayer::forward right after dispatch).
+  void record(RoutingRecord layer) {
+    layers_.push_back(std::move(layer));
+    if (on_record_) on_record_(*this);
+  }
+
+  const std::vector<RoutingRecord>& layers() const { return layers_; }
+  std::vector<RoutingRecord>& layers() { return layers_; }
+  int64_t size() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  std::vector<RoutingRecord> layers_;
+  OnRecord on_record_;
+};
+
+}  // namespace gbmoe

@@ -1,0 +1,293 @@
+// TrainingObjective in one process: the running buffer, reset, eval forwards, the token-weighted
+// objective of every scope against fp64 formulas from the spec, the sequence scope's input
+// check, loss-free bias votes, and misuse. Other ranks are simulated by a reducer that adds
+// their known counts.
+#include "moe/objective.h"
+
+#include <gtest/gtest.h>
+
+#include "tests/test_util.h"
+
+namespace gbmoe {
+namespace {
+
+constexpr int64_t kD = 8;
+
+// Pretends to be a group of `ranks` ranks whose other members contribute `others` (packed like
+// the objective's buffer: E counts then the token count, per layer, then their step tokens).
+struct FakeReducer : CountReducer {
+  FakeReducer(torch::Tensor others, int64_t ranks) : others(std::move(others)), ranks(ranks) {}
+  int64_t size() const override { return ranks; }
+  std::function<void()> sum_async(torch::Tensor& buffer) override {
+    ++calls;
+    return [&buffer, this] { buffer.narrow(0, 0, others.numel()) += others; };
+  }
+  torch::Tensor others;
+  int64_t ranks;
+  int calls = 0;
+};
+
+MoELayer make_layer(int64_t E = 4, int64_t K = 2) {
+  MoELayer layer(MoELayerOptions(kD, E, 6).router(RouterOptions().top_k(K)));
+  layer->to(torch::kDouble);
+  return layer;
+}
+
+BalanceOptions options(BalanceScope scope) {
+  return BalanceOptions().scope(scope).alpha(0.1).z_loss(0);
+}
+
+// Runs one micro-batch through the objective and returns its loss.
+torch::Tensor micro_batch(TrainingObjective& objective, MoELayer& layer, const torch::Tensor& x,
+                          const torch::Tensor& mask = {}, double task = 0.0) {
+  auto routing = objective.context();
+  layer->forward(x, mask, &routing);
+  return objective.micro_batch_loss(routing, torch::full({}, task, torch::kDouble));
+}
+
+TEST(TrainingObjective, RunningBufferFollowsTheCumulativeFormulaAndResets) {
+  torch::manual_seed(0);
+  auto layer = make_layer();
+  // another rank: 4 tokens, K = 2, and 12 step tokens riding in the last slot
+  auto others = torch::tensor({3.0, 1.0, 0.0, 4.0, 4.0, 12.0});
+  auto reducer = std::make_shared<FakeReducer>(others, 2);
+  TrainingObjective objective({layer}, options(BalanceScope::Global), {reducer, reducer});
+  const int64_t M = 3;
+  objective.begin_step(M, 15);
+  auto expected = torch::zeros({4}, torch::kDouble);
+  double tokens = 0;
+  for (int64_t m = 1; m <= M; ++m) {
+    auto x = torch::randn({5, kD}, torch::kDouble);
+    RoutingContext plain;
+    layer->forward(x, {}, &plain);
+    expected += plain.layers()[0].routing.counts.to(torch::kDouble) + others.narrow(0, 0, 4);
+    tokens += 5 + 4;
+    micro_batch(objective, layer, x);
+    EXPECT_TRUE(torch::equal(objective.running_counts(0), expected)) << "micro-batch " << m;
+    EXPECT_EQ(objective.running_tokens(0), tokens);
+    // the step tokens rode with the first reduction only: 15 here + 12 from the other rank
+    EXPECT_EQ(objective.step_tokens(), 27.0);
+  }
+  EXPECT_EQ(reducer->calls, M);  // one collective per micro-batch for the whole model
+  auto stats = objective.end_step();
+  EXPECT_EQ(stats[0].micro_batches, M);
+  EXPECT_TRUE(torch::equal(stats[0].counts, expected));
+  EXPECT_EQ(objective.running_tokens(0), 0.0);
+  EXPECT_EQ(objective.running_counts(0).abs().sum().item<double>(), 0.0);
+}
+
+TEST(TrainingObjective, ForwardsWithoutItsContextLeaveTheBufferAlone) {
+  torch::manual_seed(1);
+  auto layer = make_layer();
+  TrainingObjective objective({layer}, options(BalanceScope::Global));
+  objective.begin_step(2, 12);
+  micro_batch(objective, layer, torch::randn({6, kD}, torch::kDouble));
+  auto before = objective.running_counts(0);
+  layer->forward(torch::randn({50, kD}, torch::kDouble));  // evaluation: no context
+  RoutingContext analysis;                                 // analysis: a context of its own
+  layer->forward(torch::randn({50, kD}, torch::kDouble), {}, &analysis);
+  EXPECT_TRUE(torch::equal(objective.running_counts(0), before));
+  EXPECT_EQ(objective.running_tokens(0), 6.0);
+  micro_batch(objective, layer, torch::randn({6, kD}, torch::kDouble));
+  EXPECT_EQ(objective.running_tokens(0), 12.0);
+  objective.end_step();
+}
+
+// Every scope on one process: the loss is (task + sum_t z_t + sum_units n_u LBL_u) / N over the
+// step's valid tokens N, computed here from the spec's formulas in fp64.
+TEST(TrainingObjective, EveryScopeIsTheTokenWeightedSpecFormula) {
+  const int64_t E = 4, K = 2, B = 3, S = 5;
+  for (auto scope : {BalanceScope::Micro, BalanceScope::Sequence, BalanceScope::Global}) {
+    torch::manual_seed(2);
+    auto layer = make_layer(E, K);
+    auto o = options(scope).z_loss(0.01).micro_alpha(scope == BalanceScope::Global ? 0.003 : 0);
+    TrainingObjective objective({layer}, o);
+    auto x = torch::randn({B, S, kD}, torch::kDouble);
+    auto mask = torch::ones({B, S}, torch::kBool);
+    mask[0].narrow(0, 2, 3).fill_(false);  // sequences of 2, 5, 5 valid tokens
+    const double N = 12, task = 7.5;
+    objective.begin_step(1, N);
+    auto loss = micro_batch(objective, layer, x, mask, task);
+
+    RoutingContext plain;
+    layer->forward(x, mask, &plain);
+    const auto& r = plain.layers()[0].routing;
+    auto valid = r.valid.to(torch::kDouble);
+    auto lbl = [&](const torch::Tensor& rows, double alpha) {  // rows: (T,) bool of one unit
+      auto w = valid * rows.to(torch::kDouble);
+      const double n = w.sum().item<double>();
+      auto onehot =
+          torch::zeros({r.scores.size(0), E}, torch::kDouble).scatter_(1, r.expert_ids, 1.0) *
+          w.unsqueeze(1);
+      auto f = onehot.sum(0) / (K * n);
+      auto P = (r.scores * w.unsqueeze(1)).sum(0) / n;
+      return alpha * E * (f * P).sum() * n;
+    };
+    auto all = torch::ones({B * S}, torch::kBool);
+    auto expected = torch::full({}, task, torch::kDouble) +
+                    0.01 * (torch::logsumexp(r.logits, -1).square() * valid).sum();
+    if (scope == BalanceScope::Sequence) {
+      for (int64_t b = 0; b < B; ++b) {
+        auto rows = torch::zeros({B * S}, torch::kBool);
+        rows.narrow(0, b * S, S).fill_(true);
+        expected = expected + lbl(rows, 0.1);
+      }
+    } else {
+      expected = expected + lbl(all, 0.1);
+      if (scope == BalanceScope::Global) expected = expected + lbl(all, 0.003);
+    }
+    expected = expected / N;
+    EXPECT_NEAR(loss.item<double>(), expected.item<double>(), 1e-14) << to_string(scope);
+    auto grad = torch::autograd::grad({loss}, {layer->router->weight})[0];
+    auto ref_grad = torch::autograd::grad({expected}, {layer->router->weight})[0];
+    EXPECT_LT(max_rel_diff(grad, ref_grad), 1e-12) << to_string(scope);
+    const auto v = objective.step_values();
+    EXPECT_NEAR(v.task, task / N, 1e-15);
+    EXPECT_NEAR(v.task + v.balance + v.z_loss, expected.item<double>(), 1e-14);
+    objective.end_step();
+  }
+}
+
+// A micro-batch that is mostly padding weighs by its tokens: two micro-batches of 2 and 10
+// valid tokens with token-summed task losses 2 and 30 give the token mean 32 / 12.
+TEST(TrainingObjective, TaskLossIsTheMeanOverTheStepsValidTokens) {
+  torch::manual_seed(3);
+  auto layer = make_layer();
+  TrainingObjective objective({layer}, options(BalanceScope::Micro).alpha(0));
+  objective.begin_step(2, 12);
+  auto mask = torch::zeros({10}, torch::kBool);
+  mask.narrow(0, 0, 2).fill_(true);
+  auto first = micro_batch(objective, layer, torch::randn({10, kD}, torch::kDouble), mask, 2.0);
+  auto second = micro_batch(objective, layer, torch::randn({10, kD}, torch::kDouble), {}, 30.0);
+  EXPECT_NEAR(first.item<double>() + second.item<double>(), 32.0 / 12.0, 1e-15);
+  EXPECT_NEAR(objective.step_values().task, 32.0 / 12.0, 1e-15);
+  objective.end_step();
+}
+
+TEST(TrainingObjective, GloballyBalancedBatchGivesTheRouterNoGradient) {
+  // This rank's tokens favour experts 0 and 1; the other rank's favour 2 and 3, so that the
+  // global batch is balanced. The global loss then has zero gradient; the micro loss pushes
+  // this rank's tokens away from its favourite experts.
+  torch::manual_seed(6);
+  const int64_t E = 4, T = 16;
+  for (auto scope : {BalanceScope::Global, BalanceScope::Micro}) {
+    auto layer = make_layer(E, 2);
+    {
+      torch::NoGradGuard g;
+      layer->router->weight.zero_();
+      layer->router->weight.select(1, 0).copy_(torch::tensor({2.0, 2.0, -2.0, -2.0}));
+    }
+    auto x = torch::zeros({T, kD}, torch::kDouble);
+    x.select(1, 0).fill_(1.0);
+    x.select(1, 1).copy_(torch::randn({T}, torch::kDouble));
+    RoutingContext probe;
+    layer->forward(x, {}, &probe);  // learn this rank's counts, then run the step for real
+    auto local = probe.layers()[0].routing.counts.to(torch::kDouble);
+    ASSERT_EQ(local[0].item<double>() + local[1].item<double>(), 2.0 * T);
+    // the other rank mirrors this one onto experts 2, 3 and has T step tokens
+    auto others = torch::cat({torch::stack({local[2], local[3], local[0], local[1]}),
+                              torch::full({2}, double(T), torch::kDouble)});
+    auto counts = std::make_shared<FakeReducer>(others, 2);
+    // micro: the step tokens are summed on their own (the other rank's T)
+    auto tokens = std::make_shared<FakeReducer>(torch::full({1}, double(T), torch::kDouble), 2);
+    const bool global = scope == BalanceScope::Global;
+    TrainingObjective objective({layer}, options(scope),
+                                {global ? counts : tokens, global ? counts : nullptr});
+    objective.begin_step(1, T);
+    auto loss = micro_batch(objective, layer, x);
+    auto grad = torch::autograd::grad({loss}, {layer->router->weight})[0];
+    if (scope == BalanceScope::Global) {
+      EXPECT_LT(grad.abs().max().item<double>(), 1e-12);
+    } else {
+      EXPECT_GT(grad.abs().max().item<double>(), 1e-4);
+      // gradient descent lowers the logits of the over-used experts 0 and 1 for these tokens
+      auto new_w = layer->router->weight.detach() - 10.0 * grad;
+      auto before = torch::softmax(x.matmul(layer->router->weight.detach().t()), -1);
+      auto after = torch::softmax(x.matmul(new_w.t()), -1);
+      EXPECT_LT((after.select(1, 0) + after.select(1, 1)).mean().item<double>(),
+                (before.select(1, 0) + before.select(1, 1)).mean().item<double>());
+    }
+    objective.end_step();
+  }
+}
+
+TEST(TrainingObjective, SequenceScopeRefusesInputWithoutSequences) {
+  auto layer = make_layer();
+  TrainingObjective objective({layer}, options(BalanceScope::Sequence));
+  objective.begin_step(1, 6);
+  expect_throw_with(
+      [&] {
+        micro_batch(objective, layer, torch::randn({6, kD}, torch::kDouble));
+      },
+      "balance scope sequence needs the MoE input as (B, S, D); MoE layer 0 got "
+      "(6, D): pass sequences, or use balance scope micro");
+}
+
+TEST(TrainingObjective, LossFreeMovesBiasAgainstTheGlobalLoad) {
+  torch::manual_seed(7);
+  auto layer = make_layer(4, 1);
+  auto others = torch::tensor({0.0, 0.0, 0.0, 20.0, 20.0, 20.0});  // the other rank: all to 3
+  auto reducer = std::make_shared<FakeReducer>(others, 2);
+  TrainingObjective objective(
+      {layer}, options(BalanceScope::Global).method(BalanceMethod::LossFree).bias_update_rate(0.01),
+      {reducer, reducer});
+  objective.begin_step(1, 8);
+  auto loss = micro_batch(objective, layer, torch::randn({8, kD}, torch::kDouble));
+  EXPECT_EQ(loss.item<double>(), 0.0);  // no balancing loss with loss-free balancing
+  objective.end_step();
+  auto bias = layer->router->expert_bias;
+  EXPECT_DOUBLE_EQ(bias[3].item<double>(), -0.01);  // expert 3 is over the mean
+  EXPECT_GE(bias.sum().item<double>(), -0.01);
+}
+
+// Micro scope: the bias moves by the mean over micro-batches of each one's vote.
+TEST(TrainingObjective, LossFreeMicroScopeAveragesTheVotesOfItsUnits) {
+  torch::manual_seed(8);
+  auto layer = make_layer(4, 1);
+  TrainingObjective objective(
+      {layer}, options(BalanceScope::Micro).method(BalanceMethod::LossFree).bias_update_rate(0.5));
+  objective.begin_step(2, 16);
+  auto expected = torch::zeros({4}, torch::kDouble);
+  for (int m = 0; m < 2; ++m) {
+    auto x = torch::randn({8, kD}, torch::kDouble);
+    RoutingContext probe;
+    layer->forward(x, {}, &probe);
+    auto c = probe.layers()[0].routing.counts.to(torch::kDouble);
+    expected += torch::sign(c.mean() - c);
+    micro_batch(objective, layer, x);
+  }
+  objective.end_step();
+  EXPECT_TRUE(
+      torch::allclose(layer->router->expert_bias.to(torch::kDouble), 0.5 * expected / 2, 0, 1e-7));
+}
+
+TEST(TrainingObjective, MisuseIsReportedClearly) {
+  auto layer = make_layer();
+  TrainingObjective objective({layer}, options(BalanceScope::Global));
+  RoutingContext plain;
+  layer->forward(torch::randn({4, kD}, torch::kDouble), {}, &plain);
+  expect_throw_with([&] { objective.micro_batch_loss(plain, torch::zeros({})); },
+                    "use a context from this objective's context()");
+  RoutingContext empty;
+  expect_throw_with([&] { objective.micro_batch_loss(empty, torch::zeros({})); },
+                    "the context holds 0 records");
+  expect_throw_with(
+      [&] {
+        micro_batch(objective, layer, torch::randn({4, kD}, torch::kDouble));
+      },
+      "call begin_step() before the micro-batches");
+  objective.begin_step(1, 4);
+  micro_batch(objective, layer, torch::randn({4, kD}, torch::kDouble));
+  expect_throw_with(
+      [&] {
+        micro_batch(objective, layer, torch::randn({4, kD}, torch::kDouble));
+      },
+      "micro-batch 2 in a step opened for 1");
+  expect_throw_with([&] { objective.begin_step(1, 4); }, "begin_step() inside a step");
+  objective.end_step();
+  expect_throw_with([&] { objective.begin_step(0, 4); }, "num_micro_batches (0)");
+  expect_throw_with([] { TrainingObjective({}, BalanceOptions()); }, "at least one MoE layer");
+}
+
+}  // namespace
+}  // namespace gbmoe
