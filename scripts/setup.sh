@@ -11,6 +11,7 @@ debian_packages=(
   libgtest-dev libgmock-dev googletest
   libbenchmark-dev
   libsentencepiece-dev sentencepiece
+  nlohmann-json3-dev
 )
 
 missing=()
