@@ -150,6 +150,9 @@ LanguageModelOptions model_options_from_config(const Config& config, int64_t voc
                  .balance(balance_options_from_config(config))
                  .init_std(m.init_std);
   return LanguageModelOptions(vocab_size, m.dim, m.num_layers, m.num_heads)
+      .family(model_family_from_string(m.family))
+      .num_kv_heads(m.num_kv_heads)
+      .head_dim(m.head_dim)
       .moe_layers(m.moe_layer_indices())
       .moe(moe)
       .dense_hidden(m.dense_hidden)
