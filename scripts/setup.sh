@@ -43,4 +43,14 @@ if ! "$venv/bin/python" -c "import matplotlib, sys; sys.exit(0 if matplotlib.__v
   echo "setup: installing matplotlib==$matplotlib_version into $venv"
   "$venv/bin/pip" install -q "matplotlib==$matplotlib_version"
 fi
+# transformers, safetensors and tokenizers: the Hugging Face interoperability tests
+# (tests/train/hf_interop_test.py) build, save and load models with them.
+hf_packages=(transformers==5.17.0 safetensors==0.8.0 tokenizers==0.23.3)
+if ! "$venv/bin/python" - "${hf_packages[@]}" <<'PY' 2>/dev/null; then
+import importlib.metadata as md, sys
+sys.exit(0 if all(md.version(p.split("==")[0]) == p.split("==")[1] for p in sys.argv[1:]) else 1)
+PY
+  echo "setup: installing ${hf_packages[*]} into $venv"
+  "$venv/bin/pip" install -q "${hf_packages[@]}"
+fi
 echo "setup: done (torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'))"

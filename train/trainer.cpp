@@ -21,6 +21,7 @@
 #include "parallel/runtime.h"
 #include "train/analysis.h"
 #include "train/checkpoint.h"
+#include "train/hf_model.h"
 #include "train/json.h"
 #include "train/sampler.h"
 #include "train/token_dataset.h"
@@ -253,6 +254,7 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
   // Model, balancing, data parallelism, optimizer.
   torch::manual_seed(static_cast<uint64_t>(config.train.seed));
   LanguageModel model(model_options_from_config(config, vocab));
+  load_init_from(config, *model);  // model.init_from's weights (a resume overwrites them)
   model->to(device);
   const bool expert_parallel = groups.sizes.expert_parallel > 1;
   if (expert_parallel) apply_expert_parallel(*model, groups);
