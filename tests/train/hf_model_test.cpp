@@ -7,22 +7,13 @@
 
 #include <filesystem>
 
+#include "tests/test_util.h"
 #include "train/trainer.h"
 
 namespace gbmoe {
 namespace {
 
 namespace fs = std::filesystem;
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected an error";
-  return "";
-}
 
 // A Qwen3-MoE whose expert matrices are square (dim == expert_hidden): shapes cannot catch a
 // transposed expert, only the functional check can.
@@ -90,11 +81,12 @@ TEST(HfModel, ExpertCheckCatchesTransposedSquareAndSwappedGateUp) {
 
   auto transposed = dn.clone();
   transposed[1] = down[1];  // (F, D) == (D, F): shapes alone cannot tell
-  auto msg = error_of([&] { check_stacked_experts(gu, transposed, gate, up, down, "layer 0"); });
+  auto msg =
+      exception_message([&] { check_stacked_experts(gu, transposed, gate, up, down, "layer 0"); });
   EXPECT_NE(msg.find("layer 0: expert 1 computes differently"), std::string::npos) << msg;
 
   auto swapped = torch::cat({gu.narrow(2, F, F), gu.narrow(2, 0, F)}, 2);
-  msg = error_of([&] { check_stacked_experts(swapped, dn, gate, up, down, "layer 3"); });
+  msg = exception_message([&] { check_stacked_experts(swapped, dn, gate, up, down, "layer 3"); });
   EXPECT_NE(msg.find("layer 3: expert 0 computes differently"), std::string::npos) << msg;
   EXPECT_NE(msg.find("gate and up swapped"), std::string::npos) << msg;
 }
@@ -126,13 +118,13 @@ TEST(HfModel, MissingOrExtraExpertTensorsFail) {
   auto hf = gbmoe_state_to_hf(c.model, random_state(c));
   auto extra = hf;
   extra["model.layers.1.mlp.experts.4.up_proj.weight"] = torch::zeros({32, 32});
-  auto msg = error_of([&] { hf_to_gbmoe_state(c.model, extra, "dir"); });
+  auto msg = exception_message([&] { hf_to_gbmoe_state(c.model, extra, "dir"); });
   EXPECT_NE(msg.find("dir holds 1 tensors this model has no place for "
                      "(model.layers.1.mlp.experts.4.up_proj.weight)"),
             std::string::npos)
       << msg;
   hf.erase("model.layers.1.mlp.experts.3.up_proj.weight");
-  msg = error_of([&] { hf_to_gbmoe_state(c.model, hf, "dir"); });
+  msg = exception_message([&] { hf_to_gbmoe_state(c.model, hf, "dir"); });
   EXPECT_NE(msg.find("dir lacks tensor model.layers.1.mlp.experts.3.up_proj.weight"),
             std::string::npos)
       << msg;
@@ -141,17 +133,17 @@ TEST(HfModel, MissingOrExtraExpertTensorsFail) {
 TEST(HfModel, ExportRefusesWhatTransformersCannotRepresent) {
   Config c = square_qwen();
   c.model.family = "gbmoe";
-  EXPECT_NE(error_of([&] { hf_config_json(c.model); }).find("model.family (gbmoe)"),
+  EXPECT_NE(exception_message([&] { hf_config_json(c.model); }).find("model.family (gbmoe)"),
             std::string::npos);
   c = square_qwen();
   c.model.family = "mixtral";
-  EXPECT_NE(error_of([&] {
+  EXPECT_NE(exception_message([&] {
               hf_config_json(c.model);
             }).find("model.moe_layers (1) cannot be exported as mixtral"),
             std::string::npos);
   c = square_qwen();
   c.model.shared_experts = 1;
-  EXPECT_NE(error_of([&] { hf_config_json(c.model); }).find("model.shared_experts (1)"),
+  EXPECT_NE(exception_message([&] { hf_config_json(c.model); }).find("model.shared_experts (1)"),
             std::string::npos);
 }
 
@@ -179,7 +171,7 @@ TEST(HfModel, InitFromTakesTheArchitectureAndRefusesContradictions) {
   bad.model.init_from = dir;
   bad.model.dim = 64;
   bad.model.num_experts = 16;
-  const auto msg = error_of([&] { resolve_init_from(bad); });
+  const auto msg = exception_message([&] { resolve_init_from(bad); });
   EXPECT_NE(msg.find("model.dim (64) contradicts " + dir + " (32)"), std::string::npos) << msg;
   EXPECT_NE(msg.find("model.num_experts (16) contradicts " + dir + " (4)"), std::string::npos)
       << msg;

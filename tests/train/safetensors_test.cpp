@@ -7,6 +7,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include "tests/test_util.h"
+
 namespace gbmoe {
 namespace {
 
@@ -17,16 +19,6 @@ std::string temp_dir(const std::string& name) {
   fs::remove_all(dir);
   fs::create_directories(dir);
   return dir.string();
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected an error";
-  return "";
 }
 
 TensorMap sample() {
@@ -74,7 +66,7 @@ TEST(Safetensors, MissingShardNamesTheShardAndATensor) {
   const auto dir = temp_dir("missing");
   write_safetensors_dir(dir, sample(), 40);
   fs::remove(dir + "/model-00002-of-00005.safetensors");
-  const auto msg = error_of([&] { read_safetensors_dir(dir); });
+  const auto msg = exception_message([&] { read_safetensors_dir(dir); });
   EXPECT_NE(msg.find("missing shard " + dir + "/model-00002-of-00005.safetensors"),
             std::string::npos)
       << msg;
@@ -85,14 +77,15 @@ TEST(Safetensors, TruncatedFileNamesTheFileAndTheTensor) {
   const auto path = temp_dir("truncated") + "/t.safetensors";
   write_safetensors(path, sample());
   fs::resize_file(path, fs::file_size(path) - 3);
-  const auto msg = error_of([&] { read_safetensors(path); });
+  const auto msg = exception_message([&] { read_safetensors(path); });
   EXPECT_NE(msg.find(path + ", tensor e.transposed"), std::string::npos)
       << msg;  // the last with data
   EXPECT_NE(msg.find("truncated"), std::string::npos) << msg;
   fs::resize_file(path, 20);
-  EXPECT_NE(error_of([&] { read_safetensors(path); }).find("exceeds the file"), std::string::npos);
+  EXPECT_NE(exception_message([&] { read_safetensors(path); }).find("exceeds the file"),
+            std::string::npos);
   fs::resize_file(path, 4);
-  EXPECT_NE(error_of([&] { read_safetensors(path); }).find("is truncated: 4 bytes"),
+  EXPECT_NE(exception_message([&] { read_safetensors(path); }).find("is truncated: 4 bytes"),
             std::string::npos);
 }
 
@@ -106,18 +99,20 @@ void write_raw(const std::string& path, const std::string& header, size_t data_b
 TEST(Safetensors, BadHeadersAreReportedWithTheTensor) {
   const auto path = temp_dir("bad") + "/t.safetensors";
   write_raw(path, "{\"w\": {\"dtype\": \"F32\", \"shape\": [2, 2]", 16);
-  EXPECT_NE(error_of([&] { read_safetensors(path); }).find("bad JSON header"), std::string::npos);
+  EXPECT_NE(exception_message([&] { read_safetensors(path); }).find("bad JSON header"),
+            std::string::npos);
   write_raw(path, R"({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}})", 16);
-  auto msg = error_of([&] { read_safetensors(path); });
+  auto msg = exception_message([&] { read_safetensors(path); });
   EXPECT_NE(msg.find("tensor w: data_offsets [0, 12] hold 12 bytes but dtype F32 and shape "
                      "[2,2] need 16"),
             std::string::npos)
       << msg;
   write_raw(path, R"({"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}})", 2);
-  msg = error_of([&] { read_safetensors(path); });
+  msg = exception_message([&] { read_safetensors(path); });
   EXPECT_NE(msg.find("tensor w: unsupported dtype 'F8_E4M3'"), std::string::npos) << msg;
   write_raw(path, R"({"w": {"shape": [2], "data_offsets": [0, 8]}})", 8);
-  EXPECT_NE(error_of([&] { read_safetensors(path); }).find("lacks a \"dtype\""), std::string::npos);
+  EXPECT_NE(exception_message([&] { read_safetensors(path); }).find("lacks a \"dtype\""),
+            std::string::npos);
 }
 
 }  // namespace
