@@ -11,7 +11,7 @@ debian_packages=(
   libgtest-dev libgmock-dev googletest
   libbenchmark-dev
   libsentencepiece-dev sentencepiece
-  nlohmann-json3-dev
+  nlohmann-json3-dev zlib1g-dev
 )
 
 missing=()
