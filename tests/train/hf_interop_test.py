@@ -167,6 +167,7 @@ def continued_pretraining():
         a = open(os.path.join(corpus, split + ".bin"), "rb").read()
         b = open(os.path.join(from_jsonl, split + ".bin"), "rb").read()
         check(a == b, f"gbmoe-data --jsonl with the given tokenizer writes the same {split}.bin")
+    hf_tokenizer_corpus(raw, jsonl)
     hf_dir = os.path.join(TMP, "qwen-512")
     build("qwen3_moe", hf_dir, vocab_size=512)
     run_dir = os.path.join(TMP, "run")
@@ -197,6 +198,40 @@ def continued_pretraining():
         os.path.join(again + "-hf", "model.safetensors"))
     check(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),
           "converting the export back and out again gives bit-identical tensors")
+
+
+def hf_tokenizer_corpus(raw, jsonl):
+    """scripts/hf_tokenize.py with a tokenizer.json: the tokens gbmoe-train reads are the
+    tokenizer's ids plus its end-of-text id, and the shards pass gbmoe's checks."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    files = [os.path.join(raw, d, f) for d in sorted(os.listdir(raw))
+             for f in sorted(os.listdir(os.path.join(raw, d)))]
+    tok.train(files, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<|endoftext|>"]))
+    tok_path = os.path.join(TMP, "tokenizer.json")
+    tok.save(tok_path)
+    out_dir = os.path.join(TMP, "corpus-hf-tok")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts/hf_tokenize.py"),
+                        "--tokenizer", tok_path, "--jsonl", jsonl, "--text-field", "content",
+                        "--domain-field", "source", "--output", out_dir, "--val-fraction", "0.2"],
+                       capture_output=True, text=True)
+    check(r.returncode == 0 and "skipped 1 records with empty text" in r.stderr,
+          f"hf_tokenize.py writes shards and counts bad records: {r.stdout.strip()} {r.stderr.strip()}")
+    meta = json.load(open(os.path.join(out_dir, "meta.json")))
+    tokens = np.fromfile(os.path.join(out_dir, "train.bin"), dtype="<u2")
+    eos = tok.token_to_id("<|endoftext|>")
+    docs = np.split(tokens, np.where(tokens == eos)[0] + 1)[:-1]
+    first_animal = sorted(os.listdir(os.path.join(raw, "animals")))
+    encoded = {tuple(tok.encode(open(os.path.join(raw, "animals", f)).read()).ids + [eos])
+               for f in first_animal}
+    check(meta["eos_id"] == eos and tuple(docs[0].tolist()) in encoded,
+          "hf_tokenize.py's first train document is the tokenizer's ids plus <|endoftext|>")
+    run_dir = os.path.join(TMP, "run-hf-tok")
+    out = tool("gbmoe-train", "--config", os.path.join(ROOT, "configs/tiny.yaml"), "--set",
+               f"data.dir={out_dir}", "--set", "train.steps=1", "--set", "train.eval_every=1",
+               "--set", "train.checkpoint_every=0", "--set", f"train.run_dir={run_dir}")
+    check("validation loss" in out, "gbmoe-train reads the hf_tokenize.py shards (1 step, eval)")
 
 
 def tool_ckpt(hf_dir, ckpt):
