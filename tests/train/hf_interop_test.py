@@ -193,6 +193,20 @@ def continued_pretraining():
           f"transformers reproduces the trained model's logits (relative {rel(hf_logits, logits):.2e})")
     check(all(np.array_equal(e, r) for e, r in zip(experts, hf_experts)),
           "and its top-k experts")
+    text_out = tool("gbmoe-score", "--model", ckpt, "--text", "cat dog one two",
+                    "--tokenizer", os.path.join(corpus, "tokenizer.model"))
+    check(json.loads(text_out.strip().splitlines()[-1])["predicted_tokens"] > 0,
+          f"gbmoe-score --text with the dataset's tokenizer: {text_out.strip()}")
+    bf16 = os.path.join(TMP, "trained-bf16")
+    tool("gbmoe-convert", "--input", ckpt, "--output", bf16, "--dtype", "bfloat16")
+    weights = load_file(os.path.join(bf16, "model.safetensors"))
+    check(all(t.dtype == torch.bfloat16 for t in weights.values())
+          and json.load(open(os.path.join(bf16, "config.json")))["dtype"] == "bfloat16",
+          "a bfloat16 export stores bfloat16 tensors")
+    bf_logits, _, _ = gbmoe_outputs(bf16, "bf16")
+    bf_ref, _ = hf_outputs(bf16)  # loaded as float32: the same rounded weights
+    check(rel(bf_logits, bf_ref) <= 1e-5 and not np.array_equal(bf_logits, logits),
+          f"gbmoe reads the bfloat16 export as transformers does (relative {rel(bf_logits, bf_ref):.2e})")
     tool("gbmoe-convert", "--input", tool_ckpt(export, again), "--output", again + "-hf")
     a, b = load_file(os.path.join(export, "model.safetensors")), load_file(
         os.path.join(again + "-hf", "model.safetensors"))

@@ -1,7 +1,7 @@
 // gbmoe-score: loss and perplexity of a model (HF directory or gbmoe checkpoint) on given token
-// ids, optionally writing the logits and each MoE layer's top-k expert ids as .npy files, so that
-// gbmoe's outputs can be compared with another implementation's.
-// Example: gbmoe-score --model hf-qwen --tokens 5,9,2,7 --logits logits.npy
+// ids or text, optionally writing the logits and each MoE layer's top-k expert ids as .npy files,
+// so that gbmoe's outputs can be compared with another implementation's. Example: gbmoe-score
+// --model hf-qwen --tokens 5,9,2,7 --logits logits.npy
 #include <cxxopts.hpp>
 
 #include <cmath>
@@ -12,6 +12,7 @@
 #include "parallel/runtime.h"
 #include "train/cli_flags.h"
 #include "train/hf_model.h"
+#include "train/tokenizer.h"
 
 namespace {
 
@@ -88,6 +89,10 @@ int main(int argc, char** argv) {
       cxxopts::value<std::string>()->default_value(""))(
       "tokens-file", "file of token ids, one sequence per line",
       cxxopts::value<std::string>()->default_value(""))(
+      "text", "text to score, encoded with --tokenizer (one sequence)",
+      cxxopts::value<std::string>()->default_value(""))(
+      "tokenizer", "--text: a SentencePiece .model (e.g. a gbmoe-data dataset's tokenizer.model)",
+      cxxopts::value<std::string>()->default_value(""))(
       "logits", "write the logits (B, S, V) float32 to this .npy file",
       cxxopts::value<std::string>()->default_value(""))(
       "experts", "write the top-k expert ids (MoE layers, B*S, K) int64 to this .npy file",
@@ -103,10 +108,19 @@ int main(int argc, char** argv) {
     if (!r.count("model")) throw std::invalid_argument("--model is required");
     const auto tokens_text = r["tokens"].as<std::string>();
     const auto tokens_file = r["tokens-file"].as<std::string>();
-    if (tokens_text.empty() == tokens_file.empty())
-      throw std::invalid_argument("give exactly one of --tokens and --tokens-file");
+    const auto raw_text = r["text"].as<std::string>();
+    if ((!tokens_text.empty()) + (!tokens_file.empty()) + (!raw_text.empty()) != 1)
+      throw std::invalid_argument("give exactly one of --tokens, --tokens-file and --text");
     std::string text = tokens_text, from = "--tokens";
-    if (!tokens_file.empty()) {
+    if (!raw_text.empty()) {
+      const auto model = r["tokenizer"].as<std::string>();
+      if (model.empty()) throw std::invalid_argument("--text needs --tokenizer");
+      text.clear();
+      for (int id : gbmoe::Tokenizer::load(model).encode(raw_text)) {
+        text += (text.empty() ? "" : ",") + std::to_string(id);
+      }
+      from = "--text";
+    } else if (!tokens_file.empty()) {
       std::ifstream in(tokens_file);
       if (!in) throw std::invalid_argument("--tokens-file \"" + tokens_file + "\" cannot be read");
       std::stringstream s;
