@@ -431,8 +431,8 @@ std::vector<std::string> problems(const Config& c) {
     out.push_back("model.family gbmoe needs model.num_kv_heads (" + n(m.num_kv_heads) +
                   ") = 0 or model.num_heads (" + n(m.num_heads) + ") and model.head_dim (" +
                   n(m.head_dim) +
-                  ") = 0 or model.dim / model.num_heads; set model.family=qwen3_moe "
-                  "or mixtral for grouped-query attention");
+                  ") = 0 or model.dim / model.num_heads; set model.family=qwen3_moe, "
+                  "mixtral or olmoe for grouped-query attention");
   }
   try {
     if (m.moe_layer_indices().empty()) {

@@ -48,9 +48,10 @@ class ConfigError : public std::invalid_argument {
   X(double, rope_theta, 10000.0, Above(0.0), "rotary position embedding base")                     \
   X(double, init_std, 0.02, Above(0.0), "standard deviation of the normal weight initialization")  \
   X(double, norm_eps, 1e-5, Above(0.0), "epsilon of the RMSNorm layers")                           \
-  X(std::string, family, "gbmoe", OneOf("gbmoe", "qwen3_moe", "mixtral"),                          \
+  X(std::string, family, "gbmoe", OneOf("gbmoe", "qwen3_moe", "mixtral", "olmoe"),                 \
     "architecture conventions: gbmoe's own, or those of transformers' Qwen3-MoE (grouped-query "   \
-    "attention, q/k RMSNorm, rotate-half RoPE) or Mixtral (grouped-query, rotate-half RoPE)")      \
+    "attention, per-head q/k RMSNorm, rotate-half RoPE), Mixtral (grouped-query, rotate-half "     \
+    "RoPE) or OLMoE (q/k RMSNorm over all heads, rotate-half RoPE)")                               \
   X(std::string, init_from, "", AnyValue(),                                                        \
     "\"\" = random initialization, else a Hugging Face model directory or a gbmoe checkpoint to "  \
     "start from; the model.* architecture is taken from it")

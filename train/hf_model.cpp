@@ -39,13 +39,14 @@ T required(const json& cfg, const std::string& key, const std::string& path) {
 }
 
 bool is_qwen(const ModelConfig& m) { return m.family == "qwen3_moe"; }
+bool is_olmoe(const ModelConfig& m) { return m.family == "olmoe"; }
 
 // HF names of the feed-forward module of a MoE layer and of its experts' gate, up, down.
 struct ExpertNames {
   std::string mlp, gate, up, down;
 };
 ExpertNames expert_names(const ModelConfig& m) {
-  if (is_qwen(m)) return {"mlp", "gate_proj", "up_proj", "down_proj"};
+  if (is_qwen(m) || is_olmoe(m)) return {"mlp", "gate_proj", "up_proj", "down_proj"};
   return {"block_sparse_moe", "w1", "w3", "w2"};
 }
 
@@ -132,8 +133,10 @@ ModelConfig model_config_from_hf(const std::string& path) {
     }
   }
   const auto type = value_or<std::string>(cfg, "model_type", "");
-  TORCH_CHECK(type == "qwen3_moe" || type == "mixtral", path, ": unsupported model_type '", type,
-              "' (gbmoe reads qwen3_moe and mixtral)");
+  TORCH_CHECK(type == "qwen3_moe" || type == "mixtral" || type == "olmoe", path,
+              ": unsupported model_type '", type, "' (gbmoe reads qwen3_moe, mixtral and olmoe)");
+  TORCH_CHECK(!cfg.contains("clip_qkv") || cfg["clip_qkv"].is_null(), path,
+              ": clip_qkv is not supported");
   TORCH_CHECK(value_or<std::string>(cfg, "hidden_act", "silu") == "silu", path, ": hidden_act ",
               cfg["hidden_act"].dump(), " is not supported (only silu)");
   TORCH_CHECK(!value_or<bool>(cfg, "attention_bias", false), path,
@@ -183,12 +186,17 @@ ModelConfig model_config_from_hf(const std::string& path) {
       if (!only_mlp && m.num_experts > 0 && (l + 1) % step == 0) sparse.push_back(l);
     }
   } else {
-    m.num_experts = required<int64_t>(cfg, "num_local_experts", path);
+    m.num_experts = cfg.contains("num_local_experts")
+                        ? required<int64_t>(cfg, "num_local_experts", path)
+                        : required<int64_t>(cfg, "num_experts", path);
     m.expert_hidden = required<int64_t>(cfg, "intermediate_size", path);
     m.dense_hidden = m.expert_hidden;
-    m.renormalize = true;
+    m.renormalize = type == "mixtral" || value_or<bool>(cfg, "norm_topk_prob", false);
     for (int64_t l = 0; l < m.num_layers; ++l) sparse.push_back(l);
   }
+  TORCH_CHECK(type != "olmoe" || m.head_dim * m.num_heads == m.dim, path, ": head_dim (",
+              m.head_dim, ") must be hidden_size / num_attention_heads (", m.dim / m.num_heads,
+              ") for olmoe, whose q/k norms span hidden_size");
   TORCH_CHECK(!sparse.empty(), path,
               ": the model has no MoE layer (decoder_sparse_step, "
               "mlp_only_layers); gbmoe needs at least one");
@@ -204,8 +212,9 @@ ModelConfig model_config_from_hf(const std::string& path) {
 }
 
 std::string hf_config_json(const ModelConfig& m, const std::string& dtype) {
-  TORCH_CHECK(m.family == "qwen3_moe" || m.family == "mixtral", "model.family (", m.family,
-              ") has no Hugging Face equivalent; export needs qwen3_moe or mixtral");
+  TORCH_CHECK(m.family == "qwen3_moe" || m.family == "mixtral" || m.family == "olmoe",
+              "model.family (", m.family,
+              ") has no Hugging Face equivalent; export needs qwen3_moe, mixtral or olmoe");
   TORCH_CHECK(m.score_function == "softmax", "model.score_function (", m.score_function,
               ") cannot be exported: transformers' ", m.family, " routes with softmax");
   TORCH_CHECK(m.shared_experts == 0, "model.shared_experts (", m.shared_experts,
@@ -243,6 +252,16 @@ std::string hf_config_json(const ModelConfig& m, const std::string& dtype) {
     cfg["mlp_only_layers"] = dense_only;
     cfg["attention_bias"] = false;
     cfg["use_sliding_window"] = false;
+  } else if (is_olmoe(m)) {
+    TORCH_CHECK(static_cast<int64_t>(sparse.size()) == m.num_layers, "model.moe_layers (",
+                m.moe_layers, ") cannot be exported as olmoe, whose every block is MoE");
+    cfg["architectures"] = {"OlmoeForCausalLM"};
+    cfg["model_type"] = "olmoe";
+    cfg["num_experts"] = m.num_experts;
+    cfg["intermediate_size"] = m.expert_hidden;
+    cfg["norm_topk_prob"] = m.renormalize;
+    cfg["clip_qkv"] = nullptr;
+    cfg["attention_bias"] = false;
   } else {
     TORCH_CHECK(static_cast<int64_t>(sparse.size()) == m.num_layers, "model.moe_layers (",
                 m.moe_layers, ") cannot be exported as mixtral, whose every block is MoE");
@@ -282,9 +301,10 @@ TensorMap hf_to_gbmoe_state(const ModelConfig& m, const TensorMap& hf, const std
                                               r.take(hp + "self_attn.v_proj.weight", {G * Dh, D})},
                                              0);
     out[gp + "attn.out.weight"] = r.take(hp + "self_attn.o_proj.weight", {D, H * Dh});
-    if (is_qwen(m)) {
-      out[gp + "attn.q_norm.weight"] = r.take(hp + "self_attn.q_norm.weight", {Dh});
-      out[gp + "attn.k_norm.weight"] = r.take(hp + "self_attn.k_norm.weight", {Dh});
+    if (is_qwen(m) || is_olmoe(m)) {
+      const int64_t q = is_qwen(m) ? Dh : H * Dh, k = is_qwen(m) ? Dh : G * Dh;
+      out[gp + "attn.q_norm.weight"] = r.take(hp + "self_attn.q_norm.weight", {q});
+      out[gp + "attn.k_norm.weight"] = r.take(hp + "self_attn.k_norm.weight", {k});
     }
     if (std::find(sparse.begin(), sparse.end(), l) == sparse.end()) {
       const int64_t Fd = m.dense_hidden;
@@ -356,7 +376,7 @@ TensorMap gbmoe_state_to_hf(const ModelConfig& m, const TensorMap& state, torch:
     out[hp + "self_attn.k_proj.weight"] = qkv[1];
     out[hp + "self_attn.v_proj.weight"] = qkv[2];
     out[hp + "self_attn.o_proj.weight"] = get(gp + "attn.out.weight");
-    if (is_qwen(m)) {
+    if (is_qwen(m) || is_olmoe(m)) {
       out[hp + "self_attn.q_norm.weight"] = get(gp + "attn.q_norm.weight");
       out[hp + "self_attn.k_norm.weight"] = get(gp + "attn.k_norm.weight");
     }

@@ -1,6 +1,6 @@
-// Hugging Face model directories (config.json + safetensors) of Qwen3-MoE and Mixtral to gbmoe
-// models and back: the config mapping, the per-expert <-> stacked expert tensor mapping with its
-// checks, and loading a model from either an HF directory or a gbmoe checkpoint.
+// Hugging Face model directories (config.json + safetensors) of Qwen3-MoE, Mixtral and OLMoE to
+// gbmoe models and back: the config mapping, the per-expert <-> stacked expert tensor mapping with
+// its checks, and loading a model from either an HF directory or a gbmoe checkpoint.
 #pragma once
 
 #include <string>
@@ -18,14 +18,14 @@ bool is_hf_model_dir(const std::string& dir);
 bool is_gbmoe_checkpoint(const std::string& dir);
 
 /// The model.* settings (family, vocab_size included) described by an HF config.json of
-/// model_type qwen3_moe or mixtral. Other model types and features gbmoe lacks (attention bias,
-/// sliding windows, RoPE scaling, activations other than silu) fail naming the file and key.
+/// model_type qwen3_moe, mixtral or olmoe. Other model types and features gbmoe lacks (attention
+/// bias, sliding windows, RoPE scaling, activations other than silu) fail naming the file and key.
 ///
 /// Example:
 ///   ModelConfig m = model_config_from_hf("hf-model/config.json");
 ModelConfig model_config_from_hf(const std::string& config_json_path);
 
-/// The config.json text of a qwen3_moe or mixtral model; dtype names the stored tensors'
+/// The config.json text of a qwen3_moe, mixtral or olmoe model; dtype names the stored tensors'
 /// (float32, bfloat16, float16).
 std::string hf_config_json(const ModelConfig& m, const std::string& dtype = "float32");
 

@@ -15,15 +15,18 @@ std::string to_string(ModelFamily f) {
       return "qwen3_moe";
     case ModelFamily::Mixtral:
       return "mixtral";
+    case ModelFamily::OLMoE:
+      return "olmoe";
   }
   return "?";
 }
 
 ModelFamily model_family_from_string(const std::string& name) {
-  for (auto f : {ModelFamily::GBMoE, ModelFamily::Qwen3MoE, ModelFamily::Mixtral}) {
+  for (auto f :
+       {ModelFamily::GBMoE, ModelFamily::Qwen3MoE, ModelFamily::Mixtral, ModelFamily::OLMoE}) {
     if (to_string(f) == name) return f;
   }
-  TORCH_CHECK(false, "model.family (", name, ") must be one of gbmoe, qwen3_moe, mixtral");
+  TORCH_CHECK(false, "model.family (", name, ") must be one of gbmoe, qwen3_moe, mixtral, olmoe");
 }
 
 void LanguageModelOptions::validate() const {
@@ -82,6 +85,9 @@ void AttentionImpl::reset() {
   if (family == ModelFamily::Qwen3MoE) {
     q_norm = register_module("q_norm", RMSNorm(head_dim, norm_eps));
     k_norm = register_module("k_norm", RMSNorm(head_dim, norm_eps));
+  } else if (family == ModelFamily::OLMoE) {
+    q_norm = register_module("q_norm", RMSNorm(num_heads * head_dim, norm_eps));
+    k_norm = register_module("k_norm", RMSNorm(num_kv_heads * head_dim, norm_eps));
   }
 }
 
@@ -123,9 +129,13 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x) {
   if (family != ModelFamily::GBMoE) {
     auto parts = qkv->forward(x).split_with_sizes(
         {num_heads * Dh, num_kv_heads * Dh, num_kv_heads * Dh}, -1);
+    if (family == ModelFamily::OLMoE) {  // normalized over all heads' features at once
+      parts[0] = q_norm->forward(parts[0]);
+      parts[1] = k_norm->forward(parts[1]);
+    }
     auto q_BSHD = parts[0].view({B, S, num_heads, Dh});
     auto k_BSGD = parts[1].view({B, S, num_kv_heads, Dh});
-    if (q_norm) {
+    if (family == ModelFamily::Qwen3MoE) {  // normalized per head
       q_BSHD = q_norm->forward(q_BSHD);
       k_BSGD = k_norm->forward(k_BSGD);
     }

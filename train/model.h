@@ -15,13 +15,13 @@
 namespace gbmoe {
 
 /// The conventions a model follows. GBMoE: one fused q/k/v projection of H heads of D / H, RoPE on
-/// interleaved pairs (x[2i], x[2i+1]). Qwen3MoE and Mixtral match transformers' models: G <= H
-/// key/value heads of any head size, rotate-half RoPE (x[i], x[i + Dh/2]); Qwen3MoE adds an
-/// RMSNorm over each query and key head before RoPE.
-enum class ModelFamily { GBMoE, Qwen3MoE, Mixtral };
+/// interleaved pairs (x[2i], x[2i+1]). Qwen3MoE, Mixtral and OLMoE match transformers' models:
+/// G <= H key/value heads, rotate-half RoPE (x[i], x[i + Dh/2]); Qwen3MoE adds an RMSNorm over
+/// each query and key head before RoPE, OLMoE one over all query and all key features.
+enum class ModelFamily { GBMoE, Qwen3MoE, Mixtral, OLMoE };
 
 std::string to_string(ModelFamily f);
-/// gbmoe, qwen3_moe or mixtral.
+/// gbmoe, qwen3_moe, mixtral or olmoe.
 ModelFamily model_family_from_string(const std::string& name);
 
 /// Example:
@@ -92,7 +92,7 @@ class AttentionImpl : public torch::nn::Cloneable<AttentionImpl> {
   ModelFamily family;
   torch::nn::Linear qkv{nullptr};            // D -> (H + 2G) Dh
   torch::nn::Linear out{nullptr};            // H Dh -> D
-  RMSNorm q_norm{nullptr}, k_norm{nullptr};  // (Dh,) each, Qwen3MoE only
+  RMSNorm q_norm{nullptr}, k_norm{nullptr};  // Qwen3MoE: (Dh,) each; OLMoE: (H Dh,), (G Dh,)
 };
 TORCH_MODULE(Attention);
 

@@ -1,4 +1,4 @@
-"""gbmoe against the real transformers: tiny random Qwen3-MoE and Mixtral models built and saved
+"""gbmoe against the real transformers: tiny random Qwen3-MoE, Mixtral and OLMoE models built and saved
 by transformers load in gbmoe with the same logits (fp32, relative 1e-5) and the same top-k
 experts in every MoE layer; export round trips are bit-identical and load back in transformers;
 bad checkpoints fail with errors naming the file and the tensor or key.
@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen3MoeConfig
 
 TOOLS, TMP = sys.argv[1], sys.argv[2]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,6 +60,9 @@ def build(kind, path, **overrides):
         qwen = dict(intermediate_size=112, moe_intermediate_size=80, num_experts=6,
                     mlp_only_layers=[1], norm_topk_prob=True, rope_theta=50000.0)
         cfg = Qwen3MoeConfig(**{**common, **qwen, **overrides})
+    elif kind == "olmoe":  # q/k norms span hidden_size: head_dim = hidden_size / heads
+        common.pop("head_dim")
+        cfg = OlmoeConfig(**{**common, "intermediate_size": 80, "num_experts": 5, **overrides})
     else:
         cfg = MixtralConfig(**{**common, "intermediate_size": 80, "num_local_experts": 5,
                                **overrides})
@@ -260,6 +263,7 @@ def main():
     compare_family("qwen3_moe", "qwen-variant", norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[],
                    num_key_value_heads=4, head_dim=12)
     compare_family("mixtral", "mixtral")
+    compare_family("olmoe", "olmoe")
 
     # Sharded checkpoints with model.safetensors.index.json.
     sharded = os.path.join(TMP, "qwen-sharded")
