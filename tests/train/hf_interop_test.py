@@ -260,8 +260,9 @@ def main():
     shutil.rmtree(TMP, ignore_errors=True)
     os.makedirs(TMP)
     qwen = compare_family("qwen3_moe", "qwen")
-    compare_family("qwen3_moe", "qwen-variant", norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[],
-                   num_key_value_heads=4, head_dim=12)
+    compare_family("qwen3_moe", "qwen-variant", norm_topk_prob=False, decoder_sparse_step=2,
+                   mlp_only_layers=[], num_key_value_heads=4, head_dim=12,
+                   tie_word_embeddings=True)
     compare_family("mixtral", "mixtral")
     compare_family("olmoe", "olmoe")
 
