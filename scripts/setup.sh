@@ -11,6 +11,7 @@ debian_packages=(
   libgtest-dev libgmock-dev googletest
   libbenchmark-dev
   libsentencepiece-dev sentencepiece
+  nlohmann-json3-dev zlib1g-dev
 )
 
 missing=()
@@ -41,5 +42,15 @@ matplotlib_version=3.11.2
 if ! "$venv/bin/python" -c "import matplotlib, sys; sys.exit(0 if matplotlib.__version__ == '$matplotlib_version' else 1)" 2>/dev/null; then
   echo "setup: installing matplotlib==$matplotlib_version into $venv"
   "$venv/bin/pip" install -q "matplotlib==$matplotlib_version"
+fi
+# transformers, safetensors and tokenizers: the Hugging Face interoperability tests
+# (tests/train/hf_interop_test.py) build, save and load models with them.
+hf_packages=(transformers==5.17.0 safetensors==0.8.0 tokenizers==0.23.3)
+if ! "$venv/bin/python" - "${hf_packages[@]}" <<'PY' 2>/dev/null; then
+import importlib.metadata as md, sys
+sys.exit(0 if all(md.version(p.split("==")[0]) == p.split("==")[1] for p in sys.argv[1:]) else 1)
+PY
+  echo "setup: installing ${hf_packages[*]} into $venv"
+  "$venv/bin/pip" install -q "${hf_packages[@]}"
 fi
 echo "setup: done (torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'))"

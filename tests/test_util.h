@@ -22,6 +22,19 @@ void expect_throw_with(F&& f, const std::string& needle) {
   ADD_FAILURE() << "expected an exception mentioning \"" << needle << "\"";
 }
 
+/// The message of the exception f throws; "" and a test failure when it throws none. For
+/// checking several parts of one message.
+template <typename F>
+std::string exception_message(F&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected an exception";
+  return "";
+}
+
 /// Largest relative difference |a - b| / max(|b|, floor) over all elements.
 inline double max_rel_diff(const torch::Tensor& a, const torch::Tensor& b, double floor = 1e-12) {
   auto ad = a.detach().to(torch::kDouble), bd = b.detach().to(torch::kDouble);

@@ -409,13 +409,30 @@ std::vector<std::string> problems(const Config& c) {
     out.push_back("model.top_k (" + n(m.top_k) + ") must be <= model.num_experts (" +
                   n(m.num_experts) + ")");
   }
-  if (m.dim % m.num_heads != 0) {
+  if (m.head_dim > 0) {
+    if (m.head_dim % 2 != 0) {
+      out.push_back("model.head_dim (" + n(m.head_dim) +
+                    ") must be even for the rotary embeddings");
+    }
+  } else if (m.dim % m.num_heads != 0) {
     out.push_back("model.dim (" + n(m.dim) + ") must be divisible by model.num_heads (" +
                   n(m.num_heads) + ")");
   } else if ((m.dim / m.num_heads) % 2 != 0) {
     out.push_back("the head size model.dim / model.num_heads (" + n(m.dim) + " / " +
                   n(m.num_heads) + " = " + n(m.dim / m.num_heads) +
                   ") must be even for the rotary embeddings; change model.dim or model.num_heads");
+  }
+  if (m.num_kv_heads > 0 && m.num_heads % m.num_kv_heads != 0) {
+    out.push_back("model.num_kv_heads (" + n(m.num_kv_heads) + ") must divide model.num_heads (" +
+                  n(m.num_heads) + ")");
+  }
+  if (m.family == "gbmoe" && ((m.num_kv_heads > 0 && m.num_kv_heads != m.num_heads) ||
+                              (m.head_dim > 0 && m.head_dim * m.num_heads != m.dim))) {
+    out.push_back("model.family gbmoe needs model.num_kv_heads (" + n(m.num_kv_heads) +
+                  ") = 0 or model.num_heads (" + n(m.num_heads) + ") and model.head_dim (" +
+                  n(m.head_dim) +
+                  ") = 0 or model.dim / model.num_heads; set model.family=qwen3_moe, "
+                  "mixtral or olmoe for grouped-query attention");
   }
   try {
     if (m.moe_layer_indices().empty()) {

@@ -25,6 +25,9 @@ class ConfigError : public std::invalid_argument {
   X(int64_t, dim, 256, AtLeast(1), "model width D")                                                \
   X(int64_t, num_layers, 4, AtLeast(1), "transformer blocks")                                      \
   X(int64_t, num_heads, 4, AtLeast(1), "attention heads; must divide model.dim")                   \
+  X(int64_t, num_kv_heads, 0, AtLeast(0),                                                          \
+    "key/value heads of grouped-query attention (must divide model.num_heads); 0 = num_heads")     \
+  X(int64_t, head_dim, 0, AtLeast(0), "size of each attention head; 0 = model.dim / num_heads")    \
   X(std::string, moe_layers, "all", LayerList(),                                                   \
     "blocks whose feed-forward is a MoE layer: all, every_other (1, 3, 5, ...) or a list of "      \
     "block indices like 1,3; the others use a dense SwiGLU")                                       \
@@ -44,7 +47,14 @@ class ConfigError : public std::invalid_argument {
   X(bool, tie_embeddings, true, AnyValue(), "share the input embedding with the output head")      \
   X(double, rope_theta, 10000.0, Above(0.0), "rotary position embedding base")                     \
   X(double, init_std, 0.02, Above(0.0), "standard deviation of the normal weight initialization")  \
-  X(double, norm_eps, 1e-5, Above(0.0), "epsilon of the RMSNorm layers")
+  X(double, norm_eps, 1e-5, Above(0.0), "epsilon of the RMSNorm layers")                           \
+  X(std::string, family, "gbmoe", OneOf("gbmoe", "qwen3_moe", "mixtral", "olmoe"),                 \
+    "architecture conventions: gbmoe's own, or those of transformers' Qwen3-MoE (grouped-query "   \
+    "attention, per-head q/k RMSNorm, rotate-half RoPE), Mixtral (grouped-query, rotate-half "     \
+    "RoPE) or OLMoE (q/k RMSNorm over all heads, rotate-half RoPE)")                               \
+  X(std::string, init_from, "", AnyValue(),                                                        \
+    "\"\" = random initialization, else a Hugging Face model directory or a gbmoe checkpoint to "  \
+    "start from; the model.* architecture is taken from it")
 
 #define GBMOE_BALANCE_FIELDS(X)                                                                    \
   X(std::string, scope, "global", OneOf("micro", "sequence", "global", "group"),                   \

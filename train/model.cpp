@@ -7,12 +7,44 @@
 
 namespace gbmoe {
 
+std::string to_string(ModelFamily f) {
+  switch (f) {
+    case ModelFamily::GBMoE:
+      return "gbmoe";
+    case ModelFamily::Qwen3MoE:
+      return "qwen3_moe";
+    case ModelFamily::Mixtral:
+      return "mixtral";
+    case ModelFamily::OLMoE:
+      return "olmoe";
+  }
+  return "?";
+}
+
+ModelFamily model_family_from_string(const std::string& name) {
+  for (auto f :
+       {ModelFamily::GBMoE, ModelFamily::Qwen3MoE, ModelFamily::Mixtral, ModelFamily::OLMoE}) {
+    if (to_string(f) == name) return f;
+  }
+  TORCH_CHECK(false, "model.family (", name, ") must be one of gbmoe, qwen3_moe, mixtral, olmoe");
+}
+
 void LanguageModelOptions::validate() const {
   TORCH_CHECK(vocab_size() > 1, "model.vocab_size (", vocab_size(), ") must be > 1");
-  TORCH_CHECK(dim() > 0 && num_heads() > 0 && dim() % num_heads() == 0, "model.dim (", dim(),
-              ") must be a positive multiple of model.num_heads (", num_heads(), ")");
-  TORCH_CHECK((dim() / num_heads()) % 2 == 0, "model.dim / model.num_heads (", dim() / num_heads(),
+  TORCH_CHECK(num_heads() > 0 && num_kv_heads() >= 0 && head_dim() >= 0, "model.num_heads (",
+              num_heads(), "), model.num_kv_heads (", num_kv_heads(), ") and model.head_dim (",
+              head_dim(), ") must not be negative");
+  TORCH_CHECK(dim() > 0 && (head_dim() > 0 || dim() % num_heads() == 0), "model.dim (", dim(),
+              ") must be a positive multiple of model.num_heads (", num_heads(),
+              ") unless model.head_dim is set");
+  TORCH_CHECK(head_size() % 2 == 0, "the head size (", head_size(),
               ") must be even for rotary embeddings");
+  TORCH_CHECK(num_heads() % kv_heads() == 0, "model.num_kv_heads (", kv_heads(),
+              ") must divide model.num_heads (", num_heads(), ")");
+  TORCH_CHECK(family() != ModelFamily::GBMoE ||
+                  (kv_heads() == num_heads() && head_size() * num_heads() == dim()),
+              "model.family gbmoe has model.num_kv_heads = model.num_heads and model.head_dim = "
+              "model.dim / model.num_heads; use family qwen3_moe or mixtral for others");
   TORCH_CHECK(num_layers() > 0, "model.num_layers (", num_layers(), ") must be > 0");
   for (auto l : moe_layers()) {
     TORCH_CHECK(l >= 0 && l < num_layers(), "model.moe_layers names block ", l, " but there are ",
@@ -35,15 +67,30 @@ torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
   return (normed * weight.to(dtype)).to(x.scalar_type());
 }
 
-AttentionImpl::AttentionImpl(int64_t dim_, int64_t num_heads_, double rope_theta_)
-    : dim(dim_), num_heads(num_heads_), rope_theta(rope_theta_) {
+AttentionImpl::AttentionImpl(const LanguageModelOptions& options)
+    : dim(options.dim()),
+      num_heads(options.num_heads()),
+      num_kv_heads(options.kv_heads()),
+      head_dim(options.head_size()),
+      rope_theta(options.rope_theta()),
+      norm_eps(options.norm_eps()),
+      family(options.family()) {
   reset();
 }
 
 void AttentionImpl::reset() {
+  const int64_t qkv_out = (num_heads + 2 * num_kv_heads) * head_dim;
   qkv =
-      register_module("qkv", torch::nn::Linear(torch::nn::LinearOptions(dim, 3 * dim).bias(false)));
-  out = register_module("out", torch::nn::Linear(torch::nn::LinearOptions(dim, dim).bias(false)));
+      register_module("qkv", torch::nn::Linear(torch::nn::LinearOptions(dim, qkv_out).bias(false)));
+  out = register_module(
+      "out", torch::nn::Linear(torch::nn::LinearOptions(num_heads * head_dim, dim).bias(false)));
+  if (family == ModelFamily::Qwen3MoE) {
+    q_norm = register_module("q_norm", RMSNorm(head_dim, norm_eps));
+    k_norm = register_module("k_norm", RMSNorm(head_dim, norm_eps));
+  } else if (family == ModelFamily::OLMoE) {
+    q_norm = register_module("q_norm", RMSNorm(num_heads * head_dim, norm_eps));
+    k_norm = register_module("k_norm", RMSNorm(num_kv_heads * head_dim, norm_eps));
+  }
 }
 
 namespace {
@@ -61,10 +108,49 @@ torch::Tensor apply_rope(const torch::Tensor& x, double theta) {
   return rotated.to(x.scalar_type());
 }
 
+// transformers' convention: x * cos + rotate_half(x) * sin with the angle of pair i on both
+// x[i] and x[i + Dh/2], inv_freq = 1 / theta^(2i/Dh) computed as transformers does.
+torch::Tensor apply_rope_half(const torch::Tensor& x, double theta) {
+  const int64_t S = x.size(2), Dh = x.size(3);
+  auto opts = torch::TensorOptions().dtype(torch::kFloat).device(x.device());
+  auto inv_freq =
+      1.0 / torch::pow(theta, torch::arange(0, Dh, 2, opts.dtype(torch::kLong)).to(torch::kFloat) /
+                                  static_cast<double>(Dh));
+  auto angles = torch::outer(torch::arange(S, opts), inv_freq);  // (S, Dh/2)
+  auto emb = torch::cat({angles, angles}, -1);                   // (S, Dh)
+  auto cos = emb.cos(), sin = emb.sin();
+  auto xf = x.to(torch::kFloat);
+  auto rotated_half = torch::cat({-xf.narrow(-1, Dh / 2, Dh / 2), xf.narrow(-1, 0, Dh / 2)}, -1);
+  return (xf * cos + rotated_half * sin).to(x.scalar_type());
+}
+
 }  // namespace
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x) {
-  const int64_t B = x.size(0), S = x.size(1), Dh = dim / num_heads;
+  const int64_t B = x.size(0), S = x.size(1), Dh = head_dim;
+  if (family != ModelFamily::GBMoE) {
+    auto parts = qkv->forward(x).split_with_sizes(
+        {num_heads * Dh, num_kv_heads * Dh, num_kv_heads * Dh}, -1);
+    if (family == ModelFamily::OLMoE) {  // normalized over all heads' features at once
+      parts[0] = q_norm->forward(parts[0]);
+      parts[1] = k_norm->forward(parts[1]);
+    }
+    auto q_BSHD = parts[0].view({B, S, num_heads, Dh});
+    auto k_BSGD = parts[1].view({B, S, num_kv_heads, Dh});
+    if (family == ModelFamily::Qwen3MoE) {  // normalized per head
+      q_BSHD = q_norm->forward(q_BSHD);
+      k_BSGD = k_norm->forward(k_BSGD);
+    }
+    auto q = apply_rope_half(q_BSHD.transpose(1, 2), rope_theta);
+    auto k = apply_rope_half(k_BSGD.transpose(1, 2), rope_theta);
+    auto v = parts[2].view({B, S, num_kv_heads, Dh}).transpose(1, 2);
+    if (num_kv_heads != num_heads) {  // key/value head g serves query heads g R .. g R + R - 1
+      k = k.repeat_interleave(num_heads / num_kv_heads, 1);
+      v = v.repeat_interleave(num_heads / num_kv_heads, 1);
+    }
+    auto y = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+    return out->forward(y.transpose(1, 2).reshape({B, S, num_heads * Dh}));
+  }
   auto qkv_BS3HD = qkv->forward(x).view({B, S, 3, num_heads, Dh});
   auto q = apply_rope(qkv_BS3HD.select(2, 0).transpose(1, 2), rope_theta);
   auto k = apply_rope(qkv_BS3HD.select(2, 1).transpose(1, 2), rope_theta);
@@ -80,8 +166,7 @@ BlockImpl::BlockImpl(const LanguageModelOptions& options_, bool is_moe_)
 
 void BlockImpl::reset() {
   attn_norm = register_module("attn_norm", RMSNorm(options.dim(), options.norm_eps()));
-  attn =
-      register_module("attn", Attention(options.dim(), options.num_heads(), options.rope_theta()));
+  attn = register_module("attn", Attention(options));
   ffn_norm = register_module("ffn_norm", RMSNorm(options.dim(), options.norm_eps()));
   if (is_moe) {
     moe = register_module("moe", MoELayer(options.moe()));

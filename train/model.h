@@ -1,15 +1,28 @@
 // The decoder-only transformer language model of the trainer: token embedding, pre-norm blocks
-// (RMSNorm, causal multi-head attention with rotary positions, MoE or dense SwiGLU
-// feed-forward), final norm, output head. Letters: B batch, S positions, D dim, H heads, V vocab.
+// (RMSNorm, causal grouped-query attention with rotary positions, MoE or dense SwiGLU
+// feed-forward), final norm, output head. A model family selects the conventions of gbmoe's own
+// architecture or of transformers' Qwen3-MoE or Mixtral. Letters: B batch, S positions, D dim,
+// H heads, G key/value heads, Dh head size, V vocab.
 #pragma once
 
 #include <torch/torch.h>
 
+#include <string>
 #include <vector>
 
 #include "moe/moe_layer.h"
 
 namespace gbmoe {
+
+/// The conventions a model follows. GBMoE: one fused q/k/v projection of H heads of D / H, RoPE on
+/// interleaved pairs (x[2i], x[2i+1]). Qwen3MoE, Mixtral and OLMoE match transformers' models:
+/// G <= H key/value heads, rotate-half RoPE (x[i], x[i + Dh/2]); Qwen3MoE adds an RMSNorm over
+/// each query and key head before RoPE, OLMoE one over all query and all key features.
+enum class ModelFamily { GBMoE, Qwen3MoE, Mixtral, OLMoE };
+
+std::string to_string(ModelFamily f);
+/// gbmoe, qwen3_moe, mixtral or olmoe.
+ModelFamily model_family_from_string(const std::string& name);
 
 /// Example:
 ///   LanguageModelOptions(4096, 128, 4, 4).moe_layers({0, 1, 2, 3}).moe(MoELayerOptions(128, 8,
@@ -25,6 +38,11 @@ struct LanguageModelOptions {
   TORCH_ARG(int64_t, dim);
   TORCH_ARG(int64_t, num_layers);
   TORCH_ARG(int64_t, num_heads);
+  TORCH_ARG(ModelFamily, family) = ModelFamily::GBMoE;
+  /// Key/value heads G (grouped-query attention; must divide num_heads). 0 = num_heads.
+  TORCH_ARG(int64_t, num_kv_heads) = 0;
+  /// Size Dh of each attention head. 0 = dim / num_heads.
+  TORCH_ARG(int64_t, head_dim) = 0;
   /// Indices of the blocks whose feed-forward is a MoE layer; the others are dense SwiGLU.
   TORCH_ARG(std::vector<int64_t>, moe_layers) = {};
   /// The options of every MoE layer (its dim must equal the model's).
@@ -43,6 +61,10 @@ struct LanguageModelOptions {
 
  public:
   void validate() const;
+  /// num_kv_heads, or num_heads when 0.
+  int64_t kv_heads() const { return num_kv_heads_ > 0 ? num_kv_heads_ : num_heads_; }
+  /// head_dim, or dim / num_heads when 0.
+  int64_t head_size() const { return head_dim_ > 0 ? head_dim_ : dim_ / num_heads_; }
 };
 
 /// Root-mean-square layer norm with a learned scale.
@@ -57,17 +79,20 @@ class RMSNormImpl : public torch::nn::Cloneable<RMSNormImpl> {
 };
 TORCH_MODULE(RMSNorm);
 
-/// Causal multi-head self-attention with rotary position embeddings.
+/// Causal grouped-query self-attention with rotary position embeddings. The query, key and value
+/// projections are one matrix whose output rows are [q (H Dh) | k (G Dh) | v (G Dh)].
 class AttentionImpl : public torch::nn::Cloneable<AttentionImpl> {
  public:
-  AttentionImpl(int64_t dim, int64_t num_heads, double rope_theta);
+  explicit AttentionImpl(const LanguageModelOptions& options);
   void reset() override;
   /// x: (B, S, D). Returns (B, S, D).
   torch::Tensor forward(const torch::Tensor& x);
-  int64_t dim, num_heads;
-  double rope_theta;
-  torch::nn::Linear qkv{nullptr};  // D -> 3D
-  torch::nn::Linear out{nullptr};  // D -> D
+  int64_t dim, num_heads, num_kv_heads, head_dim;
+  double rope_theta, norm_eps;
+  ModelFamily family;
+  torch::nn::Linear qkv{nullptr};            // D -> (H + 2G) Dh
+  torch::nn::Linear out{nullptr};            // H Dh -> D
+  RMSNorm q_norm{nullptr}, k_norm{nullptr};  // Qwen3MoE: (Dh,) each; OLMoE: (H Dh,), (G Dh,)
 };
 TORCH_MODULE(Attention);
 

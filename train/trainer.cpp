@@ -21,6 +21,7 @@
 #include "parallel/runtime.h"
 #include "train/analysis.h"
 #include "train/checkpoint.h"
+#include "train/hf_model.h"
 #include "train/json.h"
 #include "train/sampler.h"
 #include "train/token_dataset.h"
@@ -149,6 +150,9 @@ LanguageModelOptions model_options_from_config(const Config& config, int64_t voc
                                  .drop_policy(drop_policy_from_string(m.drop_policy)))
                  .init_std(m.init_std);
   return LanguageModelOptions(vocab_size, m.dim, m.num_layers, m.num_heads)
+      .family(model_family_from_string(m.family))
+      .num_kv_heads(m.num_kv_heads)
+      .head_dim(m.head_dim)
       .moe_layers(m.moe_layer_indices())
       .moe(moe)
       .dense_hidden(m.dense_hidden)
@@ -323,6 +327,7 @@ void Trainer::build_model() {
               config_.data.dir);
   torch::manual_seed(static_cast<uint64_t>(config_.train.seed));
   model_ = LanguageModel(model_options_from_config(config_, vocab));
+  load_init_from(config_, *model_);  // model.init_from's weights (a resume overwrites them)
   model_->to(device_);
   if (expert_parallel_) apply_expert_parallel(*model_, groups_);
   const auto balance = balance_options_from_config(config_);

@@ -33,10 +33,14 @@ void expect_same_values(const Config& a, const Config& b) {
 // A valid value other than the default for every key: the round trip must carry each one.
 // A new key must be added here.
 const std::map<std::string, std::string> kEveryKeyChanged = {
+    {"model.family", "qwen3_moe"},
+    {"model.init_from", "hf/models/tiny"},
     {"model.vocab_size", "5000"},
     {"model.dim", "96"},
     {"model.num_layers", "6"},
     {"model.num_heads", "6"},
+    {"model.num_kv_heads", "3"},
+    {"model.head_dim", "32"},
     {"model.moe_layers", "1,3,5"},
     {"model.num_experts", "16"},
     {"model.top_k", "3"},

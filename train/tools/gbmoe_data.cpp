@@ -1,13 +1,17 @@
-// gbmoe-data: text files grouped by domain -> tokenizer + train/val token shards (build_dataset).
+// gbmoe-data: text files grouped by domain, or JSON-lines records with a text and a domain field,
+// -> tokenizer + train/val token shards (build_dataset).
 // Example: gbmoe-data --input data/raw --output data/corpus --vocab-size 4096
 #include <cxxopts.hpp>
 
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
+#include <sstream>
 
 #include "parallel/runtime.h"
 #include "train/cli_flags.h"
 #include "train/data.h"
+#include "train/jsonl_corpus.h"
 
 int main(int argc, char** argv) {
   cxxopts::Options cli(
@@ -21,6 +25,12 @@ int main(int argc, char** argv) {
   cli.add_options()
     ("input", "directory with one subdirectory of *.txt documents per domain",
      cxxopts::value<std::string>())
+    ("jsonl", "instead of --input: JSON-lines files (plain or .gz), comma-separated, one "
+     "document per record", cxxopts::value<std::string>())
+    ("text-field", "--jsonl: the field holding the text",
+     cxxopts::value<std::string>()->default_value("text"))
+    ("domain-field", "--jsonl: the field holding the domain (\"\": one domain, all)",
+     cxxopts::value<std::string>()->default_value("domain"))
     ("output", "dataset directory to write", cxxopts::value<std::string>())
     ("vocab-size", "vocabulary of the tokenizer to train",
      cxxopts::value<std::string>()->default_value(std::to_string(d.vocab_size())))
@@ -50,10 +60,38 @@ int main(int argc, char** argv) {
       throw gbmoe::DataError("unexpected argument \"" + args.unmatched().front() +
                              "\": every setting is a --flag (see --help)");
     }
-    if (!args.count("input")) throw gbmoe::DataError("--input is required (see --help)");
+    const bool jsonl = args.count("jsonl") > 0;
+    if (jsonl && args.count("input"))
+      throw gbmoe::DataError("give either --input or --jsonl, not both");
+    if (!jsonl && !args.count("input")) throw gbmoe::DataError("--input is required (see --help)");
     if (!args.count("output")) throw gbmoe::DataError("--output is required (see --help)");
-    auto options = gbmoe::DataBuildOptions(gbmoe::flag<std::string>(args, "input"),
-                                           gbmoe::flag<std::string>(args, "output"))
+    const std::string output = gbmoe::flag<std::string>(args, "output");
+    std::string input = jsonl ? output + ".jsonl-staging" : gbmoe::flag<std::string>(args, "input");
+    // The JSON-lines records become a temporary domain directory, removed whatever happens.
+    struct Staging {
+      std::string dir;
+      ~Staging() {
+        if (!dir.empty()) std::filesystem::remove_all(dir);
+      }
+    } staging;
+    if (jsonl) {
+      std::vector<std::string> files;
+      std::stringstream list(gbmoe::flag<std::string>(args, "jsonl"));
+      for (std::string f; std::getline(list, f, ',');) {
+        if (!f.empty()) files.push_back(f);
+      }
+      gbmoe::JsonlFields fields;
+      fields.text = gbmoe::flag<std::string>(args, "text-field");
+      fields.domain = gbmoe::flag<std::string>(args, "domain-field");
+      std::filesystem::remove_all(input);
+      staging.dir = input;
+      const auto read = gbmoe::jsonl_to_domain_dirs(files, input, fields);
+      std::cerr << "gbmoe-data: " << read.records << " JSON-lines records, "
+                << read.records - read.bad() << " documents in " << read.domains.size()
+                << " domains" << (read.bad() ? ", skipped:\n" : "\n")
+                << gbmoe::format_jsonl_summary(read, fields);
+    }
+    auto options = gbmoe::DataBuildOptions(input, output)
                        .vocab_size(gbmoe::flag<int64_t>(args, "vocab-size"))
                        .tokenizer(gbmoe::flag<std::string>(args, "tokenizer"))
                        .val_fraction(gbmoe::flag<double>(args, "val-fraction"))

@@ -11,6 +11,7 @@
 #include "parallel/process_groups.h"
 #include "parallel/runtime.h"
 #include "train/config.h"
+#include "train/hf_model.h"
 #include "train/trainer.h"
 
 namespace {
@@ -78,6 +79,7 @@ int main(int argc, char** argv) {
       if (args.count("config"))
         config = gbmoe::Config::from_yaml_file(args["config"].as<std::string>());
       if (args.count("set")) config.apply_overrides(args["set"].as<std::vector<std::string>>());
+      gbmoe::resolve_init_from(config);  // the architecture of model.init_from, if any
       config.validate_for_world(mpi.size());
     } catch (const std::exception& e) {
       if (mpi.rank() == 0) std::cerr << "gbmoe-train: " << gbmoe::error_message(e) << "\n";
