@@ -3,10 +3,16 @@
 
 #include <mpi.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <iomanip>
 #include <iostream>
+#include <mutex>
+#include <sstream>
+#include <thread>
 
 #include "parallel/mpi_communicator.h"
 
@@ -84,6 +90,12 @@ std::string error_message(const std::exception& e) {
 int run_distributed(const std::function<int()>& body) {
   try {
     return body();
+  } catch (const JobStopped& e) {
+    if (world_rank() == 0) {
+      std::fflush(stdout);
+      std::cerr << "error: " << e.what() << "\n" << std::flush;
+    }
+    return 1;
   } catch (const std::exception& e) {
     abort_job(error_message(e));
   } catch (...) {
@@ -92,5 +104,76 @@ int run_distributed(const std::function<int()>& body) {
 }
 
 void write_log_line(const std::string& line) { std::cout << line << '\n' << std::flush; }
+
+namespace {
+
+// The collective in flight (one at a time: MPI runs serialized) and the watchdog's limit.
+std::atomic<int64_t> g_collective_since_ns{0};  // 0: none in flight
+std::atomic<const char*> g_collective_name{""};
+std::atomic<int> g_collective_size{0};
+std::atomic<int64_t> g_collective_count{0};
+std::atomic<double> g_collective_timeout_s{0};
+std::string g_collective_setting;  // written before the watchdog starts
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+[[noreturn]] void collective_timed_out(double waited, double limit) {
+  std::ostringstream line;
+  const int size = g_collective_size.load();
+  line << rank_prefix() << "error: " << g_collective_name.load() << " (collective "
+       << g_collective_count.load() << " of this rank"
+       << (size > 0 ? ", over " + std::to_string(size) + " ranks" : std::string())
+       << ") has waited " << std::fixed << std::setprecision(1) << waited
+       << " s, more than the limit of " << std::defaultfloat << limit << " s"
+       << (g_collective_setting.empty() ? "" : " (" + g_collective_setting + ")")
+       << ": another rank is stopped, stuck or dead; ending the job\n";
+  const std::string text = line.str();
+  std::fputs(text.c_str(), stderr);
+  std::fflush(stderr);
+  std::fflush(stdout);
+  // Not MPI_Abort: the main thread is inside MPI, and MPI runs serialized. mpirun ends the
+  // other ranks once this one exits non-zero.
+  std::_Exit(1);
+}
+
+void watchdog() {
+  for (;;) {
+    const double limit = g_collective_timeout_s.load();
+    std::this_thread::sleep_for(std::chrono::milliseconds(
+        limit > 0 ? std::min<int64_t>(1000, static_cast<int64_t>(limit * 250) + 1) : 1000));
+    const int64_t since = g_collective_since_ns.load();
+    if (limit <= 0 || since == 0) continue;
+    const double waited = (now_ns() - since) * 1e-9;
+    if (waited > limit) collective_timed_out(waited, limit);
+  }
+}
+
+}  // namespace
+
+void set_collective_timeout(double seconds, const std::string& setting) {
+  static std::once_flag started;
+  if (seconds <= 0) {
+    g_collective_timeout_s = 0;
+    return;
+  }
+  std::call_once(started, [&] {
+    g_collective_setting = setting;
+    std::thread(watchdog).detach();
+  });
+  g_collective_timeout_s = seconds;
+}
+
+CollectiveWatch::CollectiveWatch(const char* name, int group_size) {
+  g_collective_name = name;
+  g_collective_size = group_size;
+  ++g_collective_count;
+  g_collective_since_ns = now_ns();
+}
+
+CollectiveWatch::~CollectiveWatch() { g_collective_since_ns = 0; }
 
 }  // namespace gbmoe
