@@ -6,11 +6,9 @@
 
 #include <chrono>
 #include <cmath>
-#include <csignal>
 #include <cstdlib>
-#include <filesystem>
-#include <fstream>
 #include <iomanip>
+#include <limits>
 #include <sstream>
 
 #include "moe/autocast.h"
@@ -22,6 +20,8 @@
 #include "train/analysis.h"
 #include "train/checkpoint.h"
 #include "train/json.h"
+#include "train/run_control.h"
+#include "train/run_dir.h"
 #include "train/sampler.h"
 #include "train/token_dataset.h"
 #ifdef GBMOE_WITH_CUDA_KERNELS
@@ -29,11 +29,8 @@
 #endif
 
 namespace gbmoe {
-namespace fs = std::filesystem;
 
 namespace {
-
-volatile std::sig_atomic_t g_stop_requested = 0;
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -55,21 +52,6 @@ std::string format_duration(double seconds) {
   out << s % 60 << "s";
   return out.str();
 }
-
-// While alive, SIGTERM asks the loop to checkpoint and stop; the previous handler comes back
-// however train() ends.
-class SigtermStops {
- public:
-  SigtermStops() : previous_(std::signal(SIGTERM, [](int) { request_stop(); })) {
-    g_stop_requested = 0;
-  }
-  ~SigtermStops() { std::signal(SIGTERM, previous_); }
-  SigtermStops(const SigtermStops&) = delete;
-  SigtermStops& operator=(const SigtermStops&) = delete;
-
- private:
-  void (*previous_)(int);
-};
 
 torch::Tensor sum_over(Communicator& comm, torch::Tensor t) {
   t = t.to(torch::kDouble).cpu().contiguous();
@@ -108,8 +90,6 @@ int local_rank() {
 }
 
 }  // namespace
-
-void request_stop() { g_stop_requested = 1; }
 
 torch::Device select_device(const Config& config) {
   if (config.train.device != "cuda") return torch::Device(torch::kCPU);
@@ -208,12 +188,6 @@ std::string eval_json(const EvalResult& r) {
   return s.str();
 }
 
-void append_line(const std::string& path, const std::string& line) {
-  std::ofstream out(path, std::ios::app);
-  TORCH_CHECK(out, "cannot append to ", path);
-  out << line << "\n";
-}
-
 }  // namespace
 
 TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t stop_after) {
@@ -233,6 +207,7 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
   // Data.
   auto train_data = std::make_shared<TokenDataset>(TokenDataset::open(config.data.dir, "train"));
   auto val_data = TokenDataset::open(config.data.dir, "val");
+  check_same_domains(*train_data, val_data, config.data.dir);
   const int64_t vocab =
       config.model.vocab_size > 0 ? config.model.vocab_size : train_data->vocab_size();
   TORCH_CHECK(vocab >= train_data->vocab_size(), "model.vocab_size (", vocab,
@@ -274,11 +249,11 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
 
   // Run directory and resume.
   const std::string run_dir = config.train.run_dir;
-  const std::string metrics_path = (fs::path(run_dir) / "metrics.jsonl").string();
+  RunDirectory run_directory(config, world);
   TrainSummary summary;
   summary.run_dir = run_dir;
   int64_t start_step = 0;
-  const std::string resume_dir = resolve_resume(run_dir, config.train.resume);
+  const std::string resume_dir = resolve_resume(run_dir, config.train.resume, &config);
   if (!resume_dir.empty()) {
     auto meta = read_checkpoint_meta(resume_dir);
     load_training_state(resume_dir + "/state.pt", *model, optimizer, *groups.expert_parallel);
@@ -286,30 +261,16 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
     start_step = meta.step;
     log0("resumed from ", resume_dir, " at step ", start_step);
   }
-  if (rank0) {
-    fs::create_directories(run_dir);
-    std::ofstream(fs::path(run_dir) / "config.yaml") << config.to_yaml();
-    if (start_step == 0) std::ofstream(metrics_path, std::ios::trunc);
-  }
+  run_directory.start(start_step);
   summary.first_step = start_step;
   summary.last_step = start_step;
 
   auto save = [&](int64_t step) {
-    // Rank 0 writes; only its expert-parallel group (expert-data-parallel rank 0) gathers.
-    torch::serialize::OutputArchive state;
-    if (groups.expert_data_parallel->rank() == 0) {
-      state = gather_training_state(*model, optimizer, *groups.expert_parallel);
-    }
-    if (rank0) {
-      CheckpointMeta meta{step, sampler.state().to_string(), config.to_yaml()};
-      auto dir = write_checkpoint(run_dir, meta, config.train.keep_checkpoints,
-                                  [&](const std::string& d) { state.save_to(d + "/state.pt"); });
-      log0("checkpoint ", dir);
-    }
-    world.barrier();
+    save_checkpoint(config, step, sampler.state().to_string(), *model, optimizer, groups);
   };
 
-  SigtermStops sigterm;
+  StopSignals stop_signals;
+  NonFiniteSteps nonfinite(config.train.max_nonfinite_steps, run_dir);
   const int64_t M = config.data.grad_accum;
   const int64_t total_steps = config.train.steps;
   int64_t parameters = 0;
@@ -361,20 +322,21 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
       ce_sum += ce_v;
       balance_sum += bal_v;
     }
-    const bool stop_here = g_stop_requested || (stop_after >= 0 && step + 1 >= stop_after);
+    const bool stop_here = stop_requested() || (stop_after >= 0 && step + 1 >= stop_after);
     auto flags = torch::tensor({finite ? 0.0 : 1.0, stop_here ? 1.0 : 0.0}, torch::kDouble);
     world.all_reduce(flags, ReduceOp::Max);
-    TORCH_CHECK(flags[0].item<double>() == 0.0, "step ", step + 1, ": non-finite loss (",
-                finite ? "on another rank" : bad_term,
-                "); stopping without an optimizer step. The last checkpoint is intact; lower "
-                "optim.lr or raise optim.warmup_steps");
-    dp.average_gradients();
-    // With clipping off the call only measures the norm (an unreachable bound).
-    const double clip = config.optim.grad_clip > 0 ? config.optim.grad_clip : 1e30;
-    const double grad_norm = expert_parallel
-                                 ? clip_grad_norm(*model, clip, *groups.expert_parallel)
-                                 : torch::nn::utils::clip_grad_norm_(model->parameters(), clip);
-    optimizer.step();
+    bool apply = nonfinite.accept_loss(step + 1, flags[0].item<double>() == 0.0,
+                                       finite ? "on another rank" : bad_term);
+    double grad_norm = std::numeric_limits<double>::quiet_NaN();
+    if (apply) {
+      dp.average_gradients();
+      // With clipping off the call only measures the norm (an unreachable bound).
+      const double clip = config.optim.grad_clip > 0 ? config.optim.grad_clip : 1e30;
+      grad_norm = expert_parallel ? clip_grad_norm(*model, clip, *groups.expert_parallel)
+                                  : torch::nn::utils::clip_grad_norm_(model->parameters(), clip);
+      apply = nonfinite.accept_grad_norm(step + 1, grad_norm, world);
+    }
+    if (apply) optimizer.step();
     auto layer_stats = balancer.end_step();
     const int64_t done = step + 1;
     summary.last_step = done;
@@ -412,7 +374,7 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
            << ",\"tokens_per_s\":" << json_number(step_tokens / dt)
            << ",\"maxvio_global\":" << json_list(mv_global)
            << ",\"maxvio_micro\":" << json_list(mv_micro) << "}";
-      append_line(metrics_path, line.str());
+      run_directory.append_metrics(line.str());
     }
     if (done % config.train.log_every == 0 || done == total_steps) {
       double mvg = 0, mvm = 0;
@@ -434,7 +396,7 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
         config.train.eval_every > 0 && (done % config.train.eval_every == 0 || done == total_steps);
     if (eval_now) {
       summary.eval = evaluate(model, val_batches, domains, world, autocast_bf16, done);
-      if (rank0) append_line(metrics_path, eval_json(summary.eval));
+      if (rank0) run_directory.append_metrics(eval_json(summary.eval));
       std::ostringstream e;
       e << std::fixed << std::setprecision(4) << "eval step " << done << " | val loss "
         << summary.eval.loss;
@@ -442,8 +404,9 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
       log0(e.str());
     }
     const bool stop = flags[1].item<double>() > 0;
-    if ((config.train.checkpoint_every > 0 && done % config.train.checkpoint_every == 0) ||
-        done == total_steps || stop) {
+    if ((config.train.checkpoint_every > 0 &&
+         (done % config.train.checkpoint_every == 0 || done == total_steps)) ||
+        stop) {
       save(done);
     }
     if (stop) {
