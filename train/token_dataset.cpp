@@ -298,7 +298,22 @@ void TokenDataset::check_token_ids(const TokenDataset& ds) {
 
 void check_same_domains(const TokenDataset& train, const TokenDataset& val,
                         const std::string& dir) {
-  if (train.domain_names() == val.domain_names()) return;
+  if (train.domain_names() == val.domain_names()) {
+    for (const auto* split : {&train, &val}) {
+      std::vector<int64_t> tokens(split->domain_names().size(), 0);
+      for (const auto& d : split->documents()) tokens[d.domain] += d.length;
+      for (size_t d = 0; d < tokens.size(); ++d) {
+        // A window needs an input and a target token.
+        if (tokens[d] < 2) {
+          throw DataError("data.dir (" + dir + "): domain " + split->domain_names()[d] + " has " +
+                          std::to_string(tokens[d]) + " tokens in " + split->bin_path() +
+                          ", too few to train or evaluate on; give it more documents or "
+                          "rebuild the dataset with a larger --val-fraction");
+        }
+      }
+    }
+    return;
+  }
   std::string train_names, val_names;
   for (const auto& d : train.domain_names()) train_names += (train_names.empty() ? "" : ", ") + d;
   for (const auto& d : val.domain_names()) val_names += (val_names.empty() ? "" : ", ") + d;

@@ -130,8 +130,9 @@ class TokenDataset {
 };
 
 /// Throws DataError naming dir and both lists when the train and val splits of a dataset do
-/// not hold the same domains in the same order (a domain without validation data would drop
-/// out of evaluation unseen).
+/// not hold the same domains in the same order, or naming the domain and the file when a
+/// domain has fewer than 2 tokens in a split (a domain without validation data would drop out
+/// of evaluation unseen).
 ///
 /// Example:
 ///   check_same_domains(train, val, config.data.dir);

@@ -380,7 +380,7 @@ TEST(TokenFilesTest, SplitsWithOtherDomainsAreNamed) {
   for (const auto& [split, domains] : std::vector<std::pair<std::string, std::vector<std::string>>>{
            {"train", {"code", "prose"}}, {"val", {"code"}}}) {
     TokenFileWriter w(dir.string(), split, 100, domains);
-    w.add_document(0, {1, 2, 3});
+    for (size_t d = 0; d < domains.size(); ++d) w.add_document(static_cast<int64_t>(d), {1, 2, 3});
     w.commit();
   }
   const auto train = TokenDataset::open(dir.string(), "train");
@@ -388,6 +388,14 @@ TEST(TokenFilesTest, SplitsWithOtherDomainsAreNamed) {
   expect_throw_with([&] { check_same_domains(train, val, dir.string()); },
                     "the train split has domains [code, prose] but the val split [code]");
   EXPECT_NO_THROW(check_same_domains(train, train, dir.string()));
+  {
+    TokenFileWriter w(dir.string(), "val", 100, {"code", "prose"});
+    w.add_document(0, {1, 2, 3});
+    w.commit();
+  }
+  expect_throw_with(
+      [&] { check_same_domains(train, TokenDataset::open(dir.string(), "val"), dir.string()); },
+      "domain prose has 0 tokens in " + (dir / "val.bin").string());
   fs::remove_all(dir);
 }
 
