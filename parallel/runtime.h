@@ -68,8 +68,9 @@ int run_distributed(const std::function<int()>& body);
 
 /// Ends this process with "[rank r] error: ..." and exit code 1 (mpirun then ends the job) when
 /// one collective waits longer than `seconds`: a rank that is stopped, stuck or dead turns into
-/// an abort naming the collective instead of a job that waits forever. 0 turns it off (the
-/// default). Covers the collectives of MpiCommunicator (CollectiveWatch).
+/// an abort naming the collective, and the ranks of this node that are behind, instead of a job
+/// that waits forever. 0 turns it off (the default). Covers the collectives of MpiCommunicator
+/// (CollectiveWatch). The first call with seconds > 0 is collective over MPI_COMM_WORLD.
 ///
 /// Example:
 ///   set_collective_timeout(config.train.collective_timeout_s);
