@@ -439,6 +439,17 @@ void read_model(torch::serialize::InputArchive& archive, const std::string& path
   };
   for (const auto& item : model.named_parameters()) read(item.key(), item.value(), false);
   for (const auto& item : model.named_buffers()) read(item.key(), item.value(), true);
+  // A state whose weights are all zero is no trained model (a zero-filled save that kept its
+  // format): refuse it rather than train on from nothing.
+  bool any_weight = false;
+  for (const auto& item : model.named_parameters()) {
+    if (item.value().numel() > 0 && item.value().ne(0).any().item<bool>()) {
+      any_weight = true;
+      break;
+    }
+  }
+  TORCH_CHECK(any_weight || model.named_parameters().is_empty(), "checkpoint ", path,
+              ": every weight is zero; resume from another checkpoint");
 }
 
 }  // namespace

@@ -34,10 +34,6 @@ class CheckpointTest : public ::testing::Test {
     });
   }
 
-  static void overwrite(const std::string& path, const std::string& text) {
-    std::ofstream(path, std::ios::binary | std::ios::trunc) << text;
-  }
-
   fs::path root_;
   Config config_;
 };
@@ -55,7 +51,7 @@ TEST_F(CheckpointTest, TruncatedZeroedOrUnsealedCheckpointsAreRefused) {
   fs::resize_file(dir + "/state.pt", 500);
   EXPECT_EQ(checkpoint_problem(dir),
             "state.pt holds 500 bytes, the manifest says 1000 (truncated or replaced)");
-  overwrite(dir + "/state.pt", std::string(1000, '\0'));
+  spit(dir + "/state.pt", std::string(1000, '\0'));
   EXPECT_EQ(checkpoint_problem(dir), "state.pt fails its checksum (zeroed or overwritten)");
   std::ofstream(dir + "/manifest.txt", std::ios::app) << "file extra 1 0\n";
   EXPECT_NE(checkpoint_problem(dir).find("manifest.txt is damaged"), std::string::npos);
@@ -74,7 +70,7 @@ TEST_F(CheckpointTest, InconsistentStepsAreRefused) {
   EXPECT_EQ(checkpoint_problem(renamed),
             "the directory name step_00000005 disagrees with its step 3");
   const auto other = write(4);
-  overwrite(other + "/meta.txt", "step -4\nsampler x\n");
+  spit(other + "/meta.txt", "step -4\nsampler x\n");
   EXPECT_NE(checkpoint_problem(other), "");
   expect_throw_with([&] { read_checkpoint_meta(other); }, "has a negative step (-4)");
 }
@@ -95,25 +91,59 @@ TEST_F(CheckpointTest, ACheckpointOfAnotherModelIsRefusedNamingTheSettings) {
 TEST_F(CheckpointTest, AutoResumeFallsBackToTheNewestThatVerifies) {
   const auto older = write(3);
   const auto newer = write(6);
-  overwrite(newer + "/state.pt", "short");
+  spit(newer + "/state.pt", "short");
   testing::internal::CaptureStdout();
   EXPECT_EQ(resolve_resume(root_.string(), "auto", &config_), older);
   const std::string log = testing::internal::GetCapturedStdout();
   EXPECT_NE(log.find("refused\n  " + newer + ": state.pt holds 5 bytes"), std::string::npos) << log;
   EXPECT_NE(log.find("resuming from " + older + " instead"), std::string::npos) << log;
-  overwrite(older + "/meta.txt", "garbage");
+  spit(older + "/meta.txt", "garbage");
   expect_throw_with([&] { resolve_resume(root_.string(), "auto", &config_); },
                     "no checkpoint in " + root_.string() + "/checkpoints can be resumed from");
 }
 
 TEST_F(CheckpointTest, UnreadableStateNamesItsPath) {
   const auto path = (root_ / "state.pt").string();
-  overwrite(path, std::string(4096, 'x'));
+  spit(path, std::string(4096, 'x'));
   torch::nn::Linear model(2, 2);
   expect_throw_with([&] { load_model_state(path, *model); },
                     "checkpoint state " + path + " cannot be read (");
-  overwrite(path, "");
+  spit(path, "");
   expect_throw_with([&] { load_model_state(path, *model); }, "the file is truncated or corrupt");
+}
+
+TEST_F(CheckpointTest, AStateOfZeroWeightsIsRefused) {
+  torch::nn::Linear model(2, 2);
+  torch::optim::AdamW optimizer(model->parameters());
+  const auto path = (root_ / "state.pt").string();
+  auto save = [&] {
+    struct Single : Communicator {
+      int rank() const override { return 0; }
+      int size() const override { return 1; }
+      std::string backend() const override { return "none"; }
+      std::shared_ptr<Work> all_reduce_async(const torch::Tensor& t, ReduceOp) override {
+        return std::make_shared<CompletedWork>(t);
+      }
+      torch::Tensor all_gather(const torch::Tensor& t) override { return t.unsqueeze(0); }
+      std::shared_ptr<Work> all_to_all_async(const torch::Tensor& t, const std::vector<int64_t>&,
+                                             const std::vector<int64_t>&) override {
+        return std::make_shared<CompletedWork>(t);
+      }
+      void broadcast(const torch::Tensor&, int) override {}
+      void barrier() override {}
+    } single;
+    gather_training_state(*model, optimizer, single).save_to(path);
+  };
+  save();
+  torch::nn::Linear loaded(2, 2);
+  EXPECT_NO_THROW(load_model_state(path, *loaded));
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : model->parameters()) p.zero_();
+  }
+  save();
+  expect_throw_with([&] { load_model_state(path, *loaded); },
+                    "checkpoint " + path + ": every weight is zero");
 }
 
 TEST_F(CheckpointTest, AFailedWriteRemovesItsPartialFilesAndKeepsThePrevious) {

@@ -8,23 +8,13 @@
 #include <random>
 #include <sstream>
 
+#include "test_util.h"
 #include "train/checkpoint.h"
 #include "train/token_dataset.h"
 
 namespace gbmoe {
 namespace {
 namespace fs = std::filesystem;
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-void spit(const fs::path& p, const std::string& bytes) {
-  std::ofstream(p, std::ios::binary | std::ios::trunc) << bytes;
-}
 
 // A copy of bytes with 1 to 4 bytes changed, or cut short, or with bytes inserted.
 std::string mutate(const std::string& bytes, std::mt19937_64& gen) {
