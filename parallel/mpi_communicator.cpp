@@ -2,6 +2,8 @@
 // fp32.
 #include "parallel/mpi_communicator.h"
 
+#include "parallel/runtime.h"
+
 #include <climits>
 #include <functional>
 #include <sstream>
@@ -56,7 +58,10 @@ class MpiWork : public Work {
   void wait() override {
     if (done_) return;
     done_ = true;
-    GBMOE_MPI_CHECK(MPI_Wait(&request_, MPI_STATUS_IGNORE));
+    {
+      CollectiveWatch watch("MPI_Wait (a non-blocking all-reduce or all-to-all)", 0);
+      GBMOE_MPI_CHECK(MPI_Wait(&request_, MPI_STATUS_IGNORE));
+    }
     if (finish_) finish_();
     buffers_.clear();
     arrays_.reset();
@@ -205,6 +210,7 @@ AllToAllPlan plan_all_to_all(const torch::Tensor& input, const std::vector<int64
 // while the non-blocking ones go through libnbc, which is slower for large buffers.
 void MpiCommunicator::all_reduce(const torch::Tensor& t, ReduceOp op) {
   auto plan = plan_reduce(t, op);
+  CollectiveWatch watch("MPI_Allreduce", size_);
   GBMOE_MPI_CHECK(
       MPI_Allreduce(MPI_IN_PLACE, plan.buffer.data_ptr(), plan.count, plan.type, plan.op, comm_));
   finish_reduce(t, plan.buffer, op, size_);
@@ -227,6 +233,7 @@ torch::Tensor MpiCommunicator::all_gather(const torch::Tensor& t) {
   auto output = all_gather_output(input, size_);
   const int count = checked_count(input.numel(), "all_gather");
   const auto type = mpi_datatype(input.scalar_type());
+  CollectiveWatch watch("MPI_Allgather", size_);
   GBMOE_MPI_CHECK(
       MPI_Allgather(input.data_ptr(), count, type, output.data_ptr(), count, type, comm_));
   return output;
@@ -236,6 +243,7 @@ torch::Tensor MpiCommunicator::all_to_all(const torch::Tensor& input,
                                           const std::vector<int64_t>& send_splits,
                                           const std::vector<int64_t>& recv_splits) {
   auto plan = plan_all_to_all(input, send_splits, recv_splits, size_);
+  CollectiveWatch watch("MPI_Alltoallv", size_);
   GBMOE_MPI_CHECK(MPI_Alltoallv(plan.in.data_ptr(), plan.array(0), plan.array(1), plan.type,
                                 plan.out.data_ptr(), plan.array(2), plan.array(3), plan.type,
                                 comm_));
@@ -258,11 +266,15 @@ void MpiCommunicator::broadcast(const torch::Tensor& t, int root) {
   check_cpu(t, "broadcast");
   TORCH_CHECK(root >= 0 && root < size_, "broadcast root (", root, ") must be in [0, ", size_, ")");
   auto buffer = t.is_contiguous() ? t : t.contiguous();
+  CollectiveWatch watch("MPI_Bcast", size_);
   GBMOE_MPI_CHECK(MPI_Bcast(buffer.data_ptr(), checked_count(buffer.numel(), "broadcast"),
                             mpi_datatype(buffer.scalar_type()), root, comm_));
   if (!buffer.is_same(t)) t.copy_(buffer);
 }
 
-void MpiCommunicator::barrier() { GBMOE_MPI_CHECK(MPI_Barrier(comm_)); }
+void MpiCommunicator::barrier() {
+  CollectiveWatch watch("MPI_Barrier", size_);
+  GBMOE_MPI_CHECK(MPI_Barrier(comm_));
+}
 
 }  // namespace gbmoe

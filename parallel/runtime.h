@@ -4,6 +4,7 @@
 #include <c10/util/StringUtil.h>
 
 #include <functional>
+#include <stdexcept>
 #include <string>
 
 namespace gbmoe {
@@ -52,10 +53,41 @@ std::string rank_prefix();
 /// without MPI).
 [[noreturn]] void abort_job(const std::string& message);
 
+/// An error that every rank of the job raises together, after agreeing on it in a collective
+/// (a failed checkpoint, a non-finite step): run_distributed prints it once, from rank 0, and
+/// returns 1 on every rank, so the job ends through MPI_Finalize instead of MPI_Abort.
+class JobStopped : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 /// Runs body and returns its exit code. An exception on any rank prints "[rank r] error: what"
 /// and aborts the whole job at once, so mpirun exits non-zero instead of the peers hanging in
-/// their next collective.
+/// their next collective; a JobStopped is printed by rank 0 and returns 1.
 int run_distributed(const std::function<int()>& body);
+
+/// Ends this process with "[rank r] error: ..." and exit code 1 (mpirun then ends the job) when
+/// one collective waits longer than `seconds`: a rank that is stopped, stuck or dead turns into
+/// an abort naming the collective, and the ranks of this node that are behind, instead of a job
+/// that waits forever. 0 turns it off (the default). Covers the collectives of MpiCommunicator
+/// (CollectiveWatch). The first call with seconds > 0 is collective over MPI_COMM_WORLD.
+///
+/// Example:
+///   set_collective_timeout(config.train.collective_timeout_s);
+void set_collective_timeout(double seconds, const std::string& setting = "");
+
+/// Marks one blocking collective in flight for the watchdog of set_collective_timeout.
+///
+/// Example:
+///   CollectiveWatch watch("MPI_Allreduce", size);
+///   MPI_Allreduce(...);
+class CollectiveWatch {
+ public:
+  CollectiveWatch(const char* name, int group_size);
+  ~CollectiveWatch();
+  CollectiveWatch(const CollectiveWatch&) = delete;
+  CollectiveWatch& operator=(const CollectiveWatch&) = delete;
+};
 
 /// Writes one line to stdout.
 void write_log_line(const std::string& line);

@@ -1,15 +1,22 @@
-// Atomic checkpoint directories: write into a temporary sibling, fsync-free rename into place;
-// the training state with expert shards gathered on save and sliced on load.
+// Atomic checkpoint directories: write into a temporary sibling, seal it with a manifest of
+// checksums, rename into place; verification before resuming; the training state with expert
+// shards gathered on save and sliced on load.
 #include "train/checkpoint.h"
 
 #include <unistd.h>
 
 #include "parallel/expert_parallel.h"
+#include "parallel/runtime.h"
+#include "train/file_write.h"
+#include "train/run_dir.h"
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
+#include <map>
 #include <sstream>
 
 namespace gbmoe {
@@ -17,26 +24,201 @@ namespace fs = std::filesystem;
 
 namespace {
 
+constexpr const char* kManifestMagic = "gbmoe-checkpoint-manifest 1";
+// The files of a checkpoint the manifest covers; state.pt and meta.txt are required.
+const std::vector<std::string> kCheckpointFiles = {"state.pt", "meta.txt", "config.yaml"};
+
 std::string step_name(int64_t step) {
   std::ostringstream s;
   s << "step_" << std::setw(8) << std::setfill('0') << step;
   return s.str();
 }
 
-void write_text_atomically(const fs::path& path, const std::string& text) {
-  auto tmp = path;
-  tmp += ".tmp" + std::to_string(::getpid());
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    TORCH_CHECK(out, "cannot write ", tmp.string());
-    out << text;
-    out.close();
-    TORCH_CHECK(out, "writing ", tmp.string(), " failed (disk full?)");
+// 64-bit checksum of a byte stream, 8 bytes at a time (FNV-style multiply, xor-shift mixed):
+// fast enough to verify multi-GB checkpoints at start.
+class Checksum {
+ public:
+  void add(const unsigned char* p, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      uint64_t w;
+      std::memcpy(&w, p + i, 8);
+      mix(w);
+    }
+    for (; i < n; ++i) mix(p[i]);
+    bytes_ += n;
   }
-  fs::rename(tmp, path);
+  uint64_t value() const { return h_ ^ bytes_; }
+
+ private:
+  void mix(uint64_t w) {
+    h_ = (h_ ^ w) * 0x100000001b3ULL;
+    h_ ^= h_ >> 29;
+  }
+  uint64_t h_ = 0xcbf29ce484222325ULL;
+  uint64_t bytes_ = 0;
+};
+
+std::string hex(uint64_t v) {
+  std::ostringstream s;
+  s << std::hex << std::setw(16) << std::setfill('0') << v;
+  return s.str();
+}
+
+// Size and checksum of a file, read in chunks that are a multiple of 8 bytes.
+std::pair<int64_t, std::string> file_checksum(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return {-1, ""};
+  std::vector<unsigned char> buf(size_t{4} << 20);
+  Checksum sum;
+  int64_t size = 0;
+  while (in) {
+    in.read(reinterpret_cast<char*>(buf.data()), static_cast<std::streamsize>(buf.size()));
+    const auto n = static_cast<size_t>(in.gcount());
+    sum.add(buf.data(), n);
+    size += static_cast<int64_t>(n);
+  }
+  return {size, hex(sum.value())};
+}
+
+std::string text_checksum(const std::string& text) {
+  Checksum sum;
+  sum.add(reinterpret_cast<const unsigned char*>(text.data()), text.size());
+  return hex(sum.value());
+}
+
+// The manifest of a checkpoint directory whose files are written.
+std::string manifest_text(const fs::path& dir, const CheckpointMeta& meta) {
+  std::ostringstream m;
+  m << kManifestMagic << "\n"
+    << "step " << meta.step << "\n"
+    << "config " << (meta.config_fingerprint.empty() ? "-" : meta.config_fingerprint) << "\n"
+    << "tensors " << meta.tensors << "\n";
+  for (const auto& name : kCheckpointFiles) {
+    if (!fs::exists(dir / name)) continue;
+    const auto [size, sum] = file_checksum(dir / name);
+    if (size < 0) throw WriteError((dir / name).string() + ": cannot be read back");
+    m << "file " << name << " " << size << " " << sum << "\n";
+  }
+  const std::string body = m.str();
+  return body + "check " + text_checksum(body) + "\n";
+}
+
+struct Manifest {
+  int64_t step = -1;
+  std::string config_fingerprint;
+  int64_t tensors = -1;
+  std::map<std::string, std::pair<int64_t, std::string>> files;  // name -> (size, checksum)
+};
+
+// Parses dir/manifest.txt; on failure returns nullopt-like (step -1) and sets why.
+Manifest read_manifest(const fs::path& dir, std::string& why) {
+  Manifest m;
+  const fs::path path = dir / "manifest.txt";
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    why = "it has no manifest.txt (the save was interrupted, or an older build wrote it)";
+    return m;
+  }
+  std::stringstream buffer;
+  buffer << in.rdbuf();
+  const std::string text = buffer.str();
+  const auto check_at = text.rfind("check ");
+  if (text.rfind(std::string(kManifestMagic) + "\n", 0) != 0 || check_at == std::string::npos ||
+      text.substr(check_at) != "check " + text_checksum(text.substr(0, check_at)) + "\n") {
+    why = path.string() + " is damaged (bad header or checksum)";
+    return m;
+  }
+  std::istringstream lines(text.substr(0, check_at));
+  std::string line;
+  std::getline(lines, line);  // the magic
+  while (std::getline(lines, line)) {
+    std::istringstream fields(line);
+    std::string key;
+    fields >> key;
+    if (key == "step") {
+      fields >> m.step;
+    } else if (key == "config") {
+      fields >> m.config_fingerprint;
+    } else if (key == "tensors") {
+      fields >> m.tensors;
+    } else if (key == "file") {
+      std::string name, sum;
+      int64_t size = -1;
+      fields >> name >> size >> sum;
+      m.files[name] = {size, sum};
+    }
+  }
+  return m;
+}
+
+// The model settings in which two configs differ: "model.dim 64 (checkpoint) vs 32".
+std::string model_differences(const Config& stored, const Config& current) {
+  std::string out;
+  for (const auto& key : Config::keys()) {
+    if (key.rfind("model.", 0) != 0 || stored.get(key) == current.get(key)) continue;
+    out += (out.empty() ? "" : ", ") + key + " " + stored.get(key) + " (checkpoint) vs " +
+           current.get(key) + " (config)";
+  }
+  return out;
 }
 
 }  // namespace
+
+std::string config_fingerprint(const Config& config) {
+  std::string text;
+  for (const auto& key : Config::keys()) {
+    if (key.rfind("model.", 0) == 0) text += key + "=" + config.get(key) + "\n";
+  }
+  return text_checksum(text);
+}
+
+std::string checkpoint_problem(const std::string& dir_name, const Config* config) {
+  const fs::path dir(dir_name);
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return "it is not a directory";
+  std::string why;
+  const Manifest m = read_manifest(dir, why);
+  if (!why.empty()) return why;
+  for (const auto& required : {"state.pt", "meta.txt"}) {
+    if (!m.files.count(required)) return std::string("its manifest lists no ") + required;
+  }
+  for (const auto& [name, expected] : m.files) {
+    const auto [size, sum] = file_checksum(dir / name);
+    if (size < 0) return name + " is missing or unreadable";
+    if (size != expected.first) {
+      return name + " holds " + std::to_string(size) + " bytes, the manifest says " +
+             std::to_string(expected.first) + " (truncated or replaced)";
+    }
+    if (sum != expected.second) return name + " fails its checksum (zeroed or overwritten)";
+  }
+  CheckpointMeta meta;
+  try {
+    meta = read_checkpoint_meta(dir_name);
+  } catch (const std::exception& e) {
+    return error_message(e);
+  }
+  const std::string name = dir.filename().string();
+  if (meta.step != m.step) {
+    return "meta.txt says step " + std::to_string(meta.step) + ", the manifest step " +
+           std::to_string(m.step);
+  }
+  if (name.rfind("step_", 0) == 0 && name != step_name(meta.step)) {
+    return "the directory name " + name + " disagrees with its step " + std::to_string(meta.step);
+  }
+  if (config && m.config_fingerprint != "-" &&
+      m.config_fingerprint != config_fingerprint(*config)) {
+    std::string differences;
+    try {
+      differences =
+          model_differences(Config::from_yaml_file((dir / "config.yaml").string()), *config);
+    } catch (const std::exception&) {
+    }
+    return "it was written for another model configuration" +
+           (differences.empty() ? std::string() : " (" + differences + ")");
+  }
+  return "";
+}
 
 std::vector<std::string> list_checkpoints(const std::string& run_dir) {
   std::vector<std::string> out;
@@ -56,49 +238,100 @@ std::vector<std::string> list_checkpoints(const std::string& run_dir) {
 std::string write_checkpoint(const std::string& run_dir, const CheckpointMeta& meta, int64_t keep,
                              const std::function<void(const std::string& dir)>& write_files) {
   fs::path root = fs::path(run_dir) / "checkpoints";
-  fs::create_directories(root);
   fs::path final_dir = root / step_name(meta.step);
   fs::path tmp_dir = root / (step_name(meta.step) + ".tmp" + std::to_string(::getpid()));
-  fs::remove_all(tmp_dir);
-  fs::create_directories(tmp_dir);
-  write_files(tmp_dir.string());
-  std::ostringstream text;
-  text << "step " << meta.step << "\n"
-       << "sampler " << meta.sampler_state << "\n";
-  write_text_atomically(tmp_dir / "meta.txt", text.str());
-  if (!meta.config_yaml.empty()) write_text_atomically(tmp_dir / "config.yaml", meta.config_yaml);
-  // Replace an older checkpoint of the same step only once the new one is complete.
-  if (fs::exists(final_dir)) {
-    fs::path old = root / (step_name(meta.step) + ".old" + std::to_string(::getpid()));
-    fs::rename(final_dir, old);
-    fs::rename(tmp_dir, final_dir);
-    fs::remove_all(old);
-  } else {
-    fs::rename(tmp_dir, final_dir);
+  try {
+    std::error_code ec;
+    fs::create_directories(root, ec);
+    if (ec) throw WriteError(root.string(), ec.value());
+    fs::remove_all(tmp_dir, ec);
+    fs::create_directories(tmp_dir, ec);
+    if (ec) throw WriteError(tmp_dir.string(), ec.value());
+    write_files(tmp_dir.string());
+    std::ostringstream text;
+    text << "step " << meta.step << "\n"
+         << "sampler " << meta.sampler_state << "\n";
+    write_text((tmp_dir / "meta.txt").string(), text.str());
+    if (!meta.config_yaml.empty()) {
+      write_text((tmp_dir / "config.yaml").string(), meta.config_yaml);
+    }
+    write_text((tmp_dir / "manifest.txt").string(), manifest_text(tmp_dir, meta));
+    // Replace an older checkpoint of the same step only once the new one is complete.
+    if (fs::exists(final_dir)) {
+      fs::path old = root / (step_name(meta.step) + ".old" + std::to_string(::getpid()));
+      fs::rename(final_dir, old);
+      fs::rename(tmp_dir, final_dir);
+      fs::remove_all(old);
+    } else {
+      fs::rename(tmp_dir, final_dir);
+    }
+    write_text_atomically((root / "latest").string(), final_dir.filename().string() + "\n");
+  } catch (const std::exception& e) {
+    std::error_code ec;
+    fs::remove_all(tmp_dir, ec);
+    std::string message = error_message(e);
+    if (message.find("No space left on device") != std::string::npos &&
+        message.find("no space left on device") == std::string::npos) {
+      message += " (no space left on device)";
+    }
+    const auto previous = list_checkpoints(run_dir);
+    throw std::runtime_error(
+        "cannot write the checkpoint of step " + std::to_string(meta.step) + " (" +
+        final_dir.string() + "): " + message + "; its partial files were removed; " +
+        (previous.empty() ? std::string("no earlier checkpoint exists")
+                          : "the previous checkpoint " + previous.back() + " is kept") +
+        ". Free space under train.run_dir (" + run_dir +
+        ") and resume with --set train.resume=auto");
   }
-  write_text_atomically(root / "latest", final_dir.filename().string() + "\n");
   auto all = list_checkpoints(run_dir);
-  for (size_t i = 0; i + static_cast<size_t>(keep) < all.size(); ++i) fs::remove_all(all[i]);
+  for (size_t i = 0; i + static_cast<size_t>(keep) < all.size(); ++i) {
+    if (all[i] != final_dir.string()) fs::remove_all(all[i]);
+  }
   return final_dir.string();
 }
 
-std::string resolve_resume(const std::string& run_dir, const std::string& resume) {
+std::string resolve_resume(const std::string& run_dir, const std::string& resume,
+                           const Config* config) {
   if (resume.empty()) return "";
   if (resume == "auto") {
-    fs::path latest = fs::path(run_dir) / "checkpoints" / "latest";
+    // The one `latest` names first, then the others newest first.
+    std::vector<std::string> candidates;
+    const fs::path latest = fs::path(run_dir) / "checkpoints" / "latest";
     if (fs::exists(latest)) {
       std::ifstream in(latest);
       std::string name;
       in >> name;
-      fs::path dir = fs::path(run_dir) / "checkpoints" / name;
-      if (!name.empty() && fs::exists(dir / "meta.txt")) return dir.string();
+      if (!name.empty() && name.find('/') == std::string::npos &&
+          fs::is_directory(fs::path(run_dir) / "checkpoints" / name)) {
+        candidates.push_back((fs::path(run_dir) / "checkpoints" / name).string());
+      }
     }
     auto all = list_checkpoints(run_dir);
-    return all.empty() ? "" : all.back();
+    for (auto it = all.rbegin(); it != all.rend(); ++it) {
+      if (std::find(candidates.begin(), candidates.end(), *it) == candidates.end()) {
+        candidates.push_back(*it);
+      }
+    }
+    std::string refused;
+    for (const auto& dir : candidates) {
+      const std::string why = checkpoint_problem(dir, config);
+      if (why.empty()) {
+        if (!refused.empty()) {
+          log0("train.resume=auto: refused", refused, "\n  resuming from ", dir, " instead");
+        }
+        return dir;
+      }
+      refused += "\n  " + dir + ": " + why;
+    }
+    TORCH_CHECK(refused.empty(), "train.resume=auto: no checkpoint in ", run_dir,
+                "/checkpoints can be resumed from:", refused,
+                "\nstart over with --set train.resume=\"\" --set train.overwrite=true, or "
+                "set train.resume to a checkpoint directory");
+    return "";
   }
-  TORCH_CHECK(fs::exists(fs::path(resume) / "meta.txt"), "train.resume (", resume,
-              ") is not a checkpoint directory (no meta.txt); use \"auto\" or a path under ",
-              run_dir, "/checkpoints");
+  const std::string why = checkpoint_problem(resume, config);
+  TORCH_CHECK(why.empty(), "train.resume (", resume, ") is not a checkpoint to resume from: ", why,
+              "; use \"auto\" or a path under ", run_dir, "/checkpoints");
   return resume;
 }
 
@@ -123,6 +356,8 @@ CheckpointMeta read_checkpoint_meta(const std::string& dir) {
   }
   TORCH_CHECK(have_step && have_sampler, "checkpoint metadata ", path,
               " is incomplete (needs 'step' and 'sampler' lines)");
+  TORCH_CHECK(meta.step >= 0, "checkpoint metadata ", path, " has a negative step (", meta.step,
+              ")");
   return meta;
 }
 
@@ -162,6 +397,9 @@ void copy_part(const torch::Tensor& full, const torch::Tensor& t, bool sharded, 
   TORCH_CHECK(part.sizes() == t.sizes(), "checkpoint ", path, ": ", key, " has shape ",
               full.sizes(), " but the model needs ", t.sizes(),
               sharded && P > 1 ? c10::str(" (an expert shard of ", P, " ranks)") : std::string());
+  TORCH_CHECK(!full.is_floating_point() || torch::isfinite(full).all().item<bool>(), "checkpoint ",
+              path, ": ", key,
+              " holds non-finite values (NaN or Inf); resume from an earlier checkpoint");
   torch::NoGradGuard no_grad;
   t.copy_(part);
 }
@@ -171,8 +409,22 @@ torch::serialize::InputArchive open_state(const std::string& path) {
               " does not exist (checkpoints of older builds held model.pt and optimizer.pt "
               "instead and cannot be read)");
   torch::serialize::InputArchive archive;
-  archive.load_from(path);
+  try {
+    archive.load_from(path);
+  } catch (const std::exception& e) {
+    std::string why = error_message(e);
+    why = why.substr(0, why.find('\n'));
+    TORCH_CHECK(false, "checkpoint state ", path, " cannot be read (", why,
+                "): the file is truncated or corrupt; resume from another checkpoint");
+  }
   return archive;
+}
+
+// The tensor count the manifest beside a state file records, or -1.
+int64_t manifest_tensors(const std::string& path) {
+  std::string why;
+  const auto m = read_manifest(fs::path(path).parent_path(), why);
+  return why.empty() ? m.tensors : -1;
 }
 
 // Reads the model's parameters and buffers; expert tensors (rule) are this rank's block of P.
@@ -187,6 +439,61 @@ void read_model(torch::serialize::InputArchive& archive, const std::string& path
   };
   for (const auto& item : model.named_parameters()) read(item.key(), item.value(), false);
   for (const auto& item : model.named_buffers()) read(item.key(), item.value(), true);
+  // A state whose weights are all zero is no trained model (a zero-filled save that kept its
+  // format): refuse it rather than train on from nothing.
+  bool any_weight = false;
+  for (const auto& item : model.named_parameters()) {
+    if (item.value().numel() > 0 && item.value().ne(0).any().item<bool>()) {
+      any_weight = true;
+      break;
+    }
+  }
+  TORCH_CHECK(any_weight || model.named_parameters().is_empty(), "checkpoint ", path,
+              ": every weight is zero; resume from another checkpoint");
+}
+
+}  // namespace
+
+namespace {
+
+// The archive of gather_training_state, the number of entries in it, and the first tensor that
+// is not finite ("" when all are).
+struct GatheredState {
+  torch::serialize::OutputArchive archive;
+  int64_t entries = 0;
+  std::string non_finite;
+};
+
+GatheredState gather_state(torch::nn::Module& model, torch::optim::AdamW& optimizer,
+                           Communicator& expert_parallel, const ExpertParameterRule& shard_rule) {
+  const auto rule = shard_rule ? shard_rule : expert_parameter_rule(model);
+  GatheredState g;
+  auto write = [&](const std::string& key, const torch::Tensor& t, bool buffer) {
+    if (g.non_finite.empty() && t.is_floating_point() && !torch::isfinite(t).all().item<bool>()) {
+      g.non_finite = key;
+    }
+    g.archive.write(key, t, buffer);
+    ++g.entries;
+  };
+  for (const auto& item : model.named_parameters()) {
+    const auto& name = item.key();
+    const bool sharded = rule(name);
+    write("model/" + name, full_tensor(item.value(), sharded, expert_parallel), false);
+    auto* st = adamw_state(optimizer, item.value());
+    if (!st) continue;
+    g.archive.write("adamw/" + name + "/step", c10::IValue(st->step()));
+    ++g.entries;
+    for (const auto& [suffix, tensor] : adamw_tensors(*st)) {
+      if (tensor->defined()) {
+        write("adamw/" + name + "/" + suffix, full_tensor(*tensor, sharded, expert_parallel), true);
+      }
+    }
+  }
+  for (const auto& item : model.named_buffers()) {
+    write("model/" + item.key(), full_tensor(item.value(), rule(item.key()), expert_parallel),
+          true);
+  }
+  return g;
 }
 
 }  // namespace
@@ -194,29 +501,59 @@ void read_model(torch::serialize::InputArchive& archive, const std::string& path
 torch::serialize::OutputArchive gather_training_state(torch::nn::Module& model,
                                                       torch::optim::AdamW& optimizer,
                                                       Communicator& expert_parallel,
-                                                      const ExpertParameterRule& shard_rule) {
-  const auto rule = shard_rule ? shard_rule : expert_parameter_rule(model);
-  torch::serialize::OutputArchive archive;
-  for (const auto& item : model.named_parameters()) {
-    const auto& name = item.key();
-    const bool sharded = rule(name);
-    archive.write("model/" + name, full_tensor(item.value(), sharded, expert_parallel));
-    auto* st = adamw_state(optimizer, item.value());
-    if (!st) continue;
-    archive.write("adamw/" + name + "/step", c10::IValue(st->step()));
-    for (const auto& [suffix, tensor] : adamw_tensors(*st)) {
-      if (tensor->defined()) {
-        archive.write("adamw/" + name + "/" + suffix,
-                      full_tensor(*tensor, sharded, expert_parallel), /*is_buffer=*/true);
+                                                      const ExpertParameterRule& rule) {
+  return std::move(gather_state(model, optimizer, expert_parallel, rule).archive);
+}
+
+std::string save_checkpoint(const Config& config, int64_t step, const std::string& sampler_state,
+                            torch::nn::Module& model, torch::optim::AdamW& optimizer,
+                            const ProcessGroups& groups) {
+  Communicator& world = *groups.world;
+  const std::string& run_dir = config.train.run_dir;
+  // Rank 0 writes; only its expert-parallel group (expert-data-parallel rank 0) gathers.
+  GatheredState state;
+  if (groups.expert_data_parallel->rank() == 0) {
+    state = gather_state(model, optimizer, *groups.expert_parallel, nullptr);
+  }
+  std::string error, dir;
+  if (world.rank() == 0) {
+    if (!state.non_finite.empty()) {
+      const auto previous = list_checkpoints(run_dir);
+      error = "refusing to checkpoint step " + std::to_string(step) + ": " + state.non_finite +
+              " holds non-finite values; " +
+              (previous.empty() ? std::string("no earlier checkpoint exists")
+                                : "the last good checkpoint " + previous.back() + " is kept");
+    } else {
+      CheckpointMeta meta{step, sampler_state, config.to_yaml(), state.entries,
+                          config_fingerprint(config)};
+      try {
+        dir = write_checkpoint(
+            run_dir, meta, config.train.keep_checkpoints, [&](const std::string& d) {
+              const fs::path path = fs::path(d) / "state.pt";
+              write_file(path.string(), [&](int fd) {
+                // After a failed write the rest is dropped but reported
+                // as written: the zip writer throws from its destructor
+                // (std::terminate) when a write comes back short.
+                int failure = 0;
+                state.archive.save_to([&](const void* data, size_t size) -> size_t {
+                  if (!failure && !write_all(fd, data, size)) {
+                    failure = errno;
+                  }
+                  return size;
+                });
+                errno = failure;
+                return failure == 0;
+              });
+            });
+      } catch (const std::exception& e) {
+        error = error_message(e);
       }
     }
   }
-  for (const auto& item : model.named_buffers()) {
-    archive.write("model/" + item.key(),
-                  full_tensor(item.value(), rule(item.key()), expert_parallel),
-                  /*is_buffer=*/true);
-  }
-  return archive;
+  // Instead of a barrier: every rank learns whether rank 0's write failed, and stops with it.
+  stop_together_if(world, error);
+  log0("checkpoint ", dir);
+  return (fs::path(run_dir) / "checkpoints" / step_name(step)).string();
 }
 
 void load_training_state(const std::string& path, torch::nn::Module& model,
@@ -224,6 +561,10 @@ void load_training_state(const std::string& path, torch::nn::Module& model,
                          const ExpertParameterRule& shard_rule) {
   const auto rule = shard_rule ? shard_rule : expert_parameter_rule(model);
   auto archive = open_state(path);
+  const int64_t expected = manifest_tensors(path);
+  const auto found = static_cast<int64_t>(archive.keys().size());
+  TORCH_CHECK(expected < 0 || found == expected, "checkpoint state ", path, " holds ", found,
+              " entries but its manifest says ", expected, "; resume from another checkpoint");
   const int64_t P = expert_parallel.size(), rank = expert_parallel.rank();
   read_model(archive, path, model, P, rank, rule);
   for (const auto& item : model.named_parameters()) {

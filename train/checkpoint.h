@@ -1,6 +1,7 @@
 // Checkpoints of a training run: written atomically (a crash while writing never spoils the
-// previous one), the last few kept, found again for resuming; the training state in them holds
-// full expert tensors, so it loads at any expert-parallel size.
+// previous one), sealed by a manifest of checksums that is verified before resuming, the last
+// few kept, found again for resuming; the training state in them holds full expert tensors, so
+// it loads at any expert-parallel size.
 #pragma once
 
 #include <torch/torch.h>
@@ -12,19 +13,28 @@
 
 #include "parallel/communicator.h"
 #include "parallel/data_parallel.h"
+#include "parallel/process_groups.h"
+#include "train/config.h"
 
 namespace gbmoe {
 
-/// What a checkpoint holds besides the tensors: the step and the sampler's state.
+/// What a checkpoint holds besides the tensors: the step and the sampler's state; for the
+/// manifest, the number of tensors in state.pt (-1: not recorded) and the config fingerprint.
 struct CheckpointMeta {
   int64_t step = 0;
   std::string sampler_state;
   std::string config_yaml;
+  int64_t tensors = -1;
+  std::string config_fingerprint;
 };
 
 /// Writes a checkpoint of `step` under run_dir/checkpoints/step_XXXXXXXX: `write_files(dir)`
-/// fills a temporary directory, which is then renamed into place; `latest` is updated
-/// atomically afterwards; only the newest `keep` checkpoints stay. Returns the final path.
+/// fills a temporary directory; meta.txt, config.yaml and manifest.txt (step, config
+/// fingerprint, tensor count, size and checksum of every file) follow; the directory is then
+/// renamed into place; `latest` is updated atomically afterwards; only the newest `keep`
+/// checkpoints stay. Returns the final path. Any failed write (a full disk) removes the
+/// temporary directory, keeps the previous checkpoints and throws naming the path and the
+/// reason ("no space left on device").
 ///
 /// Example:
 ///   write_checkpoint("runs/a", meta, 3, [&](const std::string& d) { torch::save(model, d +
@@ -33,11 +43,39 @@ std::string write_checkpoint(const std::string& run_dir, const CheckpointMeta& m
                              const std::function<void(const std::string& dir)>& write_files);
 
 /// The checkpoint to resume from: `resume` = "" (none: returns ""), "auto" (the latest in
-/// run_dir, or "" when there is none), or the path of a checkpoint directory (must exist).
-std::string resolve_resume(const std::string& run_dir, const std::string& resume);
+/// run_dir that verifies, saying which newer ones it refused and why; "" when there is none;
+/// throws when there are checkpoints but none verifies), or the path of a checkpoint directory
+/// (must verify). With a config, a checkpoint of another model configuration is refused.
+std::string resolve_resume(const std::string& run_dir, const std::string& resume,
+                           const Config* config = nullptr);
 
-/// Reads meta.txt of a checkpoint directory; throws naming the file when it is missing or bad.
+/// Why dir cannot be resumed from, or "" when it can: its manifest.txt is missing or damaged,
+/// a file is missing, of another size (truncated) or fails its checksum (zeroed, overwritten),
+/// the step of meta.txt, of the manifest and of the directory name disagree or is negative, or
+/// (with a config) the checkpoint's model settings differ from the config's (named).
+///
+/// Example:
+///   if (auto why = checkpoint_problem(dir); !why.empty()) std::cerr << dir << ": " << why;
+std::string checkpoint_problem(const std::string& dir, const Config* config = nullptr);
+
+/// A fingerprint of the settings the tensors of a checkpoint depend on (the model section).
+std::string config_fingerprint(const Config& config);
+
+/// Reads meta.txt of a checkpoint directory; throws naming the file when it is missing or bad
+/// (incomplete, or a negative step).
 CheckpointMeta read_checkpoint_meta(const std::string& dir);
+
+/// Writes the checkpoint of `step` of a run (collective over groups.world): the training state
+/// is gathered (expert_data_parallel rank 0's expert-parallel group) and written by world rank
+/// 0 with write_checkpoint. A state with a non-finite tensor is never written. When the write
+/// fails, every rank throws JobStopped naming the path and the reason, the previous
+/// checkpoints intact. Returns the checkpoint's path (on every rank).
+///
+/// Example:
+///   save_checkpoint(config, step, sampler.state().to_string(), *model, optimizer, groups);
+std::string save_checkpoint(const Config& config, int64_t step, const std::string& sampler_state,
+                            torch::nn::Module& model, torch::optim::AdamW& optimizer,
+                            const ProcessGroups& groups);
 
 /// Checkpoint directories of a run, oldest first.
 std::vector<std::string> list_checkpoints(const std::string& run_dir);
@@ -59,7 +97,8 @@ torch::serialize::OutputArchive gather_training_state(torch::nn::Module& model,
 
 /// Loads what gather_training_state saved into a model and optimizer of the same architecture
 /// at any expert-parallel size: each rank takes its block of the expert tensors. Mismatched
-/// names or shapes fail naming the tensor, both shapes and the file. Needs no communication.
+/// names or shapes, non-finite values, an unreadable file or a tensor count other than the
+/// manifest's fail naming the tensor or the reason and the file. Needs no communication.
 ///
 /// Example:
 ///   load_training_state(dir + "/state.pt", *model, optimizer, *groups.expert_parallel);

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <limits>
@@ -47,6 +48,11 @@ Allowed AtLeastBelow(double lo, double hi) {
   Allowed a = AtLeast(lo);
   a.hi = hi;
   a.hi_open = true;
+  return a;
+}
+Allowed Between(double lo, double hi) {
+  Allowed a = AtLeast(lo);
+  a.hi = hi;
   return a;
 }
 template <class... Names>
@@ -461,6 +467,16 @@ std::vector<std::string> problems(const Config& c) {
     out.push_back("optim.min_lr (" + d(c.optim.min_lr) + ") must be <= optim.lr (" + d(c.optim.lr) +
                   ")");
   }
+  if (trim(c.data.dir).empty()) {
+    out.push_back(
+        "data.dir is empty; set it to the directory gbmoe-data wrote, e.g. "
+        "--set data.dir=data/corpus");
+  }
+  if (trim(c.train.run_dir).empty()) {
+    out.push_back(
+        "train.run_dir is empty; set it to the directory of this run, e.g. "
+        "--set train.run_dir=runs/default");
+  }
   if (c.train.eval_every > 0 && c.data.val_batches_per_domain == 0) {
     out.push_back("train.eval_every (" + n(c.train.eval_every) +
                   ") needs data.val_batches_per_domain >= 1, or set train.eval_every=0");
@@ -494,20 +510,45 @@ std::vector<int64_t> ModelConfig::moe_layer_indices() const {
 }
 
 Config Config::from_yaml_file(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    throw ConfigError("config file '" + path + "' is a directory; give a YAML file, e.g. " +
+                      (std::filesystem::path(path) / "default.yaml").string());
+  }
   std::ifstream in(path);
   if (!in) throw ConfigError("cannot read config file '" + path + "'");
   std::stringstream text;
   text << in.rdbuf();
+  if (in.bad()) throw ConfigError("cannot read config file '" + path + "'");
+  // An empty file is more likely a mistake (a wrong or truncated file) than a wish for the
+  // defaults, which leaving out --config already gives.
+  bool empty = false;
+  try {
+    const auto documents = YAML::LoadAll(text.str());
+    empty = documents.empty() || (documents.size() == 1 && documents[0].IsNull());
+  } catch (const YAML::Exception&) {
+    // from_yaml_string reports it with the line and column.
+  }
+  if (empty) {
+    throw ConfigError("config file '" + path +
+                      "' holds no settings (empty); leave out --config for the defaults");
+  }
   return from_yaml_string(text.str(), path);
 }
 
 Config Config::from_yaml_string(const std::string& text, const std::string& source) {
-  YAML::Node root;
+  std::vector<YAML::Node> documents;
   try {
-    root = YAML::Load(text);
+    documents = YAML::LoadAll(text);
   } catch (const YAML::Exception& e) {
     throw ConfigError(at(source, e.mark) + ": invalid YAML: " + e.msg);
   }
+  if (documents.empty()) return Config();
+  if (documents.size() > 1) {
+    throw ConfigError(at(source, documents[1].Mark()) + ": a second YAML document (after '---'); " +
+                      "a config is one document: merge them or remove the separator");
+  }
+  const YAML::Node& root = documents[0];
   Config cfg;
   load_yaml(cfg, root, source);
   return cfg;
@@ -516,7 +557,7 @@ Config Config::from_yaml_string(const std::string& text, const std::string& sour
 void Config::apply_override(const std::string& key_eq_value) {
   const auto eq = key_eq_value.find('=');
   located("--set " + key_eq_value, [&] {
-    if (eq == std::string::npos) {
+    if (eq == std::string::npos || trim(key_eq_value.substr(0, eq)).empty()) {
       throw ConfigError("expected section.key=value, e.g. --set model.dim=256");
     }
     set(trim(key_eq_value.substr(0, eq)), key_eq_value.substr(eq + 1));

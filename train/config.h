@@ -17,8 +17,8 @@ class ConfigError : public std::invalid_argument {
 };
 
 // The field lists: X(type, name, default, allowed values, help) per setting, the only place a
-// setting is declared. The allowed-value checks (AnyValue, AtLeast, Above, AtLeastBelow, OneOf,
-// LayerList) are evaluated in config.cpp.
+// setting is declared. The allowed-value checks (AnyValue, AtLeast, Above, AtLeastBelow, Between,
+// OneOf, LayerList) are evaluated in config.cpp.
 // clang-format off
 #define GBMOE_MODEL_FIELDS(X)                                                                      \
   X(int64_t, vocab_size, 0, AtLeast(0), "vocabulary size; 0 = take it from the dataset")           \
@@ -96,7 +96,7 @@ class ConfigError : public std::invalid_argument {
   X(int64_t, eval_every, 100, AtLeast(0), "evaluate every N steps and at the end; 0 = never")      \
   X(int64_t, log_every, 10, AtLeast(1), "log training metrics every N steps")                      \
   X(int64_t, checkpoint_every, 100, AtLeast(0),                                                    \
-    "save a checkpoint every N steps and at the end; 0 = never")                                   \
+    "save a checkpoint every N steps and at the end; 0 = only when stopped by a signal")           \
   X(int64_t, keep_checkpoints, 3, AtLeast(1), "most recent checkpoints kept in the run directory") \
   X(int64_t, seed, 1234, AtLeast(0), "seed of initialization and data order")                      \
   X(std::string, run_dir, "runs/default", AnyValue(),                                              \
@@ -104,12 +104,20 @@ class ConfigError : public std::invalid_argument {
   X(std::string, resume, "", AnyValue(),                                                           \
     "\"\" = start fresh, auto = the latest checkpoint in train.run_dir if any, "                   \
     "else the path of a checkpoint")                                                               \
+  X(bool, overwrite, false, AnyValue(),                                                            \
+    "a fresh run (train.resume \"\") in a train.run_dir that holds a run deletes that run's "       \
+    "checkpoints and metrics; false = refuse to start")                                            \
+  X(int64_t, max_nonfinite_steps, 0, AtLeast(0),                                                   \
+    "steps with a non-finite loss or gradient norm skipped (not applied) before the run stops; "   \
+    "0 = stop at the first")                                                                       \
+  X(double, collective_timeout_s, 1800.0, AtLeast(0.0),                                            \
+    "seconds one MPI collective may wait for the other ranks before the job is aborted; 0 = none") \
   X(std::string, device, "cpu", OneOf("cpu", "cuda"), "device of each rank")                       \
   X(std::string, dtype, "float32", OneOf("float32", "bfloat16"),                                   \
     "compute dtype (parameters and optimizer state stay float32)")                                 \
   X(bool, activation_checkpointing, false, AnyValue(),                                             \
     "recompute each block's activations in the backward pass to save memory")                      \
-  X(int64_t, threads, 1, AtLeast(1), "intra-op CPU threads per rank")                             \
+  X(int64_t, threads, 1, Between(1, 1024), "intra-op CPU threads per rank")                        \
   X(int64_t, cpu_buffer_cache_mib, 2048, AtLeast(0),                                               \
     "MiB of freed CPU buffers (2 MiB and more, on huge pages) each rank keeps for reuse; "         \
     "0 = off (glibc malloc)")

@@ -287,6 +287,62 @@ void TokenFileWriter::commit() {
 // ---------------------------------------------------------------------------------------------
 // TokenDataset
 
+namespace {
+
+// Every token id of a split below its vocabulary: an id beyond it would fail as an embedding
+// lookup in the middle of training instead of here, with the file named.
+template <typename T>
+void check_ids(const unsigned char* data, int64_t n, int64_t vocab, const std::string& path) {
+  T max_id = 0;
+  int64_t at = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    T id;
+    std::memcpy(&id, data + i * sizeof(T), sizeof(T));
+    if (id > max_id) max_id = id, at = i;
+  }
+  if (n > 0 && static_cast<int64_t>(max_id) >= vocab) {
+    throw DataError(path + " holds token id " + std::to_string(max_id) + " (token " +
+                    std::to_string(at) + ") outside its vocabulary of " + std::to_string(vocab) +
+                    " ids: the file does not belong to this index" + kRebuild);
+  }
+}
+
+}  // namespace
+
+void TokenDataset::check_token_ids(const TokenDataset& ds) {
+  if (ds.index_.token_bytes == 2) {
+    check_ids<uint16_t>(ds.data_, ds.index_.total_tokens, ds.index_.vocab_size, ds.bin_path_);
+  } else {
+    check_ids<uint32_t>(ds.data_, ds.index_.total_tokens, ds.index_.vocab_size, ds.bin_path_);
+  }
+}
+
+void check_same_domains(const TokenDataset& train, const TokenDataset& val,
+                        const std::string& dir) {
+  if (train.domain_names() == val.domain_names()) {
+    for (const auto* split : {&train, &val}) {
+      std::vector<int64_t> tokens(split->domain_names().size(), 0);
+      for (const auto& d : split->documents()) tokens[d.domain] += d.length;
+      for (size_t d = 0; d < tokens.size(); ++d) {
+        // A window needs an input and a target token.
+        if (tokens[d] < 2) {
+          throw DataError("data.dir (" + dir + "): domain " + split->domain_names()[d] + " has " +
+                          std::to_string(tokens[d]) + " tokens in " + split->bin_path() +
+                          ", too few to train or evaluate on; give it more documents or "
+                          "rebuild the dataset with a larger --val-fraction");
+        }
+      }
+    }
+    return;
+  }
+  std::string train_names, val_names;
+  for (const auto& d : train.domain_names()) train_names += (train_names.empty() ? "" : ", ") + d;
+  for (const auto& d : val.domain_names()) val_names += (val_names.empty() ? "" : ", ") + d;
+  throw DataError("data.dir (" + dir + "): the train split has domains [" + train_names +
+                  "] but the val split [" + val_names +
+                  "]: every domain needs validation data; rebuild the dataset with gbmoe-data");
+}
+
 TokenDataset TokenDataset::open(const std::string& dir, const std::string& split,
                                 bool verify_checksum) {
   if (split != "train" && split != "val") {
@@ -334,6 +390,7 @@ TokenDataset TokenDataset::open(const std::string& dir, const std::string& split
     throw DataError(ds.bin_path_ + " does not match the checksum in " + idx_path +
                     ": the file is corrupt or from another build" + kRebuild);
   }
+  if (verify_checksum) check_token_ids(ds);
   return ds;
 }
 

@@ -87,8 +87,8 @@ class TokenFileWriter {
 
 /// One split (train or val) of a dataset written by gbmoe-data, memory-mapped read-only.
 /// open() checks the .idx (magic, version, checksum, document table) and the .bin against it
-/// (size, and the checksum unless verify_checksum is false), and throws DataError naming the file
-/// and what is wrong.
+/// (size, and, unless verify_checksum is false, the checksum and that every token id is below
+/// the vocabulary), and throws DataError naming the file and what is wrong.
 ///
 /// Example:
 ///   auto train = TokenDataset::open("data/corpus", "train");
@@ -121,11 +121,21 @@ class TokenDataset {
  private:
   TokenDataset() = default;
   void unmap();
+  static void check_token_ids(const TokenDataset& ds);
 
   std::string bin_path_;
   TokenIndex index_;
   const unsigned char* data_ = nullptr;  // the mapped .bin file
   size_t mapped_bytes_ = 0;
 };
+
+/// Throws DataError naming dir and both lists when the train and val splits of a dataset do
+/// not hold the same domains in the same order, or naming the domain and the file when a
+/// domain has fewer than 2 tokens in a split (a domain without validation data would drop out
+/// of evaluation unseen).
+///
+/// Example:
+///   check_same_domains(train, val, config.data.dir);
+void check_same_domains(const TokenDataset& train, const TokenDataset& val, const std::string& dir);
 
 }  // namespace gbmoe

@@ -6,11 +6,9 @@
 
 #include <chrono>
 #include <cmath>
-#include <csignal>
 #include <cstdlib>
-#include <filesystem>
-#include <fstream>
 #include <iomanip>
+#include <limits>
 #include <sstream>
 
 #include "moe/autocast.h"
@@ -23,6 +21,8 @@
 #include "train/checkpoint.h"
 #include "train/hf_model.h"
 #include "train/json.h"
+#include "train/run_control.h"
+#include "train/run_dir.h"
 #include "train/sampler.h"
 #include "train/token_dataset.h"
 #ifdef GBMOE_WITH_CUDA_KERNELS
@@ -30,11 +30,8 @@
 #endif
 
 namespace gbmoe {
-namespace fs = std::filesystem;
 
 namespace {
-
-volatile std::sig_atomic_t g_stop_requested = 0;
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -56,21 +53,6 @@ std::string format_duration(double seconds) {
   out << s % 60 << "s";
   return out.str();
 }
-
-// While alive, SIGTERM asks the loop to checkpoint and stop; the previous handler comes back
-// however train() ends.
-class SigtermStops {
- public:
-  SigtermStops() : previous_(std::signal(SIGTERM, [](int) { request_stop(); })) {
-    g_stop_requested = 0;
-  }
-  ~SigtermStops() { std::signal(SIGTERM, previous_); }
-  SigtermStops(const SigtermStops&) = delete;
-  SigtermStops& operator=(const SigtermStops&) = delete;
-
- private:
-  void (*previous_)(int);
-};
 
 torch::Tensor sum_over(Communicator& comm, torch::Tensor t) {
   t = t.to(torch::kDouble).cpu().contiguous();
@@ -109,8 +91,6 @@ int local_rank() {
 }
 
 }  // namespace
-
-void request_stop() { g_stop_requested = 1; }
 
 torch::Device select_device(const Config& config) {
   if (config.train.device != "cuda") return torch::Device(torch::kCPU);
@@ -243,12 +223,6 @@ std::string eval_json(const EvalResult& r) {
   return s.str();
 }
 
-void append_line(const std::string& path, const std::string& line) {
-  std::ofstream out(path, std::ios::app);
-  TORCH_CHECK(out, "cannot append to ", path);
-  out << line << "\n";
-}
-
 /// Everything one rank's training run holds, and the named pieces of a step.
 class Trainer {
  public:
@@ -283,7 +257,8 @@ class Trainer {
   std::unique_ptr<TrainingObjective> objective_;
   std::unique_ptr<DataParallel> dp_;
   std::unique_ptr<torch::optim::AdamW> optimizer_;
-  std::string metrics_path_;
+  std::unique_ptr<RunDirectory> run_directory_;
+  std::unique_ptr<NonFiniteSteps> nonfinite_;
   TrainSummary summary_;
   double window_tokens_ = 0, window_seconds_ = 0;
 };
@@ -309,6 +284,7 @@ Trainer::Trainer(const Config& config, const ProcessGroups& groups)
 void Trainer::open_data() {
   train_data_ = std::make_shared<TokenDataset>(TokenDataset::open(config_.data.dir, "train"));
   auto val_data = TokenDataset::open(config_.data.dir, "val");
+  check_same_domains(*train_data_, val_data, config_.data.dir);
   sampler_ = std::make_unique<SequenceSampler>(
       train_data_, SamplerOptions(config_.data.seq_len, config_.data.micro_batch_size)
                        .seed(static_cast<uint64_t>(config_.train.seed))
@@ -353,9 +329,9 @@ void Trainer::build_optimizer() {
 
 int64_t Trainer::resume() {
   const std::string& run_dir = config_.train.run_dir;
-  metrics_path_ = (fs::path(run_dir) / "metrics.jsonl").string();
+  run_directory_ = std::make_unique<RunDirectory>(config_, world_);
   int64_t start_step = 0;
-  const std::string resume_dir = resolve_resume(run_dir, config_.train.resume);
+  const std::string resume_dir = resolve_resume(run_dir, config_.train.resume, &config_);
   if (!resume_dir.empty()) {
     auto meta = read_checkpoint_meta(resume_dir);
     load_training_state(resume_dir + "/state.pt", *model_, *optimizer_, *groups_.expert_parallel);
@@ -363,27 +339,12 @@ int64_t Trainer::resume() {
     start_step = meta.step;
     log0("resumed from ", resume_dir, " at step ", start_step);
   }
-  if (rank0_) {
-    fs::create_directories(run_dir);
-    std::ofstream(fs::path(run_dir) / "config.yaml") << config_.to_yaml();
-    if (start_step == 0) std::ofstream(metrics_path_, std::ios::trunc);
-  }
+  run_directory_->start(start_step);
   return start_step;
 }
 
 void Trainer::save(int64_t step) {
-  // Rank 0 writes; only its expert-parallel group (expert-data-parallel rank 0) gathers.
-  torch::serialize::OutputArchive state;
-  if (groups_.expert_data_parallel->rank() == 0) {
-    state = gather_training_state(*model_, *optimizer_, *groups_.expert_parallel);
-  }
-  if (rank0_) {
-    CheckpointMeta meta{step, sampler_->state().to_string(), config_.to_yaml()};
-    auto dir = write_checkpoint(config_.train.run_dir, meta, config_.train.keep_checkpoints,
-                                [&](const std::string& d) { state.save_to(d + "/state.pt"); });
-    log0("checkpoint ", dir);
-  }
-  world_.barrier();
+  save_checkpoint(config_, step, sampler_->state().to_string(), *model_, *optimizer_, groups_);
 }
 
 bool Trainer::train_step(int64_t step, int64_t stop_after) {
@@ -396,20 +357,22 @@ bool Trainer::train_step(int64_t step, int64_t stop_after) {
   std::vector<Batch> micro(config_.data.grad_accum);
   for (auto& b : micro) b = sampler_->next_batch();
   const auto losses = forward_backward(model_, *objective_, micro, device_, autocast_bf16_);
-  const bool stop_here = g_stop_requested || (stop_after >= 0 && step + 1 >= stop_after);
+  const bool stop_here = stop_requested() || (stop_after >= 0 && step + 1 >= stop_after);
   auto flags = torch::tensor({losses.finite ? 0.0 : 1.0, stop_here ? 1.0 : 0.0}, torch::kDouble);
   world_.all_reduce(flags, ReduceOp::Max);
-  TORCH_CHECK(flags[0].item<double>() == 0.0, "step ", step + 1, ": non-finite loss (",
-              losses.finite ? "on another rank" : losses.bad_term,
-              "); stopping without an optimizer step. The last checkpoint is intact; lower "
-              "optim.lr or raise optim.warmup_steps");
-  dp_->average_gradients();
-  // With clipping off the call only measures the norm (an unreachable bound).
-  const double clip = config_.optim.grad_clip > 0 ? config_.optim.grad_clip : 1e30;
-  const double grad_norm = expert_parallel_
-                               ? clip_grad_norm(*model_, clip, *groups_.expert_parallel)
-                               : torch::nn::utils::clip_grad_norm_(model_->parameters(), clip);
-  optimizer_->step();
+  // A step whose loss or gradient norm is not finite is never applied.
+  bool apply = nonfinite_->accept_loss(step + 1, flags[0].item<double>() == 0.0,
+                                       losses.finite ? "on another rank" : losses.bad_term);
+  double grad_norm = std::numeric_limits<double>::quiet_NaN();
+  if (apply) {
+    dp_->average_gradients();
+    // With clipping off the call only measures the norm (an unreachable bound).
+    const double clip = config_.optim.grad_clip > 0 ? config_.optim.grad_clip : 1e30;
+    grad_norm = expert_parallel_ ? clip_grad_norm(*model_, clip, *groups_.expert_parallel)
+                                 : torch::nn::utils::clip_grad_norm_(model_->parameters(), clip);
+    apply = nonfinite_->accept_grad_norm(step + 1, grad_norm, world_);
+  }
+  if (apply) optimizer_->step();
   const auto layers = objective_->end_step();
   record_step(step + 1, lr, grad_norm, losses, layers, seconds_since(t0));
   return flags[1].item<double>() == 0.0;
@@ -450,7 +413,7 @@ void Trainer::record_step(int64_t done, double lr, double grad_norm, const StepL
        << ",\"tokens_per_s\":" << json_number(step_tokens / seconds)
        << ",\"maxvio_global\":" << json_list(mv_global)
        << ",\"maxvio_micro\":" << json_list(mv_micro) << "}";
-  append_line(metrics_path_, line.str());
+  run_directory_->append_metrics(line.str());
 }
 
 void Trainer::log_progress(int64_t done) {
@@ -479,7 +442,7 @@ void Trainer::evaluate_now(int64_t done) {
   const int64_t every = config_.train.eval_every;
   if (every <= 0 || (done % every != 0 && done != config_.train.steps)) return;
   summary_.eval = evaluate(model_, val_batches_, domains_, world_, autocast_bf16_, done);
-  if (rank0_) append_line(metrics_path_, eval_json(summary_.eval));
+  if (rank0_) run_directory_->append_metrics(eval_json(summary_.eval));
   std::ostringstream e;
   e << std::fixed << std::setprecision(4) << "eval step " << done << " | val loss "
     << summary_.eval.loss;
@@ -491,7 +454,9 @@ TrainSummary Trainer::run(int64_t stop_after) {
   summary_.run_dir = config_.train.run_dir;
   const int64_t start_step = resume();
   summary_.first_step = summary_.last_step = start_step;
-  SigtermStops sigterm;
+  StopSignals stop_signals;
+  nonfinite_ =
+      std::make_unique<NonFiniteSteps>(config_.train.max_nonfinite_steps, config_.train.run_dir);
   const auto is_shard = expert_parameter_rule(*model_);
   int64_t parameters = 0;
   for (const auto& item : model_->named_parameters()) {
@@ -507,7 +472,8 @@ TrainSummary Trainer::run(int64_t stop_after) {
     log_progress(done);
     evaluate_now(done);
     const int64_t every = config_.train.checkpoint_every;
-    if ((every > 0 && done % every == 0) || done == config_.train.steps || !go_on) save(done);
+    // checkpoint_every 0: never, but a stop (signal, stop_after) still checkpoints.
+    if ((every > 0 && (done % every == 0 || done == config_.train.steps)) || !go_on) save(done);
     if (!go_on) {
       log0("stopped after step ", done, "; resume with --set train.resume=auto");
       summary_.interrupted = true;

@@ -3,6 +3,7 @@
 #include "train/config.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -88,6 +89,9 @@ const std::map<std::string, std::string> kEveryKeyChanged = {
     {"train.activation_checkpointing", "true"},
     {"train.cpu_buffer_cache_mib", "512"},
     {"train.threads", "2"},
+    {"train.overwrite", "true"},
+    {"train.max_nonfinite_steps", "3"},
+    {"train.collective_timeout_s", "60"},
     {"parallel.expert_parallel", "2"},
 };
 
@@ -350,6 +354,45 @@ TEST(Config, ValidateNamesTheSettingsToChange) {
 
   const std::string both = problem({"model.top_k=9", "optim.min_lr=1"});
   EXPECT_TRUE(has(both, "model.top_k (9)") && has(both, "optim.min_lr (1.0)")) << both;
+}
+
+// What used to pass silently as the defaults: a directory, an empty file, a second document.
+TEST(Config, ConfigFilesThatHoldNoConfigAreErrors) {
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("gbmoe-config-test-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  EXPECT_NE(error_of([&] {
+              Config::from_yaml_file(dir.string());
+            }).find("config file '" + dir.string() + "' is a directory"),
+            std::string::npos);
+  const auto empty = (dir / "empty.yaml").string();
+  std::ofstream(empty) << "\n# only a comment\n";
+  EXPECT_NE(error_of([&] {
+              Config::from_yaml_file(empty);
+            }).find("config file '" + empty + "' holds no settings (empty)"),
+            std::string::npos);
+  const auto two = (dir / "two.yaml").string();
+  std::ofstream(two) << "model:\n  dim: 64\n---\ntrain:\n  steps: 3\n";
+  const std::string msg = error_of([&] { Config::from_yaml_file(two); });
+  EXPECT_NE(msg.find(two + ":4:1: a second YAML document"), std::string::npos) << msg;
+  std::filesystem::remove_all(dir);
+}
+
+TEST(Config, EmptyKeysPathsAndHugeThreadCountsAreErrors) {
+  Config cfg;
+  EXPECT_NE(error_of([&] { cfg.apply_override("="); }).find("--set =: expected section.key=value"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { cfg.apply_override("=3"); }).find("expected section.key=value"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] {
+              cfg.apply_override("train.threads=32768");
+            }).find("train.threads (32768) must be in [1, 1024]"),
+            std::string::npos);
+  cfg.data.dir = "";
+  cfg.train.run_dir = " ";
+  const std::string msg = error_of([&] { cfg.validate(); });
+  EXPECT_NE(msg.find("data.dir is empty"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("train.run_dir is empty"), std::string::npos) << msg;
 }
 
 TEST(Config, ValidateRechecksValuesSetInCode) {

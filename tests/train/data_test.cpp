@@ -16,19 +16,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-void spit(const fs::path& p, const std::string& text) {
-  fs::create_directories(p.parent_path());
-  std::ofstream out(p, std::ios::binary | std::ios::trunc);
-  out << text;
-}
-
 // Deterministic pseudo-text so the corpus needs no fixture files.
 struct TextGen {
   uint64_t s;
@@ -352,6 +339,50 @@ TEST(TokenFilesTest, TokenWidthFollowsTheVocabulary) {
   TokenFileWriter w(dir.string(), "val", 1000, {"only"});
   expect_throw_with([&] { w.add_document(0, {1000}); }, "token id 1000 is outside");
   expect_throw_with([&] { w.add_document(1, {1}); }, "document domain 1");
+  fs::remove_all(dir);
+}
+
+// A .bin whose ids do not fit the vocabulary of its .idx (an index rewritten for a smaller
+// vocabulary) fails at open naming the file and the id, not as an embedding lookup mid-run.
+TEST(TokenFilesTest, TokenIdsBeyondTheVocabularyAreNamedAtOpen) {
+  const fs::path dir = fs::temp_directory_path() / ("gbmoe_ids_" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  {
+    TokenFileWriter w(dir.string(), "train", 1000, {"only"});
+    w.add_document(0, {1, 2, 999, 3});
+    w.commit();
+  }
+  auto index = TokenIndex::parse(slurp(dir / "train.idx"), "train.idx");
+  index.vocab_size = 500;
+  spit(dir / "train.idx", index.serialize());
+  expect_throw_with([&] { TokenDataset::open(dir.string(), "train"); },
+                    (dir / "train.bin").string() +
+                        " holds token id 999 (token 2) outside its vocabulary of 500 ids");
+  fs::remove_all(dir);
+}
+
+TEST(TokenFilesTest, SplitsWithOtherDomainsAreNamed) {
+  const fs::path dir = fs::temp_directory_path() / ("gbmoe_dom_" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  for (const auto& [split, domains] : std::vector<std::pair<std::string, std::vector<std::string>>>{
+           {"train", {"code", "prose"}}, {"val", {"code"}}}) {
+    TokenFileWriter w(dir.string(), split, 100, domains);
+    for (size_t d = 0; d < domains.size(); ++d) w.add_document(static_cast<int64_t>(d), {1, 2, 3});
+    w.commit();
+  }
+  const auto train = TokenDataset::open(dir.string(), "train");
+  const auto val = TokenDataset::open(dir.string(), "val");
+  expect_throw_with([&] { check_same_domains(train, val, dir.string()); },
+                    "the train split has domains [code, prose] but the val split [code]");
+  EXPECT_NO_THROW(check_same_domains(train, train, dir.string()));
+  {
+    TokenFileWriter w(dir.string(), "val", 100, {"code", "prose"});
+    w.add_document(0, {1, 2, 3});
+    w.commit();
+  }
+  expect_throw_with(
+      [&] { check_same_domains(train, TokenDataset::open(dir.string(), "val"), dir.string()); },
+      "domain prose has 0 tokens in " + (dir / "val.bin").string());
   fs::remove_all(dir);
 }
 

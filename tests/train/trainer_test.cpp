@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <random>
 #include <sstream>
 
@@ -12,6 +13,7 @@
 #include "test_util.h"
 #include "train/checkpoint.h"
 #include "train/data_build.h"
+#include "train/run_dir.h"
 #include "train/token_dataset.h"
 #include "train/trainer.h"
 
@@ -230,37 +232,121 @@ TEST_F(TrainerTest, EveryDocumentedBalanceSettingStartsATinyRun) {
   }
 }
 
-// A diverged model (a NaN weight in the checkpoint it resumes from) stops the run at the first
-// step, naming the step and the term, and leaves the checkpoint as it was.
-TEST_F(TrainerTest, NonFiniteLossStopsNamingTheStepAndKeepsTheCheckpoint) {
+// Lines of metrics.jsonl: (training steps, evaluations) per step.
+std::map<int64_t, std::pair<int, int>> metrics_by_step(const std::string& run_dir) {
+  std::map<int64_t, std::pair<int, int>> out;
+  std::ifstream in(fs::path(run_dir) / "metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    const int64_t step = std::stoll(line.substr(line.find(':') + 1));
+    (line.find("\"eval\"") != std::string::npos ? out[step].second : out[step].first) += 1;
+  }
+  return out;
+}
+
+// A diverging run (optim.lr 1e30): the first step whose gradient norm or loss is not finite is
+// not applied; the run stops naming the step and the last checkpoint, which still loads (a
+// non-finite tensor would be refused) and verifies.
+TEST_F(TrainerTest, NonFiniteStepIsNotAppliedAndTheLastCheckpointResumes) {
   auto config = tiny("nan");
+  config.optim.lr = 1e30;
+  config.train.checkpoint_every = 1;
+  config.train.eval_every = 0;
+  std::string message;
+  try {
+    train(config, *world_);
+  } catch (const JobStopped& e) {
+    message = e.what();
+  }
+  const auto checkpoints = list_checkpoints(config.train.run_dir);
+  ASSERT_FALSE(checkpoints.empty()) << message;
+  const auto last = checkpoints.back();
+  const int64_t last_step = read_checkpoint_meta(last).step;
+  EXPECT_NE(message.find("step " + std::to_string(last_step + 1) + ": non-finite "),
+            std::string::npos)
+      << message;
+  EXPECT_NE(message.find("the step was not applied and the run stops. The last checkpoint " + last +
+                         " holds no non-finite state"),
+            std::string::npos)
+      << message;
+  EXPECT_EQ(checkpoint_problem(last, &config), "");
+  auto resumed = config;
+  resumed.train.resume = "auto";
+  resumed.train.steps = last_step;  // load only
+  EXPECT_EQ(train(resumed, *world_).first_step, last_step);
+
+  auto skipping = tiny("nan_skip");
+  skipping.optim.lr = 1e30;
+  skipping.train.max_nonfinite_steps = 2;
+  skipping.train.eval_every = 0;
+  expect_throw_with([&] { train(skipping, *world_); }, "the run stops after skipping 2");
+}
+
+// A fresh run in a directory that holds a run is refused (it would truncate the metrics and
+// rotate away its own checkpoints), unless train.overwrite replaces the earlier run.
+TEST_F(TrainerTest, AFreshRunDoesNotMixWithAnEarlierOne) {
+  auto config = tiny("used");
   train(config, *world_, /*stop_after=*/3);
-  const auto dir = list_checkpoints(config.train.run_dir).back();
-  const auto state_file = dir + "/state.pt";
+  expect_throw_with([&] { train(config, *world_); },
+                    "already holds a run (1 checkpoint, the newest step_00000003; metrics.jsonl "
+                    "of 4 lines): resume it with --set train.resume=auto");
+  config.train.overwrite = true;
+  auto s = train(config, *world_);
+  EXPECT_EQ(s.first_step, 0);
   if (world_->world->rank() == 0) {
-    torch::serialize::InputArchive in;
-    in.load_from(state_file);
-    torch::serialize::OutputArchive out;
-    for (const auto& key : in.keys()) {
-      c10::IValue value;
-      in.read(key, value);
-      if (key == "model/final_norm.weight") {
-        auto w = value.toTensor().clone();
-        w[0] = std::numeric_limits<float>::quiet_NaN();
-        value = w;
-      }
-      out.write(key, value);
-    }
-    out.save_to(state_file);
+    const auto metrics = metrics_by_step(config.train.run_dir);
+    EXPECT_EQ(metrics.size(), 6u);
+    for (const auto& [step, lines] : metrics) EXPECT_EQ(lines.first, 1) << "step " << step;
+  }
+}
+
+TEST_F(TrainerTest, ASecondJobInTheRunDirectoryFailsNamingTheHolder) {
+  auto config = tiny("locked");
+  {
+    RunDirectory holder(config, *world_->world);
+    expect_throw_with([&] { train(config, *world_); },
+                      "is in use by another gbmoe-train job (pid ");
+  }
+  EXPECT_EQ(train(config, *world_).last_step, config.train.steps);  // released
+}
+
+// After a crash that left a damaged newest checkpoint and a half-written one, resume=auto takes
+// the newest good one, removes the leftovers, and metrics.jsonl holds every step once.
+TEST_F(TrainerTest, ResumeAfterACrashRepeatsNoMetricsAndSkipsDamagedCheckpoints) {
+  auto config = tiny("crash");
+  train(config, *world_);
+  const auto root = fs::path(config.train.run_dir) / "checkpoints";
+  const auto leftover = root / "step_00000009.tmp4242";
+  if (world_->world->rank() == 0) {
+    fs::resize_file(root / "step_00000006" / "state.pt", 100);
+    fs::create_directories(leftover);
+    std::ofstream(leftover / "state.pt") << "partial";
   }
   world_->world->barrier();
-  const auto size_before = fs::file_size(state_file);
-  const auto time_before = fs::last_write_time(state_file);
   config.train.resume = "auto";
-  expect_throw_with([&] { train(config, *world_); }, "step 4: non-finite loss (cross_entropy = ");
-  EXPECT_EQ(list_checkpoints(config.train.run_dir).back(), dir);
-  EXPECT_EQ(fs::file_size(state_file), size_before);
-  EXPECT_EQ(fs::last_write_time(state_file), time_before);
+  auto s = train(config, *world_);
+  EXPECT_EQ(s.first_step, 3);
+  EXPECT_FALSE(fs::exists(leftover));
+  EXPECT_EQ(checkpoint_problem((root / "step_00000006").string(), &config), "");
+  if (world_->world->rank() == 0) {
+    const auto metrics = metrics_by_step(config.train.run_dir);
+    EXPECT_EQ(metrics.size(), 6u);
+    for (const auto& [step, lines] : metrics) {
+      EXPECT_EQ(lines.first, 1) << "step " << step;
+      EXPECT_EQ(lines.second, step % 3 == 0 ? 1 : 0) << "step " << step;
+    }
+  }
+}
+
+// train.checkpoint_every=0 writes no checkpoint, not even at the end; a stop still writes one.
+TEST_F(TrainerTest, CheckpointEveryZeroWritesOnlyWhenStopped) {
+  auto config = tiny("never");
+  config.train.checkpoint_every = 0;
+  train(config, *world_);
+  EXPECT_TRUE(list_checkpoints(config.train.run_dir).empty());
+  config = tiny("never_but_stopped");
+  config.train.checkpoint_every = 0;
+  train(config, *world_, /*stop_after=*/2);
+  EXPECT_EQ(list_checkpoints(config.train.run_dir).size(), 1u);
 }
 
 TEST_F(TrainerTest, BadSettingsNameTheSettingAndValue) {

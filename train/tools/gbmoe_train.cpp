@@ -21,7 +21,7 @@ void print_summary(const gbmoe::TrainSummary& s) {
   out << std::fixed << std::setprecision(4);
   out << "\n== gbmoe-train summary ==\n";
   out << "steps " << s.first_step << " -> " << s.last_step
-      << (s.interrupted ? " (stopped by SIGTERM)" : "") << "\n";
+      << (s.interrupted ? " (stopped by a signal)" : "") << "\n";
   if (!s.eval.domain_loss.empty()) {
     out << "validation loss " << s.eval.loss << " (step " << s.eval.step << ")\n";
     for (const auto& [domain, loss] : s.eval.domain_loss) {
@@ -66,6 +66,11 @@ int main(int argc, char** argv) {
     cxxopts::ParseResult args;
     try {
       args = cli.parse(argc, argv);
+      if (!args.unmatched().empty()) {
+        throw std::invalid_argument("unexpected argument '" + args.unmatched().front() +
+                                    "' (a config file goes after --config: --config " +
+                                    args.unmatched().front() + ")");
+      }
     } catch (const std::exception& e) {
       if (mpi.rank() == 0) std::cerr << "gbmoe-train: " << e.what() << "\n" << cli.help();
       return 2;
@@ -96,6 +101,7 @@ int main(int argc, char** argv) {
       cache.max_cached_bytes = static_cast<size_t>(config.train.cpu_buffer_cache_mib) << 20;
       gbmoe::install_cpu_buffer_cache(cache);
     }
+    gbmoe::set_collective_timeout(config.train.collective_timeout_s, "train.collective_timeout_s");
     gbmoe::TrainSummary summary;
     {
       const auto& b = config.balance;
