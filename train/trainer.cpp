@@ -22,6 +22,7 @@
 #include "train/analysis.h"
 #include "train/checkpoint.h"
 #include "train/json.h"
+#include "train/routing_monitor.h"
 #include "train/sampler.h"
 #include "train/token_dataset.h"
 #ifdef GBMOE_WITH_CUDA_KERNELS
@@ -293,6 +294,8 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
   }
   summary.first_step = start_step;
   summary.last_step = start_step;
+  RoutingMonitor monitor(config, moe_layers, train_data->domain_names(), world.rank(),
+                         start_step > 0);
 
   auto save = [&](int64_t step) {
     // Rank 0 writes; only its expert-parallel group (expert-data-parallel rank 0) gathers.
@@ -350,6 +353,7 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
         ce = torch::nn::functional::cross_entropy(logits.flatten(0, 1),
                                                   b.targets.to(device).flatten());
       }
+      monitor.after_forward(step + 1, &b - micro.data(), b);
       auto bal = balancer.micro_batch_loss();
       const double ce_v = ce.item<double>(), bal_v = bal.item<double>();
       if (finite && (!std::isfinite(ce_v) || !std::isfinite(bal_v))) {
@@ -390,13 +394,16 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
     for (int64_t l = 0; l < L; ++l) parts.push_back(layer_stats[l].local_counts.cpu());
     auto packed = sum_over(world, torch::cat(parts)) / world.size();
     std::vector<double> mv_global, mv_micro;
+    std::vector<torch::Tensor> global_counts;
     for (int64_t l = 0, offset = 3 + L; l < L; ++l) {
       const int64_t E = layer_stats[l].local_counts.numel();
+      global_counts.push_back((packed.narrow(0, offset, E) * world.size()).round());
       mv_global.push_back(max_violation(packed.narrow(0, offset, E)));
       mv_micro.push_back(packed[3 + l].item<double>());
       offset += E;
     }
     const double ce_mean = packed[0].item<double>(), bal_mean = packed[1].item<double>();
+    const std::string routing_json = monitor.end_step(world, done, global_counts, mv_micro);
     summary.losses.push_back(ce_mean);
     summary.max_violation_global = mv_global;
     summary.max_violation_micro = mv_micro;
@@ -411,8 +418,9 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
            << ",\"lr\":" << json_number(lr) << ",\"grad_norm\":" << json_number(grad_norm)
            << ",\"tokens_per_s\":" << json_number(step_tokens / dt)
            << ",\"maxvio_global\":" << json_list(mv_global)
-           << ",\"maxvio_micro\":" << json_list(mv_micro) << "}";
+           << ",\"maxvio_micro\":" << json_list(mv_micro) << routing_json << "}";
       append_line(metrics_path, line.str());
+      monitor.log_line(line.str());
     }
     if (done % config.train.log_every == 0 || done == total_steps) {
       double mvg = 0, mvm = 0;
@@ -435,6 +443,7 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
     if (eval_now) {
       summary.eval = evaluate(model, val_batches, domains, world, autocast_bf16, done);
       if (rank0) append_line(metrics_path, eval_json(summary.eval));
+      if (rank0) monitor.log_line(eval_json(summary.eval));
       std::ostringstream e;
       e << std::fixed << std::setprecision(4) << "eval step " << done << " | val loss "
         << summary.eval.loss;

@@ -83,6 +83,9 @@ const std::map<std::string, std::string> kEveryKeyChanged = {
     {"train.dtype", "bfloat16"},
     {"train.activation_checkpointing", "true"},
     {"train.cpu_buffer_cache_mib", "512"},
+    {"train.tensorboard", "false"},
+    {"train.routing_trace_every", "50"},
+    {"train.expert_loads", "true"},
     {"train.threads", "2"},
     {"parallel.expert_parallel", "2"},
 };
