@@ -110,7 +110,11 @@ class ConfigError : public std::invalid_argument {
     "train.run_dir/traces/rank<r>.gbrt; 0 = never")                                                \
   X(bool, expert_loads, false, AnyValue(),                                                         \
     "write every step's per-expert selection counts of each MoE layer to "                        \
-    "train.run_dir/expert_loads.jsonl")
+    "train.run_dir/expert_loads.jsonl")                                                           \
+  X(std::string, routing_replay, "", AnyValue(),                                                   \
+    "routing trace (a .gbrt file or a traces/ directory) of an earlier run with the same data, "   \
+    "batches and world size, traced every step: training forwards use its expert choices "        \
+    "instead of the routers' own top-k; \"\" = off")
 
 #define GBMOE_PARALLEL_FIELDS(X)                                                                   \
   X(int64_t, expert_parallel, 1, AtLeast(1),                                                       \

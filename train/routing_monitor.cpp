@@ -36,6 +36,58 @@ RoutingMonitor::RoutingMonitor(const Config& config, std::vector<MoELayer> layer
     fs::create_directories(run);
     if (!resumed) std::ofstream(loads_path_, std::ios::trunc);
   }
+  if (!config.train.routing_replay.empty() && L > 0) {
+    TORCH_CHECK(!trace_ || fs::absolute(config.train.routing_replay) !=
+                               fs::absolute(fs::path(trace_->path()).parent_path()),
+                "train.routing_replay (", config.train.routing_replay,
+                ") is this run's own trace directory, which it rewrites; replay another run's");
+    replay_path_ = config.train.routing_replay;
+    auto trace = read_routing_trace(routing_trace_files(replay_path_));
+    const auto& h = trace.header;
+    const auto& o = layers_[0]->options;
+    if (h.num_experts != o.num_experts() || h.top_k != o.router().top_k() || h.num_layers != L) {
+      throw std::invalid_argument(
+          "train.routing_replay (" + replay_path_ + ") traces " + std::to_string(h.num_layers) +
+          " MoE layers of top-" + std::to_string(h.top_k) + " of " + std::to_string(h.num_experts) +
+          " experts; this model has " + std::to_string(L) + " of top-" +
+          std::to_string(o.router().top_k()) + " of " + std::to_string(o.num_experts()));
+    }
+    for (auto& rec : trace.records) {
+      if (rec.rank == rank) {
+        const auto key = std::make_tuple(rec.step, rec.micro_batch, rec.layer);
+        replay_[key] = std::move(rec);
+      }
+    }
+  }
+}
+
+void RoutingMonitor::before_forward(int64_t step, int64_t micro_batch, const Batch& batch) {
+  if (replay_path_.empty()) return;
+  const auto valid_T = batch.mask.reshape({-1}).to(torch::kCPU, torch::kBool);
+  const auto domain_T = batch.domain.reshape({-1, 1}).expand_as(batch.mask).reshape({-1});
+  const int64_t T = valid_T.numel();
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const auto where = "train.routing_replay (" + replay_path_ + "): step " + std::to_string(step) +
+                       ", micro-batch " + std::to_string(micro_batch) + ", MoE layer " +
+                       std::to_string(l) + " of rank " + std::to_string(rank_);
+    const auto it = replay_.find(std::make_tuple(step, micro_batch, static_cast<int64_t>(l)));
+    if (it == replay_.end())
+      throw std::invalid_argument(where +
+                                  " is not in the trace; trace the source run with "
+                                  "train.routing_trace_every=1 and the same world size");
+    const auto& rec = it->second;
+    if (rec.domain.numel() != valid_T.sum().item<int64_t>() ||
+        !torch::equal(rec.domain, domain_T.index({valid_T}).to(torch::kCPU, torch::kLong)))
+      throw std::invalid_argument(
+          where + ": the trace's " + std::to_string(rec.domain.numel()) +
+          " tokens differ from this batch's; replay needs the source run's data, batch sizes, "
+          "train.seed and world size");
+    const int64_t K = rec.expert_ids.size(1);
+    // Padding tokens reach no expert; they get distinct valid ids.
+    auto ids_TK = torch::arange(K, torch::kLong).repeat({T, 1});
+    ids_TK.index_put_({valid_T}, rec.expert_ids);
+    layers_[l]->router->replay_routing({ids_TK});
+  }
 }
 
 void RoutingMonitor::after_forward(int64_t step, int64_t micro_batch, const Batch& batch) {
@@ -59,6 +111,9 @@ std::string RoutingMonitor::end_step(Communicator& world, int64_t step,
                   static_cast<int64_t>(micro_max_violation.size()) == L,
               "RoutingMonitor::end_step: ", global_counts.size(), " counts and ",
               micro_max_violation.size(), " MaxVio values for ", L, " MoE layers");
+  if (!replay_path_.empty()) {
+    for (auto& layer : layers_) layer->router->stop_routing_replay();
+  }
   auto sums = sums_.clone();  // sums_ restarts at zero for the next step
   world.all_reduce(sums, ReduceOp::Sum);
   sums_.zero_();

@@ -1,11 +1,13 @@
 // What gbmoe-train shows of routing while it trains: per-layer balance metrics of each step
 // (losses/routing_metrics.h) for metrics.jsonl, the TensorBoard event file (train/tensorboard.h),
-// routing traces (train/routing_trace.h) and the opt-in per-expert loads. The trainer calls it
-// at three points of a step; everything else lives here.
+// routing traces (train/routing_trace.h), the opt-in per-expert loads and the replay of a
+// trace's routing. The trainer calls it at four points of a step; everything else lives here.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "losses/routing_metrics.h"
@@ -20,16 +22,29 @@ namespace gbmoe {
 
 /// Example (the trainer's step):
 ///   RoutingMonitor monitor(config, moe_layers, train_data->domain_names(), world.rank(), resumed);
-///   for (m in micro-batches) { model->forward(...); monitor.after_forward(step, m, batch); ... }
+///   for (m in micro-batches) {
+///     monitor.before_forward(step, m, batch);
+///     model->forward(...);
+///     monitor.after_forward(step, m, batch);
+///     ...
+///   }
 ///   std::string extra = monitor.end_step(world, step, global_counts, micro_maxvio);
 ///   line += extra;  ...  monitor.log_line(line);  // metrics.jsonl line -> TensorBoard
 class RoutingMonitor {
  public:
   /// Opens RUN/tb/ (train.tensorboard, rank 0), RUN/traces/rank<r>.gbrt
   /// (train.routing_trace_every > 0; appended to when resumed) and RUN/expert_loads.jsonl
-  /// (train.expert_loads, rank 0; truncated unless resumed).
+  /// (train.expert_loads, rank 0; truncated unless resumed), and reads this rank's records of
+  /// train.routing_replay when set (throws naming the setting when its experts, top-k or
+  /// layers differ from the model's).
   RoutingMonitor(const Config& config, std::vector<MoELayer> layers,
                  std::vector<std::string> domains, int rank, bool resumed);
+
+  /// Before the forward of training micro-batch `micro_batch` of 1-based step `step`: with
+  /// train.routing_replay, makes every router replay the trace's choices for this forward
+  /// (padding tokens, which no expert sees, get experts 0..K-1). Throws naming the setting when
+  /// the trace lacks the forward or its tokens or domains differ from the batch's.
+  void before_forward(int64_t step, int64_t micro_batch, const Batch& batch);
 
   /// After the forward of training micro-batch `micro_batch` of 1-based step `step`: adds the
   /// layers' routing entropy and top-k score sums, and traces the routing on trace steps.
@@ -39,7 +54,8 @@ class RoutingMonitor {
   /// micro_max_violation (L) the micro-batch MaxVio means. Reduces the entropy and top-k sums
   /// over ranks (one all-reduce of 3 L doubles, collective), writes the per-expert loads and
   /// returns the metrics as JSON members to append to the step's metrics line (starting with
-  /// ','; see routing_metrics_json).
+  /// ','; see routing_metrics_json). Ends the step's routing replay, so that evaluation
+  /// forwards route by themselves.
   std::string end_step(Communicator& world, int64_t step,
                        const std::vector<torch::Tensor>& global_counts,
                        const std::vector<double>& micro_max_violation);
@@ -60,6 +76,9 @@ class RoutingMonitor {
   std::unique_ptr<TensorBoardWriter> tb_;
   std::unique_ptr<RoutingTraceWriter> trace_;
   std::string loads_path_;
+  std::string replay_path_;
+  // train.routing_replay: this rank's records by (step, micro-batch, layer).
+  std::map<std::tuple<int64_t, int64_t, int64_t>, RoutingTraceRecord> replay_;
   torch::Tensor sums_;  // (3, L) fp64: entropy sum, top-k score sum, valid tokens of the step
   std::vector<LayerRoutingMetrics> metrics_;
 };

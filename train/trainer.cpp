@@ -347,6 +347,7 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
     for (const auto& b : micro) {
       auto mask = b.mask.to(device);
       torch::Tensor ce;
+      monitor.before_forward(step + 1, &b - micro.data(), b);
       {
         AutocastScope autocast(autocast_bf16);
         auto logits = model->forward(b.inputs.to(device), mask);

@@ -86,6 +86,7 @@ const std::map<std::string, std::string> kEveryKeyChanged = {
     {"train.tensorboard", "false"},
     {"train.routing_trace_every", "50"},
     {"train.expert_loads", "true"},
+    {"train.routing_replay", "runs/a/traces"},
     {"train.threads", "2"},
     {"parallel.expert_parallel", "2"},
 };

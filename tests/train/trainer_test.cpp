@@ -281,6 +281,53 @@ TEST_F(TrainerTest, RoutingTracesOfAllRanksMatchTheExpertLoads) {
   }
 }
 
+// train.routing_replay: a run whose routers would choose differently (another init) trains with
+// the expert choices of the source run's trace, also with expert parallelism and activation
+// checkpointing; without replay its choices differ.
+TEST_F(TrainerTest, RoutingReplayTrainsWithTheChoicesOfAnotherRun) {
+  auto source = tiny("replay_source");
+  source.train.routing_trace_every = 1;
+  train(source, *world_);
+  const auto source_traces = (fs::path(source.train.run_dir) / "traces").string();
+  auto routing_of = [&](const Config& c) {
+    world_->world->barrier();
+    return read_routing_trace(routing_trace_files((fs::path(c.train.run_dir) / "traces").string()));
+  };
+  const auto expected = routing_of(source);
+  auto same_choices = [&](const RoutingTrace& t) {
+    if (t.records.size() != expected.records.size()) return false;
+    for (size_t r = 0; r < t.records.size(); ++r) {
+      if (!torch::equal(t.records[r].expert_ids, expected.records[r].expert_ids)) return false;
+    }
+    return true;
+  };
+  auto other = tiny("replay_off");
+  other.model.init_std = 0.2;
+  other.train.routing_trace_every = 1;
+  train(other, *world_);
+  EXPECT_FALSE(same_choices(routing_of(other))) << "another init should route differently";
+
+  for (int64_t ep : {1, 2}) {
+    if (ep == 2 && mpi_size() % 2 != 0) continue;
+    auto replay = tiny("replay_ep" + std::to_string(ep));
+    replay.model.init_std = 0.2;
+    replay.train.routing_trace_every = 1;
+    replay.train.routing_replay = source_traces;
+    replay.parallel.expert_parallel = ep;
+    replay.train.activation_checkpointing = ep == 2;
+    auto s = train(replay, ep == 2 ? build_process_groups(ParallelSizes{mpi_size(), 2}) : *world_);
+    for (double l : s.losses) EXPECT_TRUE(std::isfinite(l));
+    EXPECT_TRUE(same_choices(routing_of(replay))) << "expert_parallel " << ep;
+  }
+
+  auto bad = tiny("replay_bad");
+  bad.train.routing_replay = source_traces;
+  bad.data.micro_batch_size = 3;
+  expect_throw_with([&] { train(bad, *world_); }, "train.routing_replay (");
+  bad.train.routing_replay = (root_ / "no-such-trace").string();
+  expect_throw_with([&] { train(bad, *world_); }, "no-such-trace");
+}
+
 }  // namespace
 }  // namespace gbmoe
 
