@@ -106,6 +106,25 @@ TEST(RoutingTrace, TraceOfModelForwardsEqualsAnalyzeRouting) {
   EXPECT_GT(analysis.tokens.sum().item<double>(), 0);
 }
 
+TEST(RoutingTrace, AResumedWriterAppendsOnlyToTheSameHeader) {
+  const auto path = (temp_dir("append") / "rank0.gbrt").string();
+  const RoutingTraceHeader header{4, 2, 1, {"x"}};
+  const auto ids = torch::tensor({{0, 1}, {2, 3}}), domain = torch::zeros({2}, torch::kLong);
+  RoutingTraceWriter(path, header).add(1, 0, 0, 0, ids, domain, {});
+  RoutingTraceWriter(path, header, /*append=*/true).add(2, 0, 0, 0, ids, domain, {});
+  auto steps = [&] {
+    std::vector<int64_t> s;
+    for (const auto& r : read_routing_trace({path}).records) s.push_back(r.step);
+    return s;
+  };
+  EXPECT_EQ(steps(), (std::vector<int64_t>{1, 2}));
+  // Another header (another run's shape) starts the file over; so does a fresh writer.
+  RoutingTraceWriter(path, {4, 2, 1, {"y"}}, /*append=*/true).add(3, 0, 0, 0, ids, domain, {});
+  EXPECT_EQ(steps(), (std::vector<int64_t>{3}));
+  RoutingTraceWriter(path, {4, 2, 1, {"y"}}).add(4, 0, 0, 0, ids, domain, {});
+  EXPECT_EQ(steps(), (std::vector<int64_t>{4}));
+}
+
 TEST(RoutingTrace, DamagedFilesNameTheFileAndByte) {
   const auto dir = temp_dir("bad");
   const auto path = (dir / "rank0.gbrt").string();
