@@ -13,6 +13,32 @@ RoutingMonitor::RoutingMonitor(const Config& config, std::vector<MoELayer> layer
   const auto L = static_cast<int64_t>(layers_.size());
   sums_ = torch::zeros({3, L}, torch::kDouble);
   const fs::path run(config.train.run_dir);
+  if (!config.train.routing_replay.empty() && L > 0) {
+    // Read before this run's own trace is opened, which may truncate it.
+    const fs::path source = config.train.routing_replay;
+    const auto source_dir = fs::is_directory(source) ? source : source.parent_path();
+    TORCH_CHECK(trace_every_ == 0 ||
+                    fs::weakly_canonical(source_dir) != fs::weakly_canonical(run / "traces"),
+                "train.routing_replay (", config.train.routing_replay,
+                ") is this run's own trace directory, which it rewrites; replay another run's");
+    replay_path_ = config.train.routing_replay;
+    auto trace = read_routing_trace(routing_trace_files(replay_path_));
+    const auto& h = trace.header;
+    const auto& o = layers_[0]->options;
+    if (h.num_experts != o.num_experts() || h.top_k != o.router().top_k() || h.num_layers != L) {
+      throw std::invalid_argument(
+          "train.routing_replay (" + replay_path_ + ") traces " + std::to_string(h.num_layers) +
+          " MoE layers of top-" + std::to_string(h.top_k) + " of " + std::to_string(h.num_experts) +
+          " experts; this model has " + std::to_string(L) + " of top-" +
+          std::to_string(o.router().top_k()) + " of " + std::to_string(o.num_experts()));
+    }
+    for (auto& rec : trace.records) {
+      if (rec.rank == rank) {
+        const auto key = std::make_tuple(rec.step, rec.micro_batch, rec.layer);
+        replay_[key] = std::move(rec);
+      }
+    }
+  }
   if (rank == 0 && config.train.tensorboard) {
     // A fresh run replaces the event files of an earlier run in the same directory; a resumed
     // one adds a file beside them (TensorBoard reads a directory's files as one run).
@@ -35,29 +61,6 @@ RoutingMonitor::RoutingMonitor(const Config& config, std::vector<MoELayer> layer
     loads_path_ = (run / "expert_loads.jsonl").string();
     fs::create_directories(run);
     if (!resumed) std::ofstream(loads_path_, std::ios::trunc);
-  }
-  if (!config.train.routing_replay.empty() && L > 0) {
-    TORCH_CHECK(!trace_ || fs::absolute(config.train.routing_replay) !=
-                               fs::absolute(fs::path(trace_->path()).parent_path()),
-                "train.routing_replay (", config.train.routing_replay,
-                ") is this run's own trace directory, which it rewrites; replay another run's");
-    replay_path_ = config.train.routing_replay;
-    auto trace = read_routing_trace(routing_trace_files(replay_path_));
-    const auto& h = trace.header;
-    const auto& o = layers_[0]->options;
-    if (h.num_experts != o.num_experts() || h.top_k != o.router().top_k() || h.num_layers != L) {
-      throw std::invalid_argument(
-          "train.routing_replay (" + replay_path_ + ") traces " + std::to_string(h.num_layers) +
-          " MoE layers of top-" + std::to_string(h.top_k) + " of " + std::to_string(h.num_experts) +
-          " experts; this model has " + std::to_string(L) + " of top-" +
-          std::to_string(o.router().top_k()) + " of " + std::to_string(o.num_experts()));
-    }
-    for (auto& rec : trace.records) {
-      if (rec.rank == rank) {
-        const auto key = std::make_tuple(rec.step, rec.micro_batch, rec.layer);
-        replay_[key] = std::move(rec);
-      }
-    }
   }
 }
 

@@ -326,6 +326,11 @@ TEST_F(TrainerTest, RoutingReplayTrainsWithTheChoicesOfAnotherRun) {
   expect_throw_with([&] { train(bad, *world_); }, "train.routing_replay (");
   bad.train.routing_replay = (root_ / "no-such-trace").string();
   expect_throw_with([&] { train(bad, *world_); }, "no-such-trace");
+  auto own = tiny("replay_source");
+  own.train.routing_trace_every = 1;
+  own.train.routing_replay = source_traces;
+  expect_throw_with([&] { train(own, *world_); }, "is this run's own trace directory");
+  EXPECT_EQ(routing_of(source).records.size(), expected.records.size()) << "the source is intact";
 }
 
 }  // namespace
