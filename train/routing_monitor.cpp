@@ -94,15 +94,24 @@ void RoutingMonitor::before_forward(int64_t step, int64_t micro_batch, const Bat
 }
 
 void RoutingMonitor::after_forward(int64_t step, int64_t micro_batch, const Batch& batch) {
-  for (size_t l = 0; l < layers_.size(); ++l) {
-    const auto& r = layers_[l]->last_routing();
+  std::vector<RoutingResult> routings;
+  for (const auto& layer : layers_) routings.push_back(layer->last_routing());
+  after_forward(step, micro_batch, batch, routings);
+}
+
+void RoutingMonitor::after_forward(int64_t step, int64_t micro_batch, const Batch& batch,
+                                   const std::vector<RoutingResult>& routings) {
+  TORCH_CHECK(routings.size() == layers_.size(), "RoutingMonitor::after_forward: ", routings.size(),
+              " routings for ", layers_.size(), " MoE layers");
+  for (size_t l = 0; l < routings.size(); ++l) {
+    const auto& r = routings[l];
     const auto i = static_cast<int64_t>(l);
     sums_[0][i] += routing_entropy_sum(r.scores, r.valid);
     sums_[1][i] += routing_topk_score_sum(r.scores, r.expert_ids, r.valid);
     sums_[2][i] += static_cast<double>(r.num_valid);
   }
   if (trace_ && step % trace_every_ == 0) {
-    trace_->add_forward(step, rank_, micro_batch, layers_, batch);
+    trace_->add_forward(step, rank_, micro_batch, routings, batch);
   }
 }
 

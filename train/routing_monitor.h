@@ -49,6 +49,10 @@ class RoutingMonitor {
   /// After the forward of training micro-batch `micro_batch` of 1-based step `step`: adds the
   /// layers' routing entropy and top-k score sums, and traces the routing on trace steps.
   void after_forward(int64_t step, int64_t micro_batch, const Batch& batch);
+  /// The same from the forward's routing of each MoE layer, (L) in layer order (what a
+  /// per-forward statistics context holds; the overload above reads last_routing()).
+  void after_forward(int64_t step, int64_t micro_batch, const Batch& batch,
+                     const std::vector<RoutingResult>& routings);
 
   /// After the step: global_counts (L) x (E,) selections of all ranks and micro-batches,
   /// micro_max_violation (L) the micro-batch MaxVio means. Reduces the entropy and top-k sums

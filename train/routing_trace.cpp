@@ -183,10 +183,18 @@ void RoutingTraceWriter::add(int64_t step, int64_t rank, int64_t micro_batch, in
 
 void RoutingTraceWriter::add_forward(int64_t step, int64_t rank, int64_t micro_batch,
                                      const std::vector<MoELayer>& layers, const Batch& batch) {
-  const auto tokens_BS = batch.domain.reshape({-1, 1}).expand_as(batch.mask).reshape({-1});
-  for (size_t l = 0; l < layers.size(); ++l) {
-    const auto& r = layers[l]->last_routing();
-    add(step, rank, micro_batch, static_cast<int64_t>(l), r.expert_ids, tokens_BS, r.valid);
+  std::vector<RoutingResult> routings;
+  for (const auto& layer : layers) routings.push_back(layer->last_routing());
+  add_forward(step, rank, micro_batch, routings, batch);
+}
+
+void RoutingTraceWriter::add_forward(int64_t step, int64_t rank, int64_t micro_batch,
+                                     const std::vector<RoutingResult>& routings,
+                                     const Batch& batch) {
+  const auto domain_T = batch.domain.reshape({-1, 1}).expand_as(batch.mask).reshape({-1});
+  for (size_t l = 0; l < routings.size(); ++l) {
+    const auto& r = routings[l];
+    add(step, rank, micro_batch, static_cast<int64_t>(l), r.expert_ids, domain_T, r.valid);
   }
 }
 

@@ -76,6 +76,9 @@ class RoutingTraceWriter {
   /// its sequences broadcast over their tokens).
   void add_forward(int64_t step, int64_t rank, int64_t micro_batch,
                    const std::vector<MoELayer>& layers, const Batch& batch);
+  /// The same from the forward's routing of each layer, (L) in MoE layer order.
+  void add_forward(int64_t step, int64_t rank, int64_t micro_batch,
+                   const std::vector<RoutingResult>& routings, const Batch& batch);
 
   const std::string& path() const { return path_; }
 
