@@ -2,6 +2,7 @@
 #include "moe/checkpoint.h"
 
 #include "moe/autocast.h"
+#include "moe/recompute.h"
 
 namespace gbmoe {
 namespace {
@@ -60,6 +61,7 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
     variable_list outputs;
     {
       torch::AutoGradMode grad_mode(true);
+      RecomputeGuard recompute;  // a replaying router reuses the forward's choices
       AutocastRestore autocast(state.autocast);
       RoutingContext scratch;  // the recomputation's routing counts nowhere
       outputs = state.run(input, state.records ? &scratch : nullptr);

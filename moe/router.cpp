@@ -2,6 +2,7 @@
 #include "moe/router.h"
 
 #include "moe/kernels.h"
+#include "moe/recompute.h"
 
 namespace gbmoe {
 
@@ -52,27 +53,111 @@ torch::Tensor count_selections(const torch::Tensor& expert_ids, const torch::Ten
   return counts.index_add_(0, ids, torch::ones_like(ids));
 }
 
+namespace {
+
+// Scores s and the gates that select and weight experts (s itself for softmax).
+torch::Tensor scores_and_gates(const torch::Tensor& logits_TE, ScoreFunction score_function,
+                               RoutedScores& r) {
+  if (score_function == ScoreFunction::Softmax) {
+    r.scores = torch::softmax(logits_TE, -1);
+    return r.scores;
+  }
+  auto gates_TE = torch::sigmoid(logits_TE);
+  r.scores = gates_TE / gates_TE.sum(-1, true);
+  return gates_TE;
+}
+
+void weights_and_counts(const torch::Tensor& gates_TE, const torch::Tensor& valid_T,
+                        bool renormalize, RoutedScores& r) {
+  r.weights = gates_TE.gather(-1, r.expert_ids);
+  if (renormalize && r.expert_ids.size(1) > 1) r.weights = r.weights / r.weights.sum(-1, true);
+  r.counts = count_selections(r.expert_ids, valid_T, gates_TE.size(1));
+}
+
+}  // namespace
+
 RoutedScores route_logits_reference(const torch::Tensor& logits_TE, const torch::Tensor& bias_E,
                                     const torch::Tensor& valid_T, int64_t top_k,
                                     ScoreFunction score_function, bool renormalize) {
   RoutedScores r;
-  torch::Tensor gates_TE;
-  if (score_function == ScoreFunction::Softmax) {
-    r.scores = torch::softmax(logits_TE, -1);
-    gates_TE = r.scores;
-  } else {
-    gates_TE = torch::sigmoid(logits_TE);
-    r.scores = gates_TE / gates_TE.sum(-1, true);
-  }
+  auto gates_TE = scores_and_gates(logits_TE, score_function, r);
   {
     torch::NoGradGuard no_grad;
     auto selection_TE = gates_TE.detach() + bias_E.to(gates_TE.device());
     r.expert_ids = std::get<1>(selection_TE.topk(top_k, -1));
   }
-  r.weights = gates_TE.gather(-1, r.expert_ids);
-  if (renormalize && top_k > 1) r.weights = r.weights / r.weights.sum(-1, true);
-  r.counts = count_selections(r.expert_ids, valid_T, logits_TE.size(1));
+  weights_and_counts(gates_TE, valid_T, renormalize, r);
   return r;
+}
+
+RoutedScores route_logits_given(const torch::Tensor& logits_TE, const torch::Tensor& expert_ids_TK,
+                                const torch::Tensor& valid_T, ScoreFunction score_function,
+                                bool renormalize) {
+  const int64_t T = logits_TE.size(0), E = logits_TE.size(1);
+  TORCH_CHECK(expert_ids_TK.dim() == 2 && expert_ids_TK.size(0) == T, "given expert ids must be (",
+              T, ", K), got ", expert_ids_TK.sizes());
+  RoutedScores r;
+  r.expert_ids = expert_ids_TK.to(logits_TE.device(), torch::kLong);
+  if (r.expert_ids.numel() > 0) {
+    TORCH_CHECK(r.expert_ids.min().item<int64_t>() >= 0 && r.expert_ids.max().item<int64_t>() < E,
+                "given expert ids must be in [0, num_experts (", E, "))");
+  }
+  auto gates_TE = scores_and_gates(logits_TE, score_function, r);
+  weights_and_counts(gates_TE, valid_T, renormalize, r);
+  return r;
+}
+
+void RouterImpl::record_routing() {
+  replay_mode_ = RoutingReplayMode::Record;
+  recorded_.clear();
+  replay_.clear();
+  replay_next_ = 0;
+  last_ids_ = torch::Tensor();
+}
+
+void RouterImpl::replay_routing(std::vector<torch::Tensor> expert_ids) {
+  replay_mode_ = RoutingReplayMode::Replay;
+  replay_ = std::move(expert_ids);
+  replay_next_ = 0;
+  last_ids_ = torch::Tensor();
+}
+
+void RouterImpl::stop_routing_replay() {
+  replay_mode_ = RoutingReplayMode::Off;
+  replay_.clear();
+  replay_next_ = 0;
+  last_ids_ = torch::Tensor();
+}
+
+RoutedScores RouterImpl::replayed(const torch::Tensor& logits_TE, const torch::Tensor& valid_T) {
+  const bool recompute = is_recomputing();
+  if (recompute) {
+    TORCH_CHECK(last_ids_.defined(), "router replay: a recomputed forward before any ",
+                replay_mode_ == RoutingReplayMode::Record ? "recorded" : "replayed", " forward");
+    TORCH_CHECK(last_ids_.size(0) == logits_TE.size(0),
+                "router replay: the recomputed forward has ", logits_TE.size(0),
+                " tokens, the forward it recomputes had ", last_ids_.size(0));
+    return route_logits_given(logits_TE, last_ids_, valid_T, options.score_function(),
+                              options.renormalize());
+  }
+  if (replay_mode_ == RoutingReplayMode::Record) {
+    auto routed =
+        route_logits_reference(logits_TE, expert_bias.to(logits_TE.device()), valid_T,
+                               options.top_k(), options.score_function(), options.renormalize());
+    last_ids_ = routed.expert_ids;
+    recorded_.push_back(routed.expert_ids);
+    return routed;
+  }
+  TORCH_CHECK(replay_next_ < replay_.size(), "router replay: forward ", replay_next_ + 1,
+              " but only ", replay_.size(), " routings were given to replay_routing()");
+  const auto& ids = replay_[replay_next_];
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == logits_TE.size(0) && ids.size(1) == options.top_k(),
+              "router replay: forward ", replay_next_ + 1, " routes (", logits_TE.size(0), ", ",
+              options.top_k(), ") token choices, the replayed ids are ", ids.sizes());
+  ++replay_next_;
+  last_ids_ = ids;
+  return route_logits_given(logits_TE, ids, valid_T, options.score_function(),
+                            options.renormalize());
 }
 
 RoutingResult RouterImpl::forward(const torch::Tensor& x, const torch::Tensor& mask) {
@@ -96,10 +181,15 @@ RoutingResult RouterImpl::forward(const torch::Tensor& x, const torch::Tensor& m
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     r.logits = torch::nn::functional::linear(x.to(gate_dtype), weight.to(gate_dtype));
   }
-  const auto* kernels = gate_dtype == torch::kFloat ? fused_kernels(r.logits) : nullptr;
-  auto routed = (kernels ? kernels->route : route_logits_reference)(
-      r.logits, expert_bias.to(r.logits.device()), r.valid, options.top_k(),
-      options.score_function(), options.renormalize());
+  RoutedScores routed;
+  if (replay_mode_ == RoutingReplayMode::Off) {
+    const auto* kernels = gate_dtype == torch::kFloat ? fused_kernels(r.logits) : nullptr;
+    routed = (kernels ? kernels->route : route_logits_reference)(
+        r.logits, expert_bias.to(r.logits.device()), r.valid, options.top_k(),
+        options.score_function(), options.renormalize());
+  } else {
+    routed = replayed(r.logits, r.valid);
+  }
   r.scores = routed.scores;
   r.expert_ids = routed.expert_ids;
   r.weights = routed.weights;

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace gbmoe {
 
@@ -52,6 +53,20 @@ struct RoutingResult {
   int64_t top_k = 0;         // K
 };
 
+/// Router replay (RL fine-tuning needs training forwards to pick the experts the rollout picked).
+/// Record: every forward keeps its expert ids (T, K), in order. Replay: each forward takes the
+/// next of a given list instead of its own top-k; weights are the forward's own gates gathered
+/// at the replayed ids (renormalized as usual), so the router still gets its gradient through
+/// the scores of the replayed choices. While either mode is on, routing runs the reference ops
+/// (route_logits_reference / route_logits_given), so a replayed forward equals the recorded one
+/// bit for bit on every device. Recomputed forwards (activation checkpointing, RecomputeGuard)
+/// neither record nor advance: they reuse the ids of the last forward that did, which is the
+/// forward they recompute when each micro-batch's backward follows its forward. Ids are global
+/// expert ids, so replay holds under expert parallelism (routers stay whole).
+enum class RoutingReplayMode { Off, Record, Replay };
+
+struct RoutedScores;
+
 /// Bias-free linear gate (E, D) evaluated in fp32 (fp64 for fp64 input), then top-k selection.
 /// The buffer expert_bias (E) is added to the scores for selection only (loss-free balancing);
 /// it never changes the combine weights or the balancing loss.
@@ -60,6 +75,12 @@ struct RoutingResult {
 ///   Router router(RouterOptions(256, 8).top_k(2));
 ///   RoutingResult r = router->forward(x_TD);          // all tokens valid
 ///   RoutingResult m = router->forward(x_TD, mask_T);  // padding excluded from statistics
+///
+///   router->record_routing();                         // rollout
+///   router->forward(x_TD);
+///   router->replay_routing(router->recorded_routing());  // training: same experts
+///   router->forward(x_TD);
+///   router->stop_routing_replay();
 class RouterImpl : public torch::nn::Cloneable<RouterImpl> {
  public:
   explicit RouterImpl(RouterOptions options);
@@ -71,9 +92,32 @@ class RouterImpl : public torch::nn::Cloneable<RouterImpl> {
   /// x: (T, D) in any floating dtype; mask: (T,) bool or undefined (every token valid).
   RoutingResult forward(const torch::Tensor& x, const torch::Tensor& mask = {});
 
+  /// Starts recording: clears the recorded list; every later forward appends its ids.
+  void record_routing();
+  /// Starts replaying expert_ids (each (T, K) int64 of the forward it is for), in order; a
+  /// forward past the end of the list, or whose T or K differ, throws naming both shapes.
+  void replay_routing(std::vector<torch::Tensor> expert_ids);
+  /// Back to the router's own top-k; the recorded list stays readable.
+  void stop_routing_replay();
+  RoutingReplayMode replay_mode() const { return replay_mode_; }
+  /// The ids recorded since record_routing(), one (T, K) int64 per forward.
+  const std::vector<torch::Tensor>& recorded_routing() const { return recorded_; }
+  /// Forwards replayed since replay_routing().
+  size_t replayed_forwards() const { return replay_next_; }
+
   RouterOptions options;
   torch::Tensor weight;       // (E, D) gate
   torch::Tensor expert_bias;  // (E,) fp32 selection bias, a buffer
+
+ private:
+  // Routing of a forward in Record or Replay mode (see RoutingReplayMode).
+  RoutedScores replayed(const torch::Tensor& logits_TE, const torch::Tensor& valid_T);
+
+  RoutingReplayMode replay_mode_ = RoutingReplayMode::Off;
+  std::vector<torch::Tensor> recorded_;  // Record: the ids of each forward
+  std::vector<torch::Tensor> replay_;    // Replay: the ids to use, in order
+  size_t replay_next_ = 0;
+  torch::Tensor last_ids_;  // ids of the last recording / replaying forward (for recomputation)
 };
 TORCH_MODULE(Router);
 
@@ -94,6 +138,17 @@ struct RoutedScores {
 RoutedScores route_logits_reference(const torch::Tensor& logits_TE, const torch::Tensor& bias_E,
                                     const torch::Tensor& valid_T, int64_t top_k,
                                     ScoreFunction score_function, bool renormalize);
+
+/// As route_logits_reference, with the expert ids given instead of selected: scores from the
+/// logits, weights = gates gathered at expert_ids (T, K) (renormalized when asked and K > 1),
+/// counts of the given ids. What a replaying Router runs.
+///
+/// Example:
+///   auto s = route_logits_given(logits_TE, recorded_ids_TK, valid_T, ScoreFunction::Softmax,
+///   true);
+RoutedScores route_logits_given(const torch::Tensor& logits_TE, const torch::Tensor& expert_ids_TK,
+                                const torch::Tensor& valid_T, ScoreFunction score_function,
+                                bool renormalize);
 
 /// Selection counts (E,) int64 of the valid tokens' top-k ids.
 torch::Tensor count_selections(const torch::Tensor& expert_ids, const torch::Tensor& valid,

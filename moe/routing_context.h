@@ -54,4 +54,11 @@ class RoutingContext {
   OnRecord on_record_;
 };
 
+/// The routing results of a context's records, in order.
+inline std::vector<RoutingResult> routings_of(const RoutingContext& routing) {
+  std::vector<RoutingResult> out;
+  for (const auto& r : routing.layers()) out.push_back(r.routing);
+  return out;
+}
+
 }  // namespace gbmoe

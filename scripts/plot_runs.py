@@ -5,7 +5,8 @@ Each run is LABEL=RUN_DIR, where RUN_DIR holds gbmoe-train's metrics.jsonl and g
 analysis/analysis.json. Writes into --output: heatmap_<label>.png (per MoE layer: domains x
 experts, selection frequency, experts sorted by the domain that uses them most), loss.png
 (training and validation loss), maxvio.png (MaxVio of the global batch and of micro-batches),
-compare.png (the runs side by side) and report.md.
+compare.png (the runs side by side), routing.png (the bounded per-layer routing metrics: median
+over MoE layers with the min-max band, for runs whose metrics.jsonl has them) and report.md.
 
 Example: plot_runs.py --output reports/pair micro=runs/compare/micro global=runs/compare/global
 """
@@ -156,6 +157,38 @@ def plot_maxvio(runs, path):
     return save(fig, path)
 
 
+ROUTING_METRICS = {"maxvio_global": "MaxVio, global batch", "maxvio_micro": "MaxVio, micro-batches",
+                   "load_cv": "load coefficient of variation", "dead_experts": "dead experts",
+                   "routing_entropy": "routing entropy (nats)",
+                   "topk_score_sum": "top-k score sum"}
+ROUTING_SIZE = (15.0, 7.5)  # routing.png: 1500 x 750 pixels
+
+
+def has_routing_metrics(run):
+    return any("across_layers" in r for r in run["train"])
+
+
+def plot_routing(runs, path):
+    """Per metric: the median over layers (smoothed) and the band from the min to the max."""
+    fig, axes = plt.subplots(2, 3, figsize=ROUTING_SIZE, layout="constrained")
+    for ax, (key, title) in zip(axes.flat, ROUTING_METRICS.items()):
+        for run in runs:
+            rows = [r for r in run["train"] if key in r.get("across_layers", {})]
+            steps = [r["step"] for r in rows]
+            spread = {s: smooth([r["across_layers"][key][s] for r in rows])
+                      for s in ("min", "median", "max")}
+            line, = ax.plot(steps, spread["median"], label=run["label"])
+            ax.fill_between(steps, spread["min"], spread["max"], color=line.get_color(),
+                            alpha=0.2, linewidth=0)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    fig.suptitle(f"Routing per MoE layer: median over layers, band from min to max, "
+                 f"{SMOOTH}-step moving mean")
+    return save(fig, path)
+
+
 def grouped_bars(ax, groups, runs, values, ylabel):
     width = 0.8 / len(runs)
     x = np.arange(len(groups))
@@ -280,6 +313,10 @@ def main():
     images.append(("Loss curves", "loss.png"))
     plot_maxvio(runs, os.path.join(args.output, "maxvio.png"))
     images.append(("MaxVio curves", "maxvio.png"))
+    with_routing = [r for r in runs if has_routing_metrics(r)]
+    if with_routing:
+        plot_routing(with_routing, os.path.join(args.output, "routing.png"))
+        images.append(("Routing metrics per layer", "routing.png"))
     with open(os.path.join(args.output, "report.md"), "w") as f:
         f.write(report(runs, images, args.title, args.command) + "\n")
     print(f"plot_runs.py: wrote {args.output}/report.md and {len(images)} pictures")

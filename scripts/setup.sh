@@ -53,4 +53,10 @@ PY
   echo "setup: installing ${hf_packages[*]} into $venv"
   "$venv/bin/pip" install -q "${hf_packages[@]}"
 fi
+# tensorboard: its event reader checks the event files gbmoe-train writes (tests), and it shows them.
+tensorboard_version=2.21.0
+if ! "$venv/bin/python" -c "import tensorboard, sys; sys.exit(0 if tensorboard.__version__ == '$tensorboard_version' else 1)" 2>/dev/null; then
+  echo "setup: installing tensorboard==$tensorboard_version into $venv"
+  "$venv/bin/pip" install -q "tensorboard==$tensorboard_version"
+fi
 echo "setup: done (torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'))"

@@ -120,7 +120,19 @@ class ConfigError : public std::invalid_argument {
   X(int64_t, threads, 1, Between(1, 1024), "intra-op CPU threads per rank")                        \
   X(int64_t, cpu_buffer_cache_mib, 2048, AtLeast(0),                                               \
     "MiB of freed CPU buffers (2 MiB and more, on huge pages) each rank keeps for reuse; "         \
-    "0 = off (glibc malloc)")
+    "0 = off (glibc malloc)")                                                                  \
+  X(bool, tensorboard, true, AnyValue(),                                                           \
+    "write the scalars of metrics.jsonl as TensorBoard events into train.run_dir/tb/")             \
+  X(int64_t, routing_trace_every, 0, AtLeast(0),                                                   \
+    "every N steps, write each valid token's top-k expert ids and domain per MoE layer into "      \
+    "train.run_dir/traces/rank<r>.gbrt; 0 = never")                                                \
+  X(bool, expert_loads, false, AnyValue(),                                                         \
+    "write every step's per-expert selection counts of each MoE layer to "                        \
+    "train.run_dir/expert_loads.jsonl")                                                           \
+  X(std::string, routing_replay, "", AnyValue(),                                                   \
+    "routing trace (a .gbrt file or a traces/ directory) of an earlier run with the same data, "   \
+    "batches and world size, traced every step: training forwards use its expert choices "        \
+    "instead of the routers' own top-k; \"\" = off")
 
 #define GBMOE_PARALLEL_FIELDS(X)                                                                   \
   X(int64_t, expert_parallel, 1, AtLeast(1),                                                       \

@@ -21,6 +21,7 @@
 #include "train/checkpoint.h"
 #include "train/hf_model.h"
 #include "train/json.h"
+#include "train/routing_monitor.h"
 #include "train/run_control.h"
 #include "train/run_dir.h"
 #include "train/sampler.h"
@@ -145,12 +146,14 @@ LanguageModelOptions model_options_from_config(const Config& config, int64_t voc
 
 StepLosses forward_backward(LanguageModel& model, TrainingObjective& objective,
                             const std::vector<Batch>& micro_batches, const torch::Device& device,
-                            bool autocast_bf16) {
+                            bool autocast_bf16, const MicroBatchHooks& hooks) {
   double local_tokens = 0;
   for (const auto& b : micro_batches) local_tokens += b.mask.sum().item<double>();
   objective.begin_step(static_cast<int64_t>(micro_batches.size()), local_tokens);
   const auto ce_sum = torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum);
-  for (const auto& b : micro_batches) {
+  for (size_t m = 0; m < micro_batches.size(); ++m) {
+    const auto& b = micro_batches[m];
+    if (hooks.before_forward) hooks.before_forward(static_cast<int64_t>(m), b);
     auto routing = objective.context();
     torch::Tensor task;
     {
@@ -160,6 +163,7 @@ StepLosses forward_backward(LanguageModel& model, TrainingObjective& objective,
       task = torch::nn::functional::cross_entropy(logits.flatten(0, 1),
                                                   b.targets.to(device).flatten(), ce_sum);
     }
+    if (hooks.after_forward) hooks.after_forward(static_cast<int64_t>(m), b, routing);
     objective.micro_batch_loss(routing, task).backward();
   }
   StepLosses out;
@@ -259,6 +263,7 @@ class Trainer {
   std::unique_ptr<torch::optim::AdamW> optimizer_;
   std::unique_ptr<RunDirectory> run_directory_;
   std::unique_ptr<NonFiniteSteps> nonfinite_;
+  std::unique_ptr<RoutingMonitor> monitor_;  // per-layer metrics, TensorBoard, traces, replay
   TrainSummary summary_;
   double window_tokens_ = 0, window_seconds_ = 0;
 };
@@ -356,7 +361,14 @@ bool Trainer::train_step(int64_t step, int64_t stop_after) {
   optimizer_->zero_grad();
   std::vector<Batch> micro(config_.data.grad_accum);
   for (auto& b : micro) b = sampler_->next_batch();
-  const auto losses = forward_backward(model_, *objective_, micro, device_, autocast_bf16_);
+  MicroBatchHooks hooks;
+  hooks.before_forward = [&](int64_t m, const Batch& b) {
+    monitor_->before_forward(step + 1, m, b);
+  };
+  hooks.after_forward = [&](int64_t m, const Batch& b, const RoutingContext& routing) {
+    monitor_->after_forward(step + 1, m, b, routings_of(routing));
+  };
+  const auto losses = forward_backward(model_, *objective_, micro, device_, autocast_bf16_, hooks);
   const bool stop_here = stop_requested() || (stop_after >= 0 && step + 1 >= stop_after);
   auto flags = torch::tensor({losses.finite ? 0.0 : 1.0, stop_here ? 1.0 : 0.0}, torch::kDouble);
   world_.all_reduce(flags, ReduceOp::Max);
@@ -390,12 +402,15 @@ void Trainer::record_step(int64_t done, double lr, double grad_norm, const StepL
   for (const auto& st : layers) parts.push_back(st.local_counts.cpu());
   auto packed = sum_over(world_, torch::cat(parts)) / static_cast<double>(R);
   std::vector<double> mv_global, mv_micro;
+  std::vector<torch::Tensor> global_counts;  // (L) x (E,) selections of all ranks
   for (int64_t l = 0, offset = 4 + L; l < L; ++l) {
     const int64_t E = layers[l].local_counts.numel();
     mv_global.push_back(max_violation(packed.narrow(0, offset, E)));
     mv_micro.push_back(packed[4 + l].item<double>());
+    global_counts.push_back((packed.narrow(0, offset, E) * static_cast<double>(R)).round());
     offset += E;
   }
+  const std::string routing_json = monitor_->end_step(world_, done, global_counts, mv_micro);
   const double ce = packed[0].item<double>(), bal = packed[1].item<double>();
   const double z = packed[2].item<double>(), step_tokens = packed[3].item<double>();
   summary_.last_step = done;
@@ -412,8 +427,9 @@ void Trainer::record_step(int64_t done, double lr, double grad_norm, const StepL
        << ",\"grad_norm\":" << json_number(grad_norm)
        << ",\"tokens_per_s\":" << json_number(step_tokens / seconds)
        << ",\"maxvio_global\":" << json_list(mv_global)
-       << ",\"maxvio_micro\":" << json_list(mv_micro) << "}";
+       << ",\"maxvio_micro\":" << json_list(mv_micro) << routing_json << "}";
   run_directory_->append_metrics(line.str());
+  monitor_->log_line(line.str());
 }
 
 void Trainer::log_progress(int64_t done) {
@@ -442,7 +458,10 @@ void Trainer::evaluate_now(int64_t done) {
   const int64_t every = config_.train.eval_every;
   if (every <= 0 || (done % every != 0 && done != config_.train.steps)) return;
   summary_.eval = evaluate(model_, val_batches_, domains_, world_, autocast_bf16_, done);
-  if (rank0_) run_directory_->append_metrics(eval_json(summary_.eval));
+  if (rank0_) {
+    run_directory_->append_metrics(eval_json(summary_.eval));
+    monitor_->log_line(eval_json(summary_.eval));
+  }
   std::ostringstream e;
   e << std::fixed << std::setprecision(4) << "eval step " << done << " | val loss "
     << summary_.eval.loss;
@@ -454,6 +473,8 @@ TrainSummary Trainer::run(int64_t stop_after) {
   summary_.run_dir = config_.train.run_dir;
   const int64_t start_step = resume();
   summary_.first_step = summary_.last_step = start_step;
+  monitor_ = std::make_unique<RoutingMonitor>(
+      config_, model_->moe_layers(), train_data_->domain_names(), world_.rank(), start_step > 0);
   StopSignals stop_signals;
   nonfinite_ =
       std::make_unique<NonFiniteSteps>(config_.train.max_nonfinite_steps, config_.train.run_dir);

@@ -2,6 +2,7 @@
 // and cosine decay, evaluation per domain, metrics, checkpoints, exact resume, SIGTERM.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -28,6 +29,13 @@ struct StepLosses {
   std::string bad_term;  // the first non-finite term, "name = value"
 };
 
+/// Optional calls around each micro-batch's forward (gbmoe-train's RoutingMonitor uses them).
+struct MicroBatchHooks {
+  std::function<void(int64_t micro_batch, const Batch& batch)> before_forward;
+  std::function<void(int64_t micro_batch, const Batch& batch, const RoutingContext& routing)>
+      after_forward;
+};
+
 /// The forward and backward passes of one optimizer step on this rank: the micro-batches run
 /// through the model with the objective's routing context, the token-summed cross-entropy and
 /// the balancing terms backpropagate through objective.micro_batch_loss(), and the gradients
@@ -39,7 +47,7 @@ struct StepLosses {
 ///   dp.average_gradients(); optimizer.step(); objective.end_step();
 StepLosses forward_backward(LanguageModel& model, TrainingObjective& objective,
                             const std::vector<Batch>& micro_batches, const torch::Device& device,
-                            bool autocast_bf16);
+                            bool autocast_bf16, const MicroBatchHooks& hooks = {});
 
 /// Validation figures of one evaluation.
 struct EvalResult {

@@ -17,12 +17,17 @@ import plot_runs  # noqa: E402
 DOMAINS = ["code", "math", "prose"]
 
 
-def write_run(run_dir, scope, freq_LME, val_loss):
+def write_run(run_dir, scope, freq_LME, val_loss, routing=False):
     os.makedirs(os.path.join(run_dir, "analysis"))
     with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
         for step in range(1, 41):
-            f.write(json.dumps({"step": step, "ce": 5 - step / 20, "maxvio_global": [0.2, 0.4],
-                                "maxvio_micro": [0.5, 0.7]}) + "\n")
+            record = {"step": step, "ce": 5 - step / 20, "maxvio_global": [0.2, 0.4],
+                      "maxvio_micro": [0.5, 0.7]}
+            if routing:  # the bounded per-layer metrics of newer runs
+                record["across_layers"] = {
+                    key: {"min": 0.1 * step, "median": 0.2 * step, "max": 0.3 * step}
+                    for key in plot_runs.ROUTING_METRICS}
+            f.write(json.dumps(record) + "\n")
             if step % 20 == 0:
                 evaluation = {"val_loss": val_loss + 1 / step}
                 f.write(json.dumps({"step": step, "eval": evaluation}) + "\n")
@@ -60,7 +65,7 @@ def main():
     uniform = np.full((3, 4), 0.5).tolist()
     write_run(f"{work}/a", "micro", [uniform, uniform], 4.0)
     write_run(f"{work}/b", "group", [separated, uniform], 3.5)
-    write_run(f"{work}/c", "global", [separated, separated], 3.0)
+    write_run(f"{work}/c", "global", [separated, separated], 3.0, routing=True)
     runs = plot_runs.parse_runs([f"a={work}/a", f"b={work}/b", f"c={work}/c"])
     report = plot_runs.report(runs, [("Loss curves", "loss.png")], "T", "cmd")
     assert "| b | group g=1 | 40 | 3.5000 | 3.5000 | 4.5000 | 5.5000 |" in report, report
@@ -72,6 +77,15 @@ def main():
     with Image.open(f"{work}/heatmap.png") as image:
         assert image.size == (860, 295), image.size
         assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 20
+    # Routing metrics: drawn for the runs that have them, listed in the report.
+    assert not plot_runs.has_routing_metrics(runs[0]) and plot_runs.has_routing_metrics(runs[2])
+    assert run_plot(f"{work}/out1", f"a={work}/a", f"c={work}/c") is None
+    with Image.open(f"{work}/out1/routing.png") as image:
+        assert image.size == (1500, 750), image.size
+        assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 20
+    assert "](routing.png)" in open(f"{work}/out1/report.md").read()
+    assert run_plot(f"{work}/out3", f"a={work}/a") is None
+    assert not os.path.exists(f"{work}/out3/routing.png")
     # Clear errors: a run without analysis, a malformed spec.
     os.remove(f"{work}/b/analysis/analysis.json")
     error = run_plot(f"{work}/out2", f"a={work}/a", f"b={work}/b")

@@ -13,7 +13,9 @@
 #include "test_util.h"
 #include "train/checkpoint.h"
 #include "train/data_build.h"
+#include "train/routing_trace.h"
 #include "train/run_dir.h"
+#include "train/tensorboard.h"
 #include "train/token_dataset.h"
 #include "train/trainer.h"
 
@@ -359,6 +361,114 @@ TEST_F(TrainerTest, BadSettingsNameTheSettingAndValue) {
   config = tiny("bad");
   config.train.resume = (root_ / "nowhere").string();
   expect_throw_with([&] { train(config, *world_); }, "train.resume (");
+}
+
+// Routing traces of every rank (with and without expert parallelism) hold exactly the selections
+// of expert_loads.jsonl on the traced steps; the per-layer metrics are in every step's line.
+TEST_F(TrainerTest, RoutingTracesOfAllRanksMatchTheExpertLoads) {
+  for (int64_t ep : {1, 2}) {
+    if (ep == 2 && mpi_size() % 2 != 0) continue;
+    auto config = tiny("trace_ep" + std::to_string(ep));
+    config.parallel.expert_parallel = ep;
+    config.train.routing_trace_every = 2;
+    config.train.expert_loads = true;
+    train(config, ep == 2 ? build_process_groups(ParallelSizes{mpi_size(), 2}) : *world_);
+    world_->world->barrier();
+    if (world_->world->rank() != 0) continue;
+    const fs::path run(config.train.run_dir);
+    const auto files = routing_trace_files((run / "traces").string());
+    ASSERT_EQ(static_cast<int>(files.size()), mpi_size());
+    const auto trace = read_routing_trace(files);
+    std::ifstream loads(run / "expert_loads.jsonl");
+    int checked = 0;
+    for (std::string line; std::getline(loads, line);) {
+      const int64_t step = std::stoll(line.substr(line.find(':') + 1));
+      if (step % 2 != 0) continue;
+      const auto sel = trace_selection(trace, step, step);
+      const auto values = json_scalars(line);  // loads/layer<l>/layer<i>, in order
+      ASSERT_EQ(static_cast<int64_t>(values.size()), 2 * config.model.num_experts);
+      for (int64_t l = 0; l < 2; ++l) {
+        for (int64_t i = 0; i < config.model.num_experts; ++i) {
+          EXPECT_EQ(sel.counts[l].sum(0)[i].item<double>(),
+                    values[l * config.model.num_experts + i].second)
+              << "step " << step << " layer " << l << " expert " << i << " ep " << ep;
+        }
+      }
+      ++checked;
+    }
+    EXPECT_EQ(checked, 3);  // steps 2, 4, 6
+    std::ifstream metrics(run / "metrics.jsonl");
+    std::string first;
+    std::getline(metrics, first);
+    for (const char* key : {"\"load_cv\":[", "\"dead_experts\":[", "\"routing_entropy\":[",
+                            "\"topk_score_sum\":[", "\"across_layers\":{\"maxvio_global\""}) {
+      EXPECT_NE(first.find(key), std::string::npos) << key << " in " << first;
+    }
+    // Softmax over 4 experts, top-2: entropy in (0, ln 4], top-2 score sum in [1/2, 1].
+    for (const auto& [tag, value] : json_scalars(first)) {
+      if (tag.rfind("routing_entropy/", 0) == 0) {
+        EXPECT_GT(value, 0.0) << tag;
+        EXPECT_LE(value, std::log(4.0) + 1e-6) << tag;
+      } else if (tag.rfind("topk_score_sum/", 0) == 0) {
+        EXPECT_GE(value, 0.5) << tag;
+        EXPECT_LE(value, 1.0) << tag;
+      }
+    }
+    EXPECT_FALSE(fs::is_empty(run / "tb"));
+  }
+}
+
+// train.routing_replay: a run whose routers would choose differently (another init) trains with
+// the expert choices of the source run's trace, also with expert parallelism and activation
+// checkpointing; without replay its choices differ.
+TEST_F(TrainerTest, RoutingReplayTrainsWithTheChoicesOfAnotherRun) {
+  auto source = tiny("replay_source");
+  source.train.routing_trace_every = 1;
+  train(source, *world_);
+  const auto source_traces = (fs::path(source.train.run_dir) / "traces").string();
+  auto routing_of = [&](const Config& c) {
+    world_->world->barrier();
+    return read_routing_trace(routing_trace_files((fs::path(c.train.run_dir) / "traces").string()));
+  };
+  const auto expected = routing_of(source);
+  auto same_choices = [&](const RoutingTrace& t) {
+    if (t.records.size() != expected.records.size()) return false;
+    for (size_t r = 0; r < t.records.size(); ++r) {
+      if (!torch::equal(t.records[r].expert_ids, expected.records[r].expert_ids)) return false;
+    }
+    return true;
+  };
+  auto other = tiny("replay_off");
+  other.model.init_std = 0.2;
+  other.train.routing_trace_every = 1;
+  train(other, *world_);
+  EXPECT_FALSE(same_choices(routing_of(other))) << "another init should route differently";
+
+  for (int64_t ep : {1, 2}) {
+    if (ep == 2 && mpi_size() % 2 != 0) continue;
+    auto replay = tiny("replay_ep" + std::to_string(ep));
+    replay.model.init_std = 0.2;
+    replay.train.routing_trace_every = 1;
+    replay.train.routing_replay = source_traces;
+    replay.parallel.expert_parallel = ep;
+    replay.train.activation_checkpointing = ep == 2;
+    auto s = train(replay, ep == 2 ? build_process_groups(ParallelSizes{mpi_size(), 2}) : *world_);
+    for (double l : s.losses) EXPECT_TRUE(std::isfinite(l));
+    EXPECT_TRUE(same_choices(routing_of(replay))) << "expert_parallel " << ep;
+  }
+
+  auto bad = tiny("replay_bad");
+  bad.train.routing_replay = source_traces;
+  bad.data.micro_batch_size = 3;
+  expect_throw_with([&] { train(bad, *world_); }, "train.routing_replay (");
+  bad.train.routing_replay = (root_ / "no-such-trace").string();
+  expect_throw_with([&] { train(bad, *world_); }, "no-such-trace");
+  auto own = tiny("replay_source");
+  own.train.routing_trace_every = 1;
+  own.train.routing_replay = source_traces;
+  own.train.resume = "auto";  // the run directory may be reused only by resuming it
+  expect_throw_with([&] { train(own, *world_); }, "is this run's own trace directory");
+  EXPECT_EQ(routing_of(source).records.size(), expected.records.size()) << "the source is intact";
 }
 
 }  // namespace

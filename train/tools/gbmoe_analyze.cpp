@@ -1,5 +1,6 @@
 // gbmoe-analyze: expert specialization of a trained run on the validation data, per MoE layer and
-// domain, written as JSON and CSV. Example: gbmoe-analyze --run runs/global (latest checkpoint)
+// domain, written as JSON and CSV. Example: gbmoe-analyze --run runs/global (latest checkpoint).
+// With --trace, per-domain selection frequencies from a routing trace of the run instead.
 #include <cxxopts.hpp>
 
 #include <filesystem>
@@ -13,6 +14,7 @@
 #include "train/cli_flags.h"
 #include "train/config.h"
 #include "train/json.h"
+#include "train/routing_trace.h"
 #include "train/token_dataset.h"
 #include "train/trainer.h"
 
@@ -23,6 +25,7 @@ namespace {
 struct Args {
   std::string run, checkpoint, data, output;
   int64_t val_batches = -1, threads = 1;
+  std::string trace;  // --trace: read a routing trace instead of a checkpoint
 };
 
 Args parse_args(int argc, char** argv, cxxopts::Options& cli) {
@@ -37,19 +40,36 @@ Args parse_args(int argc, char** argv, cxxopts::Options& cli) {
       "output", "output directory (default: RUN/analysis)",
       cxxopts::value<std::string>()->default_value(""))(
       "threads", "intra-op CPU threads", cxxopts::value<std::string>()->default_value("1"))(
-      "h,help", "print this help");
+      "trace",
+      "routing trace of a run (a .gbrt file or RUN/traces): write its per-domain selection "
+      "frequencies to OUTPUT/trace_selection.csv instead (no checkpoint needed)",
+      cxxopts::value<std::string>()->default_value(""))("h,help", "print this help");
   auto r = cli.parse(argc, argv);
   if (r.count("help")) {
     std::cout << cli.help();
     std::exit(0);
   }
-  if (!r.count("run")) throw std::invalid_argument("--run is required");
+  const std::string trace = r["trace"].as<std::string>();
+  if (!trace.empty()) {
+    Args a;
+    a.trace = trace;
+    a.run = r.count("run") ? r["run"].as<std::string>() : "";
+    a.output = r["output"].as<std::string>();
+    if (a.output.empty()) {
+      a.output = !a.run.empty()            ? (fs::path(a.run) / "analysis").string()
+                 : fs::is_directory(trace) ? trace
+                                           : fs::path(trace).parent_path().string();
+    }
+    return a;
+  }
+  if (!r.count("run")) throw std::invalid_argument("--run is required (or --trace)");
   Args a{r["run"].as<std::string>(),
          r["checkpoint"].as<std::string>(),
          r["data"].as<std::string>(),
          r["output"].as<std::string>(),
          gbmoe::flag<int64_t>(r, "val-batches"),
-         gbmoe::flag<int64_t>(r, "threads")};
+         gbmoe::flag<int64_t>(r, "threads"),
+         ""};
   if (!fs::is_directory(a.run))
     throw std::invalid_argument("--run \"" + a.run + "\" is not a directory");
   if (a.threads < 1)
@@ -114,6 +134,19 @@ int main(int argc, char** argv) {
   int64_t step = 0;
   try {
     args = parse_args(argc, argv, cli);
+    if (!args.trace.empty()) {
+      const auto files = gbmoe::routing_trace_files(args.trace);
+      const auto trace = gbmoe::read_routing_trace(files);
+      const auto selection = gbmoe::trace_selection(trace);
+      fs::create_directories(args.output);
+      write_file(fs::path(args.output) / "trace_selection.csv",
+                 gbmoe::trace_selection_csv(trace, selection));
+      std::cout << "gbmoe-analyze: " << trace.records.size() << " trace records from "
+                << files.size() << " file(s), "
+                << (selection.tokens.empty() ? 0.0 : selection.tokens[0].sum().item<double>())
+                << " tokens per layer; wrote " << args.output << "/trace_selection.csv\n";
+      return 0;
+    }
     const auto meta = gbmoe::read_checkpoint_meta(args.checkpoint);
     // The checkpoint's own config describes its model; older checkpoints only have the run's.
     const auto own = fs::path(args.checkpoint) / "config.yaml";
