@@ -398,23 +398,9 @@ std::string quoted(const std::string& s) {
   return e.c_str();
 }
 
-// The problems validate() reports, in the order of the field lists.
-std::vector<std::string> problems(const Config& c) {
-  std::vector<std::string> out;
-  for (const auto& f : fields()) {
-    std::string p = f.problem(c);
-    if (!p.empty()) out.push_back(std::move(p));
-  }
-  if (!out.empty()) return out;  // the cross-field checks assume each value is allowed
-
-  const auto& m = c.model;
-  const auto& b = c.balance;
+// The attention shape: heads, key/value heads and head size of the model family.
+void attention_problems(const ModelConfig& m, std::vector<std::string>& out) {
   const auto n = [](auto v) { return std::to_string(v); };
-  const auto d = [](double v) { return format_double(v); };
-  if (m.top_k > m.num_experts) {
-    out.push_back("model.top_k (" + n(m.top_k) + ") must be <= model.num_experts (" +
-                  n(m.num_experts) + ")");
-  }
   if (m.head_dim > 0) {
     if (m.head_dim % 2 != 0) {
       out.push_back("model.head_dim (" + n(m.head_dim) +
@@ -440,6 +426,26 @@ std::vector<std::string> problems(const Config& c) {
                   ") = 0 or model.dim / model.num_heads; set model.family=qwen3_moe, "
                   "mixtral or olmoe for grouped-query attention");
   }
+}
+
+// The problems validate() reports, in the order of the field lists.
+std::vector<std::string> problems(const Config& c) {
+  std::vector<std::string> out;
+  for (const auto& f : fields()) {
+    std::string p = f.problem(c);
+    if (!p.empty()) out.push_back(std::move(p));
+  }
+  if (!out.empty()) return out;  // the cross-field checks assume each value is allowed
+
+  const auto& m = c.model;
+  const auto& b = c.balance;
+  const auto n = [](auto v) { return std::to_string(v); };
+  const auto d = [](double v) { return format_double(v); };
+  if (m.top_k > m.num_experts) {
+    out.push_back("model.top_k (" + n(m.top_k) + ") must be <= model.num_experts (" +
+                  n(m.num_experts) + ")");
+  }
+  attention_problems(m, out);
   try {
     if (m.moe_layer_indices().empty()) {
       out.push_back("model.moe_layers (" + m.moe_layers + ") selects no block of " +

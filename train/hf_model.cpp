@@ -121,8 +121,11 @@ bool is_gbmoe_checkpoint(const std::string& dir) {
   return fs::exists(fs::path(dir) / "config.yaml") && fs::exists(fs::path(dir) / "state.pt");
 }
 
-ModelConfig model_config_from_hf(const std::string& path) {
-  json cfg;
+namespace {
+
+// config.json parsed, with everything gbmoe cannot run refused naming the key; returns the
+// RoPE base (rope_theta, or rope_parameters.rope_theta).
+double read_supported_hf_config(const std::string& path, json& cfg) {
   {
     std::ifstream in(path);
     TORCH_CHECK(in, "cannot read ", path);
@@ -155,7 +158,15 @@ ModelConfig model_config_from_hf(const std::string& path) {
   }
   TORCH_CHECK(!cfg.contains("rope_scaling") || cfg["rope_scaling"].is_null(), path,
               ": rope_scaling is not supported");
+  return theta;
+}
 
+}  // namespace
+
+ModelConfig model_config_from_hf(const std::string& path) {
+  json cfg;
+  const double theta = read_supported_hf_config(path, cfg);
+  const auto type = value_or<std::string>(cfg, "model_type", "");
   ModelConfig m;
   m.family = type;
   m.vocab_size = required<int64_t>(cfg, "vocab_size", path);

@@ -13,7 +13,9 @@
 #include "train/data.h"
 #include "train/jsonl_corpus.h"
 
-int main(int argc, char** argv) {
+namespace {
+
+cxxopts::Options command_line() {
   cxxopts::Options cli(
       "gbmoe-data",
       "Builds a gbmoe token dataset from text files grouped by domain: trains (or "
@@ -50,6 +52,29 @@ int main(int argc, char** argv) {
     ("quiet", "no progress display")
     ("h,help", "print this help");
   // clang-format on
+  return cli;
+}
+
+// The JSON-lines records of --jsonl as domain directories under dir, with a summary on stderr.
+void stage_jsonl(const cxxopts::ParseResult& args, const std::string& dir) {
+  std::vector<std::string> files;
+  std::stringstream list(gbmoe::flag<std::string>(args, "jsonl"));
+  for (std::string f; std::getline(list, f, ',');) {
+    if (!f.empty()) files.push_back(f);
+  }
+  gbmoe::JsonlFields fields;
+  fields.text = gbmoe::flag<std::string>(args, "text-field");
+  fields.domain = gbmoe::flag<std::string>(args, "domain-field");
+  const auto read = gbmoe::jsonl_to_domain_dirs(files, dir, fields);
+  std::cerr << "gbmoe-data: " << read.records << " JSON-lines records, "
+            << read.records - read.bad() << " documents in " << read.domains.size() << " domains"
+            << (read.bad() ? ", skipped:\n" : "\n") << gbmoe::format_jsonl_summary(read, fields);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  auto cli = command_line();
   try {
     const auto args = cli.parse(argc, argv);
     if (args.count("help")) {
@@ -75,21 +100,9 @@ int main(int argc, char** argv) {
       }
     } staging;
     if (jsonl) {
-      std::vector<std::string> files;
-      std::stringstream list(gbmoe::flag<std::string>(args, "jsonl"));
-      for (std::string f; std::getline(list, f, ',');) {
-        if (!f.empty()) files.push_back(f);
-      }
-      gbmoe::JsonlFields fields;
-      fields.text = gbmoe::flag<std::string>(args, "text-field");
-      fields.domain = gbmoe::flag<std::string>(args, "domain-field");
       std::filesystem::remove_all(input);
       staging.dir = input;
-      const auto read = gbmoe::jsonl_to_domain_dirs(files, input, fields);
-      std::cerr << "gbmoe-data: " << read.records << " JSON-lines records, "
-                << read.records - read.bad() << " documents in " << read.domains.size()
-                << " domains" << (read.bad() ? ", skipped:\n" : "\n")
-                << gbmoe::format_jsonl_summary(read, fields);
+      stage_jsonl(args, input);
     }
     auto options = gbmoe::DataBuildOptions(input, output)
                        .vocab_size(gbmoe::flag<int64_t>(args, "vocab-size"))

@@ -79,6 +79,38 @@ void write_npy(const std::string& path, const torch::Tensor& t_in) {
   TORCH_CHECK(out.good(), "writing ", path, " failed");
 }
 
+// The token ids to score as text ("1,2;3,4" or lines) from --tokens, --tokens-file or --text;
+// `from` names where they came from, for messages.
+std::string token_text(const cxxopts::ParseResult& r, std::string& from) {
+  const auto tokens_text = r["tokens"].as<std::string>();
+  const auto tokens_file = r["tokens-file"].as<std::string>();
+  const auto raw_text = r["text"].as<std::string>();
+  if ((!tokens_text.empty()) + (!tokens_file.empty()) + (!raw_text.empty()) != 1)
+    throw std::invalid_argument("give exactly one of --tokens, --tokens-file and --text");
+  std::string text = tokens_text;
+  from = "--tokens";
+  if (!raw_text.empty()) {
+    const auto model = r["tokenizer"].as<std::string>();
+    if (model.empty()) throw std::invalid_argument("--text needs --tokenizer");
+    text.clear();
+    for (int id : gbmoe::Tokenizer::load(model).encode(raw_text)) {
+      text += (text.empty() ? "" : ",") + std::to_string(id);
+    }
+    from = "--text";
+  } else if (!tokens_file.empty()) {
+    std::ifstream in(tokens_file);
+    if (!in) throw std::invalid_argument("--tokens-file \"" + tokens_file + "\" cannot be read");
+    std::stringstream s;
+    s << in.rdbuf();
+    text = s.str();
+    from = tokens_file;
+    for (auto& c : text) {
+      if (c == ';') c = ' ';
+    }
+  }
+  return text;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -106,31 +138,8 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (!r.count("model")) throw std::invalid_argument("--model is required");
-    const auto tokens_text = r["tokens"].as<std::string>();
-    const auto tokens_file = r["tokens-file"].as<std::string>();
-    const auto raw_text = r["text"].as<std::string>();
-    if ((!tokens_text.empty()) + (!tokens_file.empty()) + (!raw_text.empty()) != 1)
-      throw std::invalid_argument("give exactly one of --tokens, --tokens-file and --text");
-    std::string text = tokens_text, from = "--tokens";
-    if (!raw_text.empty()) {
-      const auto model = r["tokenizer"].as<std::string>();
-      if (model.empty()) throw std::invalid_argument("--text needs --tokenizer");
-      text.clear();
-      for (int id : gbmoe::Tokenizer::load(model).encode(raw_text)) {
-        text += (text.empty() ? "" : ",") + std::to_string(id);
-      }
-      from = "--text";
-    } else if (!tokens_file.empty()) {
-      std::ifstream in(tokens_file);
-      if (!in) throw std::invalid_argument("--tokens-file \"" + tokens_file + "\" cannot be read");
-      std::stringstream s;
-      s << in.rdbuf();
-      text = s.str();
-      from = tokens_file;
-      for (auto& c : text) {
-        if (c == ';') c = ' ';
-      }
-    }
+    std::string from;
+    const std::string text = token_text(r, from);
     const auto sequences = parse_sequences(text, from);
     const int64_t threads = gbmoe::flag<int64_t>(r, "threads");
     if (threads < 1) throw std::invalid_argument("--threads must be >= 1");
