@@ -89,9 +89,11 @@ mpirun_sigterm)
   job=
   echo "mpirun exited $rc after $(( $(date +%s) - start )) s"
   grep -q "error\|Killed\|killed" "$work/first.log" && fail "a rank failed or was killed"
-  step=$(sed -n 's/.*stopped after step \([0-9]*\);.*/\1/p' "$work/first.log")
-  [ -n "$step" ] || fail "no 'stopped after step' line"
-  ckpt=$(printf "%s/run/checkpoints/step_%08d" "$work" "$step")
+  # mpirun stops forwarding the ranks' output once it is terminating the job, so their last
+  # lines ("stopped after step N") may be lost: the checkpoint itself is the evidence.
+  ckpt=$(ls -d "$work"/run/checkpoints/step_* 2>/dev/null | tail -1)
+  [ -n "$ckpt" ] || fail "no checkpoint after SIGTERM to mpirun"
+  step=$((10#$(basename "$ckpt" | sed 's/step_//')))
   [ -f "$ckpt/manifest.txt" ] || fail "no complete checkpoint $ckpt"
   [ "$(steps_in "$work/run")" = "$step" ] || fail "metrics lines != $step"
   "$mpiexec" -np 2 "$train" "${base[@]}" "${run[@]}" --set train.resume=auto \
