@@ -288,9 +288,9 @@ std::vector<LayerStepStats> TrainingObjective::end_step() {
       st.max_violation = max_violation(st.counts);
       st.micro_batches = micro_batches_;
       st.micro_max_violation = micro_max_violation_sum_[l].item<double>() / micro_batches_;
-      const double local_tokens = std::max(1.0, local[offsets_[l] + E].item<double>());
-      st.routing_entropy = entropy_sum_[l].item<double>() / local_tokens;
-      st.topk_score_sum = topk_sum_[l].item<double>() / local_tokens;
+      st.local_tokens = local[offsets_[l] + E].item<double>();
+      st.routing_entropy = entropy_sum_[l].item<double>() / std::max(1.0, st.local_tokens);
+      st.topk_score_sum = topk_sum_[l].item<double>() / std::max(1.0, st.local_tokens);
     }
     for (auto* t :
          {&staged_, &running_, &local_running_, &votes_, &task_sum_, &balance_sum_, &z_sum_}) {

@@ -43,6 +43,7 @@ struct LayerStepStats {
                                    // or global batch; this rank's own for micro and sequence)
   torch::Tensor local_counts;      // (E,) fp64 this rank's selections
   double tokens = 0;               // tokens counted in counts
+  double local_tokens = 0;         // this rank's valid tokens in local_counts
   double max_violation = 0;        // MaxVio of counts
   double micro_max_violation = 0;  // MaxVio of this rank's micro-batches, averaged
   double routing_entropy = 0;      // mean over this rank's valid tokens of -sum_i s_i log s_i

@@ -11,7 +11,6 @@ RoutingMonitor::RoutingMonitor(const Config& config, std::vector<MoELayer> layer
                                std::vector<std::string> domains, int rank, bool resumed)
     : layers_(std::move(layers)), rank_(rank), trace_every_(config.train.routing_trace_every) {
   const auto L = static_cast<int64_t>(layers_.size());
-  sums_ = torch::zeros({3, L}, torch::kDouble);
   const fs::path run(config.train.run_dir);
   if (!config.train.routing_replay.empty() && L > 0) {
     // Read before this run's own trace is opened, which may truncate it.
@@ -97,13 +96,6 @@ void RoutingMonitor::after_forward(int64_t step, int64_t micro_batch, const Batc
                                    const std::vector<RoutingResult>& routings) {
   TORCH_CHECK(routings.size() == layers_.size(), "RoutingMonitor::after_forward: ", routings.size(),
               " routings for ", layers_.size(), " MoE layers");
-  for (size_t l = 0; l < routings.size(); ++l) {
-    const auto& r = routings[l];
-    const auto i = static_cast<int64_t>(l);
-    sums_[0][i] += routing_entropy_sum(r.scores, r.valid);
-    sums_[1][i] += routing_topk_score_sum(r.scores, r.expert_ids, r.valid);
-    sums_[2][i] += static_cast<double>(r.num_valid);
-  }
   if (trace_ && step % trace_every_ == 0) {
     trace_->add_forward(step, rank_, micro_batch, routings, batch);
   }
@@ -111,18 +103,28 @@ void RoutingMonitor::after_forward(int64_t step, int64_t micro_batch, const Batc
 
 std::string RoutingMonitor::end_step(Communicator& world, int64_t step,
                                      const std::vector<torch::Tensor>& global_counts,
-                                     const std::vector<double>& micro_max_violation) {
+                                     const std::vector<double>& micro_max_violation,
+                                     const std::vector<LayerStepStats>& layer_stats) {
   const auto L = static_cast<int64_t>(layers_.size());
   TORCH_CHECK(static_cast<int64_t>(global_counts.size()) == L &&
-                  static_cast<int64_t>(micro_max_violation.size()) == L,
-              "RoutingMonitor::end_step: ", global_counts.size(), " counts and ",
-              micro_max_violation.size(), " MaxVio values for ", L, " MoE layers");
+                  static_cast<int64_t>(micro_max_violation.size()) == L &&
+                  static_cast<int64_t>(layer_stats.size()) == L,
+              "RoutingMonitor::end_step: ", global_counts.size(), " counts, ",
+              micro_max_violation.size(), " MaxVio values and ", layer_stats.size(),
+              " layer figures for ", L, " MoE layers");
   if (!replay_path_.empty()) {
     for (auto& layer : layers_) layer->router->stop_routing_replay();
   }
-  auto sums = sums_.clone();  // sums_ restarts at zero for the next step
+  // The objective's per-rank means back to sums, then summed over ranks: token means of the
+  // global batch.
+  auto sums = torch::zeros({3, L}, torch::kDouble);
+  for (int64_t l = 0; l < L; ++l) {
+    const auto& st = layer_stats[l];
+    sums[0][l] = st.routing_entropy * st.local_tokens;
+    sums[1][l] = st.topk_score_sum * st.local_tokens;
+    sums[2][l] = st.local_tokens;
+  }
   world.all_reduce(sums, ReduceOp::Sum);
-  sums_.zero_();
   metrics_.clear();
   for (int64_t l = 0; l < L; ++l) {
     const double n = std::max(1.0, sums[2][l].item<double>());

@@ -12,6 +12,7 @@
 
 #include "losses/routing_metrics.h"
 #include "moe/moe_layer.h"
+#include "moe/objective.h"
 #include "parallel/communicator.h"
 #include "train/config.h"
 #include "train/routing_trace.h"
@@ -47,20 +48,22 @@ class RoutingMonitor {
   void before_forward(int64_t step, int64_t micro_batch, const Batch& batch);
 
   /// After the forward of training micro-batch `micro_batch` of 1-based step `step`, with the
-  /// forward's routing of each MoE layer, (L) in layer order (from its RoutingContext): adds the
-  /// layers' routing entropy and top-k score sums, and traces the routing on trace steps.
+  /// forward's routing of each MoE layer, (L) in layer order (from its RoutingContext): traces
+  /// the routing on trace steps.
   void after_forward(int64_t step, int64_t micro_batch, const Batch& batch,
                      const std::vector<RoutingResult>& routings);
 
   /// After the step: global_counts (L) x (E,) selections of all ranks and micro-batches,
-  /// micro_max_violation (L) the micro-batch MaxVio means. Reduces the entropy and top-k sums
-  /// over ranks (one all-reduce of 3 L doubles, collective), writes the per-expert loads and
+  /// micro_max_violation (L) the micro-batch MaxVio means, layer_stats (L) this rank's figures
+  /// from TrainingObjective::end_step(). Sums the routing entropy and top-k score sums over
+  /// ranks (one all-reduce of 3 L doubles, collective), writes the per-expert loads and
   /// returns the metrics as JSON members to append to the step's metrics line (starting with
   /// ','; see routing_metrics_json). Ends the step's routing replay, so that evaluation
   /// forwards route by themselves.
   std::string end_step(Communicator& world, int64_t step,
                        const std::vector<torch::Tensor>& global_counts,
-                       const std::vector<double>& micro_max_violation);
+                       const std::vector<double>& micro_max_violation,
+                       const std::vector<LayerStepStats>& layer_stats);
 
   /// The last end_step()'s per-layer metrics.
   const std::vector<LayerRoutingMetrics>& metrics() const { return metrics_; }
@@ -81,7 +84,6 @@ class RoutingMonitor {
   std::string replay_path_;
   // train.routing_replay: this rank's records by (step, micro-batch, layer).
   std::map<std::tuple<int64_t, int64_t, int64_t>, RoutingTraceRecord> replay_;
-  torch::Tensor sums_;  // (3, L) fp64: entropy sum, top-k score sum, valid tokens of the step
   std::vector<LayerRoutingMetrics> metrics_;
 };
 

@@ -410,7 +410,8 @@ void Trainer::record_step(int64_t done, double lr, double grad_norm, const StepL
     global_counts.push_back((packed.narrow(0, offset, E) * static_cast<double>(R)).round());
     offset += E;
   }
-  const std::string routing_json = monitor_->end_step(world_, done, global_counts, mv_micro);
+  const std::string routing_json =
+      monitor_->end_step(world_, done, global_counts, mv_micro, layers);
   const double ce = packed[0].item<double>(), bal = packed[1].item<double>();
   const double z = packed[2].item<double>(), step_tokens = packed[3].item<double>();
   summary_.last_step = done;
