@@ -177,22 +177,24 @@ torch::Tensor TrainingObjective::layer_terms(int64_t l, const RoutingRecord& r,
     z_sum_ += z.detach().to(torch::kDouble) * weight;
   }
   if (options_.method() == BalanceMethod::AuxLoss) {
-    auto f_local = selection_frequency(rt.counts, n, K).to(P.scalar_type());
+    // The micro-batch's own LBL(f(B_rm), P(B_rm)), summed over its tokens.
+    auto micro_lbl = [&](double alpha) {
+      return load_balancing_loss(rt.counts, n, P, K, alpha) * n;
+    };
     torch::Tensor lbl;  // summed over the micro-batch's tokens
     switch (options_.scope()) {
       case BalanceScope::Global:
       case BalanceScope::Group: {
+        // f from the running buffer, kept on the device (its token count is a tensor).
         auto counts = running_.narrow(0, offsets_[l], E);
         auto tokens = running_[offsets_[l] + E];
         auto f = (counts / (static_cast<double>(K) * tokens.clamp_min(1.0))).to(P.scalar_type());
         lbl = options_.alpha() * static_cast<double>(E) * (f * P).sum() * n;
-        if (options_.micro_alpha() > 0) {
-          lbl = lbl + options_.micro_alpha() * static_cast<double>(E) * (f_local * P).sum() * n;
-        }
+        if (options_.micro_alpha() > 0) lbl = lbl + micro_lbl(options_.micro_alpha());
         break;
       }
       case BalanceScope::Micro:
-        lbl = options_.alpha() * static_cast<double>(E) * (f_local * P).sum() * n;
+        lbl = micro_lbl(options_.alpha());
         break;
       case BalanceScope::Sequence: {  // lead_shape checked when staged
         const int64_t S = r.lead_shape.back(), B = rt.scores.size(0) / S;
