@@ -49,6 +49,20 @@ wait_steps() {  # <run dir> <n>: up to 60 s for n steps of the job
   fail "no $2 steps within 60 s"
 }
 
+# After a stop at step $1 of the run in $work/run (options in run=()): its checkpoint is complete,
+# metrics.jsonl holds each step once, and a resumed run goes on from it for 2 more steps.
+resumes_from_stop() {
+  local step=$1 ckpt
+  ckpt=$(printf "%s/run/checkpoints/step_%08d" "$work" "$step")
+  [ -f "$ckpt/manifest.txt" ] || fail "no complete checkpoint $ckpt"
+  [ "$(steps_in "$work/run")" = "$step" ] || fail "metrics lines != $step"
+  "$mpiexec" -np 2 "$train" "${base[@]}" "${run[@]}" --set train.resume=auto \
+    --set train.steps=$((step + 2)) > "$work/resume.log" 2>&1 || fail "resume exited non-zero"
+  grep -q "resumed from .*step_$(printf %08d "$step") at step $step" "$work/resume.log" \
+    || fail "resume did not start from step $step"
+  [ "$(steps_in "$work/run")" = $((step + 2)) ] || fail "resumed run did not append 2 steps"
+}
+
 case $case in
 rank_sigterm)
   # SIGTERM to every rank, as a scheduler sends it to every task.
@@ -65,14 +79,7 @@ rank_sigterm)
   [ $rc = 0 ] || fail "job exited $rc after SIGTERM (expected 0)"
   step=$(sed -n 's/.*stopped after step \([0-9]*\);.*/\1/p' "$work/first.log")
   [ -n "$step" ] || fail "no 'stopped after step' line"
-  ckpt=$(printf "%s/run/checkpoints/step_%08d" "$work" "$step")
-  [ -f "$ckpt/manifest.txt" ] || fail "no complete checkpoint $ckpt"
-  [ "$(steps_in "$work/run")" = "$step" ] || fail "metrics lines != $step"
-  "$mpiexec" -np 2 "$train" "${base[@]}" "${run[@]}" --set train.resume=auto \
-    --set train.steps=$((step + 2)) > "$work/resume.log" 2>&1 || fail "resume exited non-zero"
-  grep -q "resumed from .*step_$(printf %08d "$step") at step $step" "$work/resume.log" \
-    || fail "resume did not start from step $step"
-  [ "$(steps_in "$work/run")" = $((step + 2)) ] || fail "resumed run did not append 2 steps"
+  resumes_from_stop "$step"
   echo "PASS: stopped cleanly after step $step and resumed"
   ;;
 mpirun_sigterm)
@@ -94,13 +101,7 @@ mpirun_sigterm)
   ckpt=$(ls -d "$work"/run/checkpoints/step_* 2>/dev/null | tail -1)
   [ -n "$ckpt" ] || fail "no checkpoint after SIGTERM to mpirun"
   step=$((10#$(basename "$ckpt" | sed 's/step_//')))
-  [ -f "$ckpt/manifest.txt" ] || fail "no complete checkpoint $ckpt"
-  [ "$(steps_in "$work/run")" = "$step" ] || fail "metrics lines != $step"
-  "$mpiexec" -np 2 "$train" "${base[@]}" "${run[@]}" --set train.resume=auto \
-    --set train.steps=$((step + 2)) > "$work/resume.log" 2>&1 || fail "resume exited non-zero"
-  grep -q "resumed from .*step_$(printf %08d "$step") at step $step" "$work/resume.log" \
-    || fail "resume did not start from step $step"
-  [ "$(steps_in "$work/run")" = $((step + 2)) ] || fail "resumed run did not append 2 steps"
+  resumes_from_stop "$step"
   echo "PASS: checkpoint at step $step after SIGTERM to mpirun, resumed"
   ;;
 disk_full)
