@@ -28,6 +28,10 @@ struct CheckpointState : torch::CustomClassHolder {
   bool records = false;  // whether the forward recorded routing (the rerun must return the same)
   CudaAutocast autocast;
   RoutingContext forward_routing;  // the forward's records, handed on after apply()
+  // The caller's OnOutput and the index of the block's first record in the caller's context:
+  // the recomputation (whose graph the backward runs through) ties outputs as the caller would.
+  RoutingContext::OnOutput on_output;
+  int64_t first_record = 0;
 
   // fn's output followed by each record's scores and logits.
   variable_list run(const torch::Tensor& x, RoutingContext* routing) const {
@@ -63,7 +67,14 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
       torch::AutoGradMode grad_mode(true);
       RecomputeGuard recompute;  // a replaying router reuses the forward's choices
       AutocastRestore autocast(state.autocast);
-      RoutingContext scratch;  // the recomputation's routing counts nowhere
+      // The recomputation's routing counts nowhere; its outputs are tied as the forward's.
+      RoutingContext::OnOutput tie;
+      if (state.on_output) {
+        tie = [&state](const RoutingRecord& r, int64_t index, const torch::Tensor& y) {
+          return state.on_output(r, state.first_record + index, y);
+        };
+      }
+      RoutingContext scratch({}, tie);
       outputs = state.run(input, state.records ? &scratch : nullptr);
     }
     TORCH_CHECK(outputs.size() == grad_outputs.size(), "checkpoint: the recomputation returned ",
@@ -87,6 +98,10 @@ torch::Tensor checkpoint(CheckpointedFn fn, const torch::Tensor& x, RoutingConte
   auto state = c10::make_intrusive<CheckpointState>();
   state->fn = std::move(fn);
   state->records = routing != nullptr;
+  if (routing) {
+    state->on_output = routing->on_output();
+    state->first_record = routing->size();
+  }
   auto out = CheckpointFunction::apply(x, state);
   if (routing) {
     auto& records = state->forward_routing.layers();

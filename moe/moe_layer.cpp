@@ -82,6 +82,7 @@ torch::Tensor MoELayerImpl::forward(const torch::Tensor& x, const torch::Tensor&
   auto expert_out = experts->forward(dispatched.tokens, dispatched.group_sizes);
   auto y_TD = dispatcher_->combine(expert_out, dispatched);
   if (shared) y_TD = y_TD + shared->forward(x_TD);
+  if (routing) y_TD = routing->output(y_TD);
   return y_TD.view(x.sizes());
 }
 

@@ -1,11 +1,95 @@
 // TrainingObjective: stages each micro-batch's counts as the layers route, reduces them once per
-// micro-batch, keeps the step's running buffer and forms the token-weighted objective.
+// micro-batch, keeps the step's running buffer and forms the token-weighted objective. The
+// waits for other ranks sit in two backward functions: the micro-batch's term (R/N) and the
+// tie of each global or group LBL gradient to its MoE layer's output.
 #include "moe/objective.h"
 
 #include <string>
 
 namespace gbmoe {
+
+/// One micro-batch's share of the step's objective: what its backward functions need once the
+/// reductions have arrived, and its values (before R/N) until then.
+struct TrainingObjective::MicroBatch : torch::CustomClassHolder {
+  TrainingObjective* objective = nullptr;
+  int64_t index = 0;                 // m, from 0
+  bool resolved = false;             // counts and N arrived; f and the values formed
+  bool direct = false;               // micro_batch_loss(): the LBL terms are in its graph
+  int64_t tied_layers = 0;           // layers whose LBL gradient is tied to their output
+  int64_t ties_run = 0;              // tied gradients the backward has delivered
+  torch::Tensor grad_scale;          // () the gradient that reached the term (its backward)
+  torch::Tensor task;                // () fp64 the task loss sum
+  std::vector<torch::Tensor> z;      // per layer () z-loss sum, undefined when off
+  std::vector<torch::Tensor> lbl;    // per layer () the micro-batch's own LBL terms, or undefined
+  std::vector<torch::Tensor> P;      // per layer (E,) mean scores of the tied layers
+  std::vector<torch::Tensor> valid;  // per layer (T,) bool, or undefined
+  std::vector<torch::Tensor> f;      // per layer (E,) f of the running buffer (tied layers)
+  std::vector<double> n;             // per layer valid tokens
+  std::vector<int64_t> top_k;        // per layer K
+  torch::Tensor value;               // () fp64 the term R/N (task + z + LBL), once resolved
+};
+
+/// What the backward functions reach inside the objective.
+struct ObjectiveAccess {
+  static const torch::Tensor& weight(TrainingObjective& o) { return o.weight(); }
+  static torch::Tensor tied_balance_gradient(TrainingObjective::MicroBatch& micro, int64_t l,
+                                             const torch::Tensor& scores) {
+    return micro.objective->tied_balance_gradient(micro, l, scores, micro.grad_scale);
+  }
+};
+
 namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using MicroBatchPtr = c10::intrusive_ptr<TrainingObjective::MicroBatch>;
+
+MicroBatchPtr micro_batch_of(AutogradContext* ctx) {
+  return c10::static_intrusive_pointer_cast<TrainingObjective::MicroBatch>(
+      ctx->saved_data["micro"].toCapsule());
+}
+
+// The micro-batch's term R/N * local. The forward gives `value` (the term's value, or a stand-in
+// where micro_batch_backward reports values through step_values()); the backward waits for the
+// step's token count N if it is still in flight, scales the gradient by R/N and keeps the
+// gradient that reached the term, which the tied LBL gradients are scaled by.
+class StepTermFunction : public torch::autograd::Function<StepTermFunction> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& local,
+                               const torch::Tensor& value, MicroBatchPtr micro) {
+    ctx->saved_data["micro"] = c10::IValue::make_capsule(std::move(micro));
+    return value.detach().to(local.scalar_type()).clone();
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto micro = micro_batch_of(ctx);
+    micro->grad_scale = grads[0].detach();
+    const auto& w = ObjectiveAccess::weight(*micro->objective);
+    return {grads[0] * w.to(grads[0].scalar_type()), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+// Ties a global or group LBL gradient to its MoE layer's output y: the forward is the identity on
+// y; the backward, which runs when the backward pass reaches the layer, passes y's gradient on
+// and gives the router's scores the LBL gradient, waiting for the micro-batch's counts first.
+class BalanceTieFunction : public torch::autograd::Function<BalanceTieFunction> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& y,
+                               const torch::Tensor& scores, MicroBatchPtr micro, int64_t layer) {
+    ctx->save_for_backward({scores});
+    ctx->saved_data["micro"] = c10::IValue::make_capsule(std::move(micro));
+    ctx->saved_data["layer"] = layer;
+    return y.view_as(y);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto micro = micro_batch_of(ctx);
+    auto scores = ctx->get_saved_variables()[0];
+    auto grad_scores =
+        ObjectiveAccess::tied_balance_gradient(*micro, ctx->saved_data["layer"].toInt(), scores);
+    return {grads[0], grad_scores, torch::Tensor(), torch::Tensor()};
+  }
+};
 
 // Sum over the valid rows of per-token values (T,), as fp64 without gradient.
 torch::Tensor valid_sum(const torch::Tensor& values_T, const torch::Tensor& valid_T) {
@@ -57,32 +141,43 @@ TrainingObjective::TrainingObjective(std::vector<MoELayer> layers, BalanceOption
   entropy_sum_.resize(L), topk_sum_.resize(L), micro_max_violation_sum_.resize(L);
 }
 
+TrainingObjective::~TrainingObjective() {
+  // Reductions still in flight write into this objective's buffers: let them finish.
+  if (counts_wait_) counts_wait_();
+  if (tokens_wait_) tokens_wait_();
+}
+
+bool TrainingObjective::ties_balance() const {
+  return options_.method() == BalanceMethod::AuxLoss && is_synchronized(options_.scope());
+}
+
 void TrainingObjective::begin_step(int64_t num_micro_batches, double local_tokens) {
   TORCH_CHECK(num_micro_batches >= 1, "num_micro_batches (", num_micro_batches, ") must be >= 1");
   TORCH_CHECK(local_tokens >= 0, "local step tokens (", local_tokens, ") must be >= 0");
   TORCH_CHECK(step_micro_batches_ == 0, "begin_step() inside a step (", micro_batches_,
               " micro-batches so far): call end_step() after the optimizer step");
   step_micro_batches_ = num_micro_batches;
-  local_step_tokens_ = local_tokens;
   const auto options =
       torch::TensorOptions().dtype(torch::kDouble).device(layers_.front()->router->weight.device());
-  const bool rides_with_counts = options_.scope() == BalanceScope::Global && reducers_.counts;
-  if (!reducers_.data_parallel) {
-    step_tokens_ = torch::full({}, local_tokens, options);
-  } else if (!rides_with_counts) {
-    token_buffer_ = torch::full({1}, local_tokens, options);
-    tokens_wait_ = reducers_.data_parallel->sum_async(token_buffer_);
-  }
+  // N is in flight while the first micro-batch runs; its backward is the first to need it.
+  token_buffer_ = torch::full({1}, local_tokens, options);
+  if (reducers_.data_parallel) tokens_wait_ = reducers_.data_parallel->sum_async(token_buffer_);
+  weight_ = torch::Tensor();
 }
 
 RoutingContext TrainingObjective::context() {
-  return RoutingContext([this](RoutingContext& routing) { on_record(routing); });
+  auto micro = c10::make_intrusive<MicroBatch>();
+  micro->objective = this;
+  return RoutingContext([this, micro](RoutingContext& routing) { on_record(routing, micro); },
+                        [this, micro](const RoutingRecord& r, int64_t l, const torch::Tensor& y) {
+                          return on_output(r, l, y, micro);
+                        });
 }
 
-void TrainingObjective::on_record(RoutingContext& routing) {
+void TrainingObjective::on_record(RoutingContext& routing, const MicroBatchPtr& micro) {
   if (routing.size() != num_layers()) return;
-  TORCH_CHECK(!staged_pending_, "a micro-batch's routing was recorded before the previous one's ",
-              "micro_batch_loss() was taken: call micro_batch_loss() after each forward");
+  TORCH_CHECK(!staged_micro_, "a micro-batch's routing was recorded before the previous one's ",
+              "micro_batch_backward() or micro_batch_loss() was taken: take it after each forward");
   TORCH_CHECK(step_micro_batches_ > 0,
               "a training forward outside a step: call begin_step() before the micro-batches");
   TORCH_CHECK(micro_batches_ < step_micro_batches_, "micro-batch ", micro_batches_ + 1,
@@ -91,7 +186,7 @@ void TrainingObjective::on_record(RoutingContext& routing) {
   const auto& first = routing.layers().front().routing.counts;
   if (!staged_.defined()) {
     auto options = first.options().dtype(torch::kDouble);
-    staged_ = torch::zeros({offsets_.back() + 1}, options);
+    staged_ = torch::zeros({offsets_.back()}, options);
     running_ = torch::zeros_like(staged_);
     local_running_ = torch::zeros_like(staged_);
     votes_ = torch::zeros({offsets_.back()}, options);
@@ -116,88 +211,123 @@ void TrainingObjective::on_record(RoutingContext& routing) {
     staged_.narrow(0, offsets_[l], E).copy_(r.routing.counts);
     staged_[offsets_[l] + E].fill_(static_cast<double>(r.routing.num_valid));
   }
-  const bool rides =
-      options_.scope() == BalanceScope::Global && reducers_.counts && micro_batches_ == 0;
-  staged_[offsets_.back()].fill_(rides ? local_step_tokens_ : 0.0);
   local_staged_ = staged_.clone();
   // One collective for all layers, in flight while the rest of the forward runs.
   if (is_synchronized(options_.scope()) && reducers_.counts) {
     counts_wait_ = reducers_.counts->sum_async(staged_);
   }
-  staged_pending_ = true;
+  micro->index = micro_batches_++;
+  staged_micro_ = micro;
 }
 
-void TrainingObjective::wait_for_reductions() {
-  if (counts_wait_) {
-    counts_wait_();
-    counts_wait_ = nullptr;
+torch::Tensor TrainingObjective::on_output(const RoutingRecord& r, int64_t layer,
+                                           const torch::Tensor& y, const MicroBatchPtr& micro) {
+  if (!ties_balance() || layer >= num_layers() || !torch::GradMode::is_enabled() ||
+      !r.routing.scores.requires_grad()) {
+    return y;
   }
-  if (tokens_wait_) {
-    tokens_wait_();
-    tokens_wait_ = nullptr;
-    step_tokens_ = token_buffer_[0];
+  micro->valid.resize(layers_.size());
+  micro->valid[layer] = r.routing.valid;
+  return BalanceTieFunction::apply(y, r.routing.scores, micro, layer);
+}
+
+c10::intrusive_ptr<TrainingObjective::MicroBatch> TrainingObjective::staged_micro_batch(
+    RoutingContext& routing, const char* caller) {
+  TORCH_CHECK(routing.size() == num_layers(), caller, "() needs the routing of one training ",
+              "forward of each of the ", num_layers(), " MoE layers; the context holds ",
+              routing.size(), " records (pass objective.context() to one forward per micro-batch)");
+  TORCH_CHECK(staged_micro_ && !staged_micro_->task.defined(), caller,
+              "(): the context's routing was not staged; use a context from this objective's ",
+              "context(), once");
+  return staged_micro_;
+}
+
+const torch::Tensor& TrainingObjective::weight() {
+  if (!weight_.defined()) {
+    if (tokens_wait_) {
+      tokens_wait_();
+      tokens_wait_ = nullptr;
+    }
+    // R / N: averaging gradients over R ranks then gives token means over the global batch.
+    weight_ = static_cast<double>(data_parallel_size_) / token_buffer_[0].clamp_min(1.0);
   }
+  return weight_;
+}
+
+void TrainingObjective::micro_batch_backward(RoutingContext& routing,
+                                             const torch::Tensor& task_loss_sum) {
+  auto micro = staged_micro_batch(routing, "micro_batch_backward");
+  auto local = local_terms(routing, task_loss_sum, *micro);
+  StepTermFunction::apply(local, local, micro).backward();
+  resolve(*micro);  // when no tied gradient did (scopes micro and sequence, loss-free)
+  TORCH_CHECK(micro->ties_run == micro->tied_layers, "micro_batch_backward(): the balance ",
+              "gradient of ", micro->tied_layers - micro->ties_run, " of ", micro->tied_layers,
+              " MoE layers did not run: their output must be part of task_loss_sum's graph");
 }
 
 torch::Tensor TrainingObjective::micro_batch_loss(RoutingContext& routing,
                                                   const torch::Tensor& task_loss_sum) {
-  TORCH_CHECK(routing.size() == num_layers(), "micro_batch_loss() needs the routing of one ",
-              "training forward of each of the ", num_layers(), " MoE layers; the context holds ",
-              routing.size(), " records (pass objective.context() to one forward per micro-batch)");
-  TORCH_CHECK(staged_pending_, "micro_batch_loss(): the context's routing was not staged; use a ",
-              "context from this objective's context()");
-  wait_for_reductions();
-  ++micro_batches_;
-  running_ += staged_;
-  local_running_ += local_staged_;
-  staged_pending_ = false;
-  if (!step_tokens_.defined()) step_tokens_ = running_[offsets_.back()].clone();
-
-  // R / N: averaging gradients over R ranks then gives token means over the global batch.
-  auto weight = static_cast<double>(data_parallel_size_) / step_tokens_.clamp_min(1.0);
-  auto total = task_loss_sum * weight.to(task_loss_sum.scalar_type());
-  task_sum_ += task_loss_sum.detach().to(torch::kDouble) * weight;
+  auto micro = staged_micro_batch(routing, "micro_batch_loss");
+  auto local = local_terms(routing, task_loss_sum, *micro);
+  resolve(*micro);  // the value and the global-batch terms need the counts and N now
+  // The global or group LBL terms enter this graph; the ties to the layers' outputs stand aside.
+  micro->direct = true;
   for (int64_t l = 0; l < num_layers(); ++l) {
-    total = total + layer_terms(l, routing.layers()[l], weight);
+    if (!micro->f[l].defined()) continue;
+    const double alpha_E = options_.alpha() * static_cast<double>(experts(l));
+    local = local + alpha_E * (micro->f[l] * micro->P[l]).sum() * micro->n[l];
+  }
+  return StepTermFunction::apply(local, micro->value, micro);
+}
+
+// task_loss_sum plus every layer's terms that need no other rank (z-loss, micro and sequence
+// LBL), summed over the micro-batch's tokens, before R/N; their values go to `micro`.
+torch::Tensor TrainingObjective::local_terms(const RoutingContext& routing,
+                                             const torch::Tensor& task_loss_sum,
+                                             MicroBatch& micro) {
+  const auto L = layers_.size();
+  micro.z.resize(L), micro.lbl.resize(L), micro.P.resize(L), micro.f.resize(L);
+  micro.n.resize(L), micro.top_k.resize(L), micro.valid.resize(L);
+  micro.task = task_loss_sum.detach().to(torch::kDouble);
+  auto total = task_loss_sum;
+  for (int64_t l = 0; l < num_layers(); ++l) {
+    total = total + local_layer_terms(l, routing.layers()[l], micro);
   }
   return total;
 }
 
-torch::Tensor TrainingObjective::layer_terms(int64_t l, const RoutingRecord& r,
-                                             const torch::Tensor& weight) {
+torch::Tensor TrainingObjective::local_layer_terms(int64_t l, const RoutingRecord& r,
+                                                   MicroBatch& micro) {
   const auto& rt = r.routing;
-  const int64_t E = experts(l), K = rt.top_k;
+  const int64_t K = rt.top_k;
   const double n = static_cast<double>(rt.num_valid);
+  micro.n[l] = n, micro.top_k[l] = K;
   auto P = mean_scores(rt.scores, rt.valid);  // (E,) P_i(B_rm), differentiable
-  auto w = weight.to(P.scalar_type());
   auto term = torch::zeros({}, P.options());
   if (options_.z_loss() > 0) {
     auto z = router_z_loss(rt.logits, rt.valid, options_.z_loss()) * n;
-    term = term + z * w.to(z.scalar_type());
-    z_sum_ += z.detach().to(torch::kDouble) * weight;
+    term = term + z;
+    micro.z[l] = z.detach();
   }
   if (options_.method() == BalanceMethod::AuxLoss) {
     // The micro-batch's own LBL(f(B_rm), P(B_rm)), summed over its tokens.
     auto micro_lbl = [&](double alpha) {
       return load_balancing_loss(rt.counts, n, P, K, alpha) * n;
     };
-    torch::Tensor lbl;  // summed over the micro-batch's tokens
+    torch::Tensor lbl;  // the LBL terms of this micro-batch alone, summed over its tokens
     switch (options_.scope()) {
       case BalanceScope::Global:
-      case BalanceScope::Group: {
-        // f from the running buffer, kept on the device (its token count is a tensor).
-        auto counts = running_.narrow(0, offsets_[l], E);
-        auto tokens = running_[offsets_[l] + E];
-        auto f = (counts / (static_cast<double>(K) * tokens.clamp_min(1.0))).to(P.scalar_type());
-        lbl = options_.alpha() * static_cast<double>(E) * (f * P).sum() * n;
-        if (options_.micro_alpha() > 0) lbl = lbl + micro_lbl(options_.micro_alpha());
+      case BalanceScope::Group:
+        // The global-batch term's gradient is tied to the layer's output (on_output).
+        micro.P[l] = P;
+        if (rt.scores.requires_grad() && torch::GradMode::is_enabled()) ++micro.tied_layers;
+        if (options_.micro_alpha() > 0) lbl = micro_lbl(options_.micro_alpha());
         break;
-      }
       case BalanceScope::Micro:
         lbl = micro_lbl(options_.alpha());
         break;
       case BalanceScope::Sequence: {  // lead_shape checked when staged
-        const int64_t S = r.lead_shape.back(), B = rt.scores.size(0) / S;
+        const int64_t E = experts(l), S = r.lead_shape.back(), B = rt.scores.size(0) / S;
         auto valid = rt.valid.defined() ? rt.valid.view({B, S}) : torch::Tensor();
         auto [per_seq_B, n_B] = sequence_balance_terms(
             rt.scores.view({B, S, E}), rt.expert_ids.view({B, S, K}), valid, options_.alpha());
@@ -205,8 +335,10 @@ torch::Tensor TrainingObjective::layer_terms(int64_t l, const RoutingRecord& r,
         break;
       }
     }
-    term = term + lbl * w;
-    balance_sum_ += lbl.detach().to(torch::kDouble) * weight;
+    if (lbl.defined()) {
+      term = term + lbl;
+      micro.lbl[l] = lbl.detach();
+    }
   } else {
     accumulate_bias_votes(l, r);
   }
@@ -218,6 +350,73 @@ torch::Tensor TrainingObjective::layer_terms(int64_t l, const RoutingRecord& r,
     micro_max_violation_sum_[l] += max_violation_tensor(rt.counts);
   }
   return term;
+}
+
+// Waits for the micro-batch's counts and N, adds the counts to the running buffer, forms f of
+// each tied layer and the micro-batch's values. Runs once per micro-batch: in the backward pass
+// (the first tied gradient), or in micro_batch_loss().
+void TrainingObjective::resolve(MicroBatch& micro) {
+  if (micro.resolved) return;
+  TORCH_CHECK(staged_micro_.get() == &micro, "the balance terms of micro-batch ", micro.index + 1,
+              " were backpropagated after a later micro-batch's forward: take each micro-batch's ",
+              "backward before the next forward");
+  torch::NoGradGuard no_grad;
+  const auto& w = weight();
+  if (counts_wait_) {
+    counts_wait_();
+    counts_wait_ = nullptr;
+  }
+  running_ += staged_;
+  local_running_ += local_staged_;
+  staged_micro_.reset();
+  auto value = micro.task * w;
+  task_sum_ += value;
+  for (int64_t l = 0; l < num_layers(); ++l) {
+    torch::Tensor lbl = micro.lbl[l];
+    if (micro.P[l].defined()) {
+      // f from the running buffer, kept on the device (its token count is a tensor).
+      const int64_t E = experts(l);
+      auto counts = running_.narrow(0, offsets_[l], E);
+      auto tokens = running_[offsets_[l] + E];
+      auto P = micro.P[l].detach();
+      micro.f[l] = (counts / (static_cast<double>(micro.top_k[l]) * tokens.clamp_min(1.0)))
+                       .to(P.scalar_type());
+      auto global = options_.alpha() * static_cast<double>(E) * (micro.f[l] * P).sum() * micro.n[l];
+      lbl = lbl.defined() ? global + lbl : global;
+    }
+    if (micro.z[l].defined()) {
+      auto z = micro.z[l].to(torch::kDouble) * w;
+      z_sum_ += z;
+      value = value + z;
+    }
+    if (lbl.defined()) {
+      auto b = lbl.to(torch::kDouble) * w;
+      balance_sum_ += b;
+      value = value + b;
+    }
+  }
+  micro.value = value;
+  micro.resolved = true;
+}
+
+// The gradient of alpha E n (f . P) R/N with respect to the scores, scaled by the gradient that
+// reached the micro-batch's term: the ops autograd would run on that term, in the same order.
+torch::Tensor TrainingObjective::tied_balance_gradient(MicroBatch& micro, int64_t l,
+                                                       const torch::Tensor& scores,
+                                                       const torch::Tensor& grad_scale) {
+  resolve(micro);
+  ++micro.ties_run;
+  if (micro.direct) return torch::Tensor();  // micro_batch_loss() has the term in its graph
+  TORCH_CHECK(grad_scale.defined(), "the balance gradient of MoE layer ", l,
+              " ran before the backward of its micro-batch's term");
+  const int64_t E = experts(l);
+  const auto dtype = scores.scalar_type();
+  auto grad_P = (grad_scale.to(dtype) * weight().to(dtype)) * micro.n[l];
+  grad_P = (grad_P * (options_.alpha() * static_cast<double>(E))).expand({E}) * micro.f[l];
+  auto s = scores.detach().requires_grad_(true);
+  torch::AutoGradMode grad_mode(true);
+  auto P = mean_scores(s, micro.valid[l]);
+  return torch::autograd::grad({P}, {s}, {grad_P})[0];
 }
 
 void TrainingObjective::accumulate_bias_votes(int64_t l, const RoutingRecord& r) {
@@ -275,8 +474,8 @@ StepValues TrainingObjective::step_values() const {
 }
 
 std::vector<LayerStepStats> TrainingObjective::end_step() {
-  TORCH_CHECK(!staged_pending_,
-              "end_step() after a forward whose micro_batch_loss() was not taken");
+  TORCH_CHECK(!staged_micro_, "end_step() after a forward whose micro_batch_backward() or ",
+              "micro_batch_loss() was not taken");
   std::vector<LayerStepStats> out(layers_.size());
   if (micro_batches_ > 0) {
     if (options_.method() == BalanceMethod::LossFree) update_expert_bias();
@@ -302,10 +501,13 @@ std::vector<LayerStepStats> TrainingObjective::end_step() {
       entropy_sum_[l].zero_(), topk_sum_[l].zero_(), micro_max_violation_sum_[l].zero_();
     }
   }
-  wait_for_reductions();  // a step without micro-batches may leave its token count in flight
+  if (tokens_wait_) {  // a step without micro-batches leaves its token count in flight
+    tokens_wait_();
+    tokens_wait_ = nullptr;
+  }
   micro_batches_ = 0;
   step_micro_batches_ = 0;
-  step_tokens_ = torch::Tensor();
+  weight_ = torch::Tensor();
   return out;
 }
 
@@ -325,7 +527,7 @@ double TrainingObjective::running_tokens(int64_t layer) const {
 }
 
 double TrainingObjective::step_tokens() const {
-  return step_tokens_.defined() ? step_tokens_.item<double>() : 0.0;
+  return weight_.defined() ? token_buffer_[0].item<double>() : 0.0;
 }
 
 }  // namespace gbmoe

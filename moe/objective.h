@@ -75,6 +75,13 @@ struct StepValues {
 /// bias_update_rate times the mean over the step's balance units of sign(mean_j c_j - c_i),
 /// summed exactly over the data-parallel ranks, so every replica keeps the same bias.
 ///
+/// No rank waits for another in the forward pass. The step's token count N is reduced from
+/// begin_step() on, each micro-batch's counts from the moment its last MoE layer has routed; the
+/// gradient of a global or group LBL term is tied to its MoE layer's output, so the backward pass
+/// waits for the counts only when it reaches the last MoE layer (after the output head and the
+/// cross-entropy), and for N only when it starts. micro_batch_backward() is that path;
+/// micro_batch_loss() returns the same term with its value, which needs the counts at once.
+///
 /// Example:
 ///   TrainingObjective objective(model->moe_layers(), options, reducers);  // {} on one process
 ///   for (step...) {
@@ -82,31 +89,38 @@ struct StepValues {
 ///     for (m...) {
 ///       auto routing = objective.context();
 ///       auto logits = model->forward(x, mask, &routing);
-///       objective.micro_batch_loss(routing, token_loss_sum(logits)).backward();
+///       objective.micro_batch_backward(routing, token_loss_sum(logits));
 ///     }
 ///     average_gradients(); optimizer.step();
+///     auto values = objective.step_values();
 ///     objective.end_step();
 ///   }
 class TrainingObjective {
  public:
   TrainingObjective(std::vector<MoELayer> layers, BalanceOptions options,
                     ObjectiveReducers reducers = {});
+  ~TrainingObjective();
   TrainingObjective(const TrainingObjective&) = delete;
   TrainingObjective& operator=(const TrainingObjective&) = delete;
 
   /// Opens an optimizer step of num_micro_batches; local_tokens: this rank's valid tokens over
   /// the whole step (the trainer knows them once it has drawn the step's micro-batches). Their
-  /// data-parallel sum N rides along with the first count reduction for scope global.
+  /// data-parallel sum N is reduced while the first micro-batch runs.
   void begin_step(int64_t num_micro_batches, double local_tokens);
 
   /// A context for the next training forward: once every MoE layer has recorded its routing, the
   /// count reduction starts (scopes global and group) while the rest of the forward runs.
-  /// The context must not outlive the objective.
+  /// The context, and the graph of a forward made with it, must not outlive the objective.
   RoutingContext context();
 
-  /// The term to backpropagate for the micro-batch whose forward recorded `routing`:
-  /// R/N * (task_loss_sum + z-loss and balancing terms summed over its tokens).
+  /// Backpropagates the term of the micro-batch whose forward recorded `routing`:
+  /// R/N * (task_loss_sum + z-loss and balancing terms summed over its tokens), with no wait for
+  /// other ranks before the backward pass needs their counts. Its value goes to step_values().
   /// task_loss_sum: the task loss summed over this rank's valid tokens of the micro-batch.
+  void micro_batch_backward(RoutingContext& routing, const torch::Tensor& task_loss_sum);
+
+  /// The same term as a tensor to backpropagate, with its value: waits for the micro-batch's
+  /// count reduction (a synchronization point of the forward that micro_batch_backward avoids).
   torch::Tensor micro_batch_loss(RoutingContext& routing, const torch::Tensor& task_loss_sum);
 
   /// This rank's share of the step's objective so far (one device-to-host copy).
@@ -121,14 +135,27 @@ class TrainingObjective {
   /// Running buffer of layer l: the scope's counts (E,) fp64 and tokens since the last end_step().
   torch::Tensor running_counts(int64_t layer) const;
   double running_tokens(int64_t layer) const;
-  /// Valid tokens N of the whole step over the data-parallel ranks (known after the first
-  /// micro-batch_loss() of the step).
+  /// Valid tokens N of the whole step over the data-parallel ranks (known once the first
+  /// micro-batch's backward has begun).
   double step_tokens() const;
 
+  /// One micro-batch's share of the objective while its reductions are in flight (objective.cpp).
+  struct MicroBatch;
+
  private:
-  void on_record(RoutingContext& routing);
-  void wait_for_reductions();
-  torch::Tensor layer_terms(int64_t l, const RoutingRecord& r, const torch::Tensor& weight);
+  void on_record(RoutingContext& routing, const c10::intrusive_ptr<MicroBatch>& micro);
+  torch::Tensor on_output(const RoutingRecord& r, int64_t layer, const torch::Tensor& y,
+                          const c10::intrusive_ptr<MicroBatch>& micro);
+  c10::intrusive_ptr<MicroBatch> staged_micro_batch(RoutingContext& routing, const char* caller);
+  torch::Tensor local_terms(const RoutingContext& routing, const torch::Tensor& task_loss_sum,
+                            MicroBatch& micro);
+  torch::Tensor local_layer_terms(int64_t l, const RoutingRecord& r, MicroBatch& micro);
+  bool ties_balance() const;
+  friend struct ObjectiveAccess;  // the backward functions in objective.cpp
+  const torch::Tensor& weight();
+  void resolve(MicroBatch& micro);
+  torch::Tensor tied_balance_gradient(MicroBatch& micro, int64_t l, const torch::Tensor& scores,
+                                      const torch::Tensor& grad_scale);
   void accumulate_bias_votes(int64_t l, const RoutingRecord& r);
   void update_expert_bias();
   int64_t experts(int64_t l) const { return offsets_[l + 1] - offsets_[l] - 1; }
@@ -138,16 +165,14 @@ class TrainingObjective {
   ObjectiveReducers reducers_;
   int64_t data_parallel_size_ = 1;
   std::vector<int64_t> offsets_;  // layer l's counts at [offsets_[l], offsets_[l] + E_l), tokens
-  torch::Tensor staged_;          // (sum_l (E_l + 1) + 1,) fp64: this micro-batch, reduced in
-                                  // place; the last slot carries the step tokens (global)
+  torch::Tensor staged_;          // (sum_l (E_l + 1),) fp64: this micro-batch, reduced in place
   torch::Tensor local_staged_;    // the same, before reduction (this rank only)
   torch::Tensor running_;         // the scope's counts of the step so far
   torch::Tensor local_running_;   // this rank's counts of the step so far
-  torch::Tensor step_tokens_;     // () fp64 N, once known
-  torch::Tensor token_buffer_;    // (1,) fp64 the step tokens, reduced on their own
+  torch::Tensor token_buffer_;    // (1,) fp64 this rank's step tokens, then their sum N
+  torch::Tensor weight_;          // () fp64 R / N, once N is known
   std::function<void()> counts_wait_, tokens_wait_;
-  bool staged_pending_ = false;
-  double local_step_tokens_ = 0;
+  c10::intrusive_ptr<MicroBatch> staged_micro_;  // the micro-batch whose counts are staged
   int64_t micro_batches_ = 0;
   int64_t step_micro_batches_ = 0;
   // Per layer, summed over the step: bias votes sum_units sign(mean - c) (E,) and unit counts,

@@ -35,15 +35,30 @@ class RoutingContext {
   /// Called after each record with the context; TrainingObjective uses it to start the count
   /// reduction once every MoE layer of the micro-batch has routed.
   using OnRecord = std::function<void(RoutingContext&)>;
+  /// Called with a MoE layer's output, its record and the record's index (its MoE layer's place
+  /// in the forward); the layer returns what it returns. TrainingObjective ties the layer's
+  /// global-batch balance gradient to the output there, so that the backward pass waits for the
+  /// count reduction only when it reaches the layer.
+  using OnOutput =
+      std::function<torch::Tensor(const RoutingRecord&, int64_t index, const torch::Tensor&)>;
 
   RoutingContext() = default;
-  explicit RoutingContext(OnRecord on_record) : on_record_(std::move(on_record)) {}
+  explicit RoutingContext(OnRecord on_record, OnOutput on_output = {})
+      : on_record_(std::move(on_record)), on_output_(std::move(on_output)) {}
 
   /// Appends a layer's routing (called by MoELayer::forward right after dispatch).
   void record(RoutingRecord layer) {
     layers_.push_back(std::move(layer));
     if (on_record_) on_record_(*this);
   }
+
+  /// The layer's output as the layer returns it (called by MoELayer::forward after its record):
+  /// y itself unless the context has an OnOutput.
+  torch::Tensor output(const torch::Tensor& y) {
+    TORCH_CHECK(!layers_.empty(), "RoutingContext::output() before any record");
+    return on_output_ ? on_output_(layers_.back(), size() - 1, y) : y;
+  }
+  const OnOutput& on_output() const { return on_output_; }
 
   const std::vector<RoutingRecord>& layers() const { return layers_; }
   std::vector<RoutingRecord>& layers() { return layers_; }
@@ -52,6 +67,7 @@ class RoutingContext {
  private:
   std::vector<RoutingRecord> layers_;
   OnRecord on_record_;
+  OnOutput on_output_;
 };
 
 /// The routing results of a context's records, in order.

@@ -164,7 +164,7 @@ StepLosses forward_backward(LanguageModel& model, TrainingObjective& objective,
                                                   b.targets.to(device).flatten(), ce_sum);
     }
     if (hooks.after_forward) hooks.after_forward(static_cast<int64_t>(m), b, routing);
-    objective.micro_batch_loss(routing, task).backward();
+    objective.micro_batch_backward(routing, task);
   }
   StepLosses out;
   out.values = objective.step_values();

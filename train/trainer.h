@@ -38,7 +38,8 @@ struct MicroBatchHooks {
 
 /// The forward and backward passes of one optimizer step on this rank: the micro-batches run
 /// through the model with the objective's routing context, the token-summed cross-entropy and
-/// the balancing terms backpropagate through objective.micro_batch_loss(), and the gradients
+/// the balancing terms backpropagate through objective.micro_batch_backward() (no wait for other
+/// ranks in the forward pass), and the gradients
 /// accumulate in the parameters' .grad (not yet averaged over ranks). Opens the objective's
 /// step (begin_step); the caller averages gradients, steps the optimizer and calls end_step().
 ///

@@ -1,7 +1,9 @@
 // Activation checkpointing (moe/checkpoint.h): through the training objective, the loss and every
-// gradient equal those of the plain forward for each balance scope, each micro-batch is counted
-// once (the recomputation leaves the running counts alone), and the forward keeps no graph of
-// the block's inside.
+// gradient equal those of the plain forward for each balance scope, with the objective's
+// micro_batch_loss() and with micro_batch_backward() (whose global-batch LBL gradient is tied to
+// each layer's output, in the recomputation too), each micro-batch is counted once (the
+// recomputation leaves the running counts alone), and the forward keeps no graph of the block's
+// inside.
 #include "moe/checkpoint.h"
 
 #include <gtest/gtest.h>
@@ -29,15 +31,17 @@ struct TestBlock : torch::nn::Module {
 };
 
 struct StepResult {
-  std::vector<double> losses;
+  std::vector<double> losses;         // micro_batch_loss() of each micro-batch
+  double total = 0;                   // the step's objective (step_values)
   std::vector<torch::Tensor> grads;   // parameters, then the inputs
   std::vector<torch::Tensor> counts;  // running counts of each layer at the end of the step
   std::vector<LayerStepStats> stats;
 };
 
 // Two micro-batches of (B=3, S=4) with padding in the second, through two blocks and the
-// objective; the task loss is the token-summed squared output.
-StepResult run_step(BalanceOptions balance, bool recompute) {
+// objective; the task loss is the token-summed squared output. deferred: backpropagate with
+// micro_batch_backward() instead of micro_batch_loss().backward().
+StepResult run_step(BalanceOptions balance, bool recompute, bool deferred = false) {
   torch::manual_seed(7);
   auto b1 = std::make_shared<TestBlock>(), b2 = std::make_shared<TestBlock>();
   TrainingObjective objective({b1->moe, b2->moe}, balance);
@@ -64,12 +68,17 @@ StepResult run_step(BalanceOptions balance, bool recompute) {
       };
       h = recompute ? checkpoint(block, h, &routing) : block(h, &routing);
     }
-    auto loss = objective.micro_batch_loss(routing, ((h * h).sum(-1) * mask).sum());
-    r.losses.push_back(loss.item<double>());
+    auto task = ((h * h).sum(-1) * mask).sum();
     for (int64_t l = 0; l < 2; ++l) {
       auto c = routing.layers()[l].routing.counts.to(torch::kDouble);
       recorded[l] = recorded[l].defined() ? recorded[l] + c : c;
     }
+    if (deferred) {
+      objective.micro_batch_backward(routing, task);
+      continue;
+    }
+    auto loss = objective.micro_batch_loss(routing, task);
+    r.losses.push_back(loss.item<double>());
     std::vector<torch::Tensor> before;
     for (int64_t l = 0; l < 2; ++l) before.push_back(objective.running_counts(l));
     loss.backward();
@@ -78,6 +87,8 @@ StepResult run_step(BalanceOptions balance, bool recompute) {
           << "the backward changed layer " << l << "'s running counts, micro-batch " << m;
     }
   }
+  const auto values = objective.step_values();
+  r.total = values.task + values.balance + values.z_loss;
   for (int64_t l = 0; l < 2; ++l) {
     r.counts.push_back(objective.running_counts(l));
     EXPECT_TRUE(torch::equal(r.counts[l], recorded[l])) << "layer " << l << " counted twice";
@@ -91,12 +102,17 @@ StepResult run_step(BalanceOptions balance, bool recompute) {
   return r;
 }
 
-void expect_same_step(BalanceOptions balance) {
-  const auto name = to_string(balance.scope());
-  auto plain = run_step(balance, false), ckpt = run_step(balance, true);
-  ASSERT_EQ(plain.losses.size(), ckpt.losses.size());
-  for (size_t i = 0; i < plain.losses.size(); ++i) {
-    EXPECT_NEAR(ckpt.losses[i], plain.losses[i], 1e-14) << name << " micro-batch " << i;
+void expect_same_step(BalanceOptions balance, bool recompute, bool deferred) {
+  const auto name = to_string(balance.scope()) + (recompute ? " checkpointed" : " plain") +
+                    (deferred ? " micro_batch_backward" : " micro_batch_loss");
+  auto plain = run_step(balance, false), ckpt = run_step(balance, recompute, deferred);
+  EXPECT_NEAR(ckpt.total, plain.total, 1e-14) << name;
+  if (!deferred) {
+    ASSERT_EQ(plain.losses.size(), ckpt.losses.size());
+    for (size_t i = 0; i < plain.losses.size(); ++i) {
+      EXPECT_NEAR(ckpt.losses[i], plain.losses[i], 1e-14) << name << " micro-batch " << i;
+    }
+    EXPECT_NEAR(plain.losses[0] + plain.losses[1], plain.total, 1e-14) << name;
   }
   for (size_t l = 0; l < plain.counts.size(); ++l) {
     EXPECT_TRUE(torch::equal(ckpt.counts[l], plain.counts[l])) << name << " layer " << l;
@@ -112,14 +128,22 @@ void expect_same_step(BalanceOptions balance) {
   }
 }
 
+// Each variant against the plain forward with micro_batch_loss().backward().
+void expect_same_steps(BalanceOptions balance) {
+  expect_same_step(balance, true, false);
+  expect_same_step(balance, false, true);
+  expect_same_step(balance, true, true);
+}
+
 TEST(Checkpoint, GlobalScopeGradientsEqualThePlainForward) {
-  expect_same_step(
+  expect_same_steps(
       BalanceOptions().scope(BalanceScope::Global).alpha(0.1).micro_alpha(0.01).z_loss(1e-2));
+  expect_same_steps(BalanceOptions().scope(BalanceScope::Global).alpha(0.1).z_loss(0));
 }
 
 TEST(Checkpoint, MicroAndSequenceScopesGradientsEqualThePlainForward) {
-  expect_same_step(BalanceOptions().scope(BalanceScope::Micro).alpha(0.1).z_loss(1e-2));
-  expect_same_step(BalanceOptions().scope(BalanceScope::Sequence).alpha(0.1).z_loss(1e-2));
+  expect_same_steps(BalanceOptions().scope(BalanceScope::Micro).alpha(0.1).z_loss(1e-2));
+  expect_same_steps(BalanceOptions().scope(BalanceScope::Sequence).alpha(0.1).z_loss(1e-2));
 }
 
 TEST(Checkpoint, RouterGradientComesOnlyFromTheBalancingTermsWhenTheOutputIsIgnored) {

@@ -13,17 +13,30 @@ namespace {
 
 constexpr int64_t kD = 8;
 
-// Pretends to be a group of `ranks` ranks whose other members contribute `others` (packed like
-// the objective's buffer: E counts then the token count, per layer, then their step tokens).
+// Pretends to be a group of `ranks` ranks whose other members contribute `others` to count
+// buffers (packed like the objective's: E counts then the token count, per layer) and
+// `other_tokens` to the step's token count (the one-element buffer). Each wait is logged.
 struct FakeReducer : CountReducer {
-  FakeReducer(torch::Tensor others, int64_t ranks) : others(std::move(others)), ranks(ranks) {}
+  FakeReducer(torch::Tensor others, int64_t ranks, double other_tokens = 0,
+              std::vector<std::string>* log = nullptr)
+      : others(std::move(others)), ranks(ranks), other_tokens(other_tokens), log(log) {}
   int64_t size() const override { return ranks; }
   std::function<void()> sum_async(torch::Tensor& buffer) override {
     ++calls;
-    return [&buffer, this] { buffer.narrow(0, 0, others.numel()) += others; };
+    return [&buffer, this] {
+      const bool tokens = buffer.numel() == 1;
+      if (log) log->push_back(tokens ? "wait for N" : "wait for counts");
+      if (tokens) {
+        buffer += other_tokens;
+      } else {
+        buffer.narrow(0, 0, others.numel()) += others;
+      }
+    };
   }
   torch::Tensor others;
   int64_t ranks;
+  double other_tokens;
+  std::vector<std::string>* log;
   int calls = 0;
 };
 
@@ -48,9 +61,9 @@ torch::Tensor micro_batch(TrainingObjective& objective, MoELayer& layer, const t
 TEST(TrainingObjective, RunningBufferFollowsTheCumulativeFormulaAndResets) {
   torch::manual_seed(0);
   auto layer = make_layer();
-  // another rank: 4 tokens, K = 2, and 12 step tokens riding in the last slot
-  auto others = torch::tensor({3.0, 1.0, 0.0, 4.0, 4.0, 12.0});
-  auto reducer = std::make_shared<FakeReducer>(others, 2);
+  // another rank: 4 tokens, K = 2, and 12 step tokens
+  auto others = torch::tensor({3.0, 1.0, 0.0, 4.0, 4.0});
+  auto reducer = std::make_shared<FakeReducer>(others, 2, 12.0);
   TrainingObjective objective({layer}, options(BalanceScope::Global), {reducer, reducer});
   const int64_t M = 3;
   objective.begin_step(M, 15);
@@ -65,10 +78,10 @@ TEST(TrainingObjective, RunningBufferFollowsTheCumulativeFormulaAndResets) {
     micro_batch(objective, layer, x);
     EXPECT_TRUE(torch::equal(objective.running_counts(0), expected)) << "micro-batch " << m;
     EXPECT_EQ(objective.running_tokens(0), tokens);
-    // the step tokens rode with the first reduction only: 15 here + 12 from the other rank
+    // the step tokens are reduced once: 15 here + 12 from the other rank
     EXPECT_EQ(objective.step_tokens(), 27.0);
   }
-  EXPECT_EQ(reducer->calls, M);  // one collective per micro-batch for the whole model
+  EXPECT_EQ(reducer->calls, M + 1);  // one collective per micro-batch for the whole model + N
   auto stats = objective.end_step();
   EXPECT_EQ(stats[0].micro_batches, M);
   EXPECT_TRUE(torch::equal(stats[0].counts, expected));
@@ -186,10 +199,10 @@ TEST(TrainingObjective, GloballyBalancedBatchGivesTheRouterNoGradient) {
     ASSERT_EQ(local[0].item<double>() + local[1].item<double>(), 2.0 * T);
     // the other rank mirrors this one onto experts 2, 3 and has T step tokens
     auto others = torch::cat({torch::stack({local[2], local[3], local[0], local[1]}),
-                              torch::full({2}, double(T), torch::kDouble)});
-    auto counts = std::make_shared<FakeReducer>(others, 2);
-    // micro: the step tokens are summed on their own (the other rank's T)
-    auto tokens = std::make_shared<FakeReducer>(torch::full({1}, double(T), torch::kDouble), 2);
+                              torch::full({1}, double(T), torch::kDouble)});
+    auto counts = std::make_shared<FakeReducer>(others, 2, double(T));
+    // micro: only the step tokens are summed (the other rank's T)
+    auto tokens = std::make_shared<FakeReducer>(torch::zeros({0}), 2, double(T));
     const bool global = scope == BalanceScope::Global;
     TrainingObjective objective({layer}, options(scope),
                                 {global ? counts : tokens, global ? counts : nullptr});
@@ -226,8 +239,8 @@ TEST(TrainingObjective, SequenceScopeRefusesInputWithoutSequences) {
 TEST(TrainingObjective, LossFreeMovesBiasAgainstTheGlobalLoad) {
   torch::manual_seed(7);
   auto layer = make_layer(4, 1);
-  auto others = torch::tensor({0.0, 0.0, 0.0, 20.0, 20.0, 20.0});  // the other rank: all to 3
-  auto reducer = std::make_shared<FakeReducer>(others, 2);
+  auto others = torch::tensor({0.0, 0.0, 0.0, 20.0, 20.0});  // the other rank: all to 3
+  auto reducer = std::make_shared<FakeReducer>(others, 2, 20.0);
   TrainingObjective objective(
       {layer}, options(BalanceScope::Global).method(BalanceMethod::LossFree).bias_update_rate(0.01),
       {reducer, reducer});
@@ -261,6 +274,78 @@ TEST(TrainingObjective, LossFreeMicroScopeAveragesTheVotesOfItsUnits) {
       torch::allclose(layer->router->expert_bias.to(torch::kDouble), 0.5 * expected / 2, 0, 1e-7));
 }
 
+// micro_batch_backward() waits for no other rank in the forward: N is waited for when the
+// backward starts, a micro-batch's counts when the backward reaches its MoE layer, after the
+// output head's gradient.
+TEST(TrainingObjective, BackwardWaitsForOtherRanksOnlyWhereItNeedsTheirCounts) {
+  torch::manual_seed(8);
+  auto layer = make_layer();
+  auto head = torch::randn({kD, 3}, torch::kDouble).requires_grad_();
+  std::vector<std::string> log;
+  auto others = torch::tensor({2.0, 1.0, 3.0, 0.0, 3.0});
+  auto reducer = std::make_shared<FakeReducer>(others, 2, 6.0, &log);
+  TrainingObjective objective({layer}, options(BalanceScope::Global), {reducer, reducer});
+  objective.begin_step(2, 10);
+  for (int m = 0; m < 2; ++m) {
+    auto routing = objective.context();
+    auto logits = layer->forward(torch::randn({5, kD}, torch::kDouble), {}, &routing).matmul(head);
+    logits.register_hook([&log](const torch::Tensor&) { log.push_back("head gradient"); });
+    log.push_back("forward " + std::to_string(m + 1) + " done");
+    objective.micro_batch_backward(routing, logits.square().sum());
+  }
+  const std::vector<std::string> expected{"forward 1 done",  "wait for N",     "head gradient",
+                                          "wait for counts", "forward 2 done", "head gradient",
+                                          "wait for counts"};
+  EXPECT_EQ(log, expected);
+  EXPECT_EQ(objective.step_tokens(), 16.0);
+  objective.end_step();
+}
+
+// Both ways of taking a micro-batch's term give the same values and gradients, over two
+// micro-batches of the global and group scopes with padding, micro_alpha and the z-loss.
+TEST(TrainingObjective, MicroBatchBackwardEqualsTheLossBackward) {
+  const int64_t E = 4;
+  for (auto scope : {BalanceScope::Global, BalanceScope::Group}) {
+    std::vector<torch::Tensor> grads[2];
+    StepValues values[2];
+    for (int deferred = 0; deferred < 2; ++deferred) {
+      torch::manual_seed(9);
+      auto layer = make_layer(E, 2);
+      auto head = torch::randn({kD, 3}, torch::kDouble).requires_grad_();
+      auto others = torch::tensor({2.0, 5.0, 1.0, 0.0, 4.0});
+      auto reducer = std::make_shared<FakeReducer>(others, 2, 8.0);
+      TrainingObjective objective({layer}, options(scope).micro_alpha(0.02).z_loss(0.01),
+                                  {reducer, reducer});
+      objective.begin_step(2, 11);
+      for (int m = 0; m < 2; ++m) {
+        auto x = torch::randn({2, 3, kD}, torch::kDouble);
+        auto mask = torch::ones({2, 3}, torch::kBool);
+        if (m == 1) mask[1][2] = false;
+        auto routing = objective.context();
+        auto task = layer->forward(x, mask, &routing).matmul(head).square().sum();
+        if (deferred) {
+          objective.micro_batch_backward(routing, task);
+        } else {
+          objective.micro_batch_loss(routing, task).backward();
+        }
+      }
+      values[deferred] = objective.step_values();
+      objective.end_step();
+      for (const auto& p : layer->parameters()) grads[deferred].push_back(p.grad().clone());
+      grads[deferred].push_back(head.grad().clone());
+    }
+    const auto name = to_string(scope);
+    EXPECT_DOUBLE_EQ(values[1].task, values[0].task) << name;
+    EXPECT_DOUBLE_EQ(values[1].balance, values[0].balance) << name;
+    EXPECT_DOUBLE_EQ(values[1].z_loss, values[0].z_loss) << name;
+    ASSERT_EQ(grads[0].size(), grads[1].size());
+    for (size_t i = 0; i < grads[0].size(); ++i) {
+      EXPECT_GT(grads[0][i].abs().max().item<double>(), 0.0) << name << " gradient " << i;
+      EXPECT_LT(max_rel_diff(grads[1][i], grads[0][i]), 1e-13) << name << " gradient " << i;
+    }
+  }
+}
+
 TEST(TrainingObjective, MisuseIsReportedClearly) {
   auto layer = make_layer();
   TrainingObjective objective({layer}, options(BalanceScope::Global));
@@ -285,6 +370,13 @@ TEST(TrainingObjective, MisuseIsReportedClearly) {
       "micro-batch 2 in a step opened for 1");
   expect_throw_with([&] { objective.begin_step(1, 4); }, "begin_step() inside a step");
   objective.end_step();
+  // The balance gradient is tied to the layer's output: a term without it is refused.
+  TrainingObjective with_z({layer}, options(BalanceScope::Global).z_loss(0.01));
+  with_z.begin_step(1, 4);
+  auto routing = with_z.context();
+  layer->forward(torch::randn({4, kD}, torch::kDouble), {}, &routing);
+  expect_throw_with([&] { with_z.micro_batch_backward(routing, torch::zeros({})); },
+                    "their output must be part of task_loss_sum's graph");
   expect_throw_with([&] { objective.begin_step(0, 4); }, "num_micro_batches (0)");
   expect_throw_with([] { TrainingObjective({}, BalanceOptions()); }, "at least one MoE layer");
 }
