@@ -9,7 +9,7 @@ CommunicatorCountReducer::CommunicatorCountReducer(std::shared_ptr<Communicator>
 }
 
 std::function<void()> CommunicatorCountReducer::sum_async(torch::Tensor& buffer) {
-  auto work = comm_->all_reduce_async(buffer, ReduceOp::Sum);
+  auto work = comm_->sum_one_round_async(buffer);
   return [work] { work->wait(); };
 }
 

@@ -10,7 +10,9 @@
 
 namespace gbmoe {
 
-/// CountReducer over a Communicator: an asynchronous all-reduce (sum) of the count buffer.
+/// CountReducer over a Communicator: an asynchronous sum of the count buffer in one round of
+/// messages (Communicator::sum_one_round_async), so that a rank waiting for the counts waits
+/// only for the other ranks to have routed, not for them to reach their own wait.
 class CommunicatorCountReducer : public CountReducer {
  public:
   explicit CommunicatorCountReducer(std::shared_ptr<Communicator> comm);

@@ -63,6 +63,14 @@ class Communicator {
   virtual std::shared_ptr<Work> all_reduce_async(const torch::Tensor& t,
                                                  ReduceOp op = ReduceOp::Sum) = 0;
 
+  /// Sum of a small buffer over the group, in place, as all_reduce_async, but in one round of
+  /// messages where the backend has them, so that a rank's wait needs the others only to have
+  /// started theirs: what the balance counts use (a few hundred values per micro-batch). The
+  /// result is the same on every rank. Default: all_reduce_async(t, Sum).
+  virtual std::shared_ptr<Work> sum_one_round_async(const torch::Tensor& t) {
+    return all_reduce_async(t, ReduceOp::Sum);
+  }
+
   /// t: (d0, ...) of the same shape on every rank. Returns (size() * d0, ...): rank 0's rows
   /// first. A 0-dim t gives (size(),).
   virtual torch::Tensor all_gather(const torch::Tensor& t) = 0;

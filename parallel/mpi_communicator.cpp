@@ -37,9 +37,10 @@ bool mpi_finalized() {
 // The request of one non-blocking MPI collective and what must outlive it.
 class MpiWork : public Work {
  public:
-  MpiWork(MPI_Request request, torch::Tensor result, std::vector<torch::Tensor> buffers,
-          std::shared_ptr<void> arrays, std::function<void()> finish)
-      : request_(request),
+  MpiWork(std::vector<MPI_Request> requests, torch::Tensor result,
+          std::vector<torch::Tensor> buffers, std::shared_ptr<void> arrays,
+          std::function<void()> finish)
+      : requests_(std::move(requests)),
         buffers_(std::move(buffers)),
         arrays_(std::move(arrays)),
         finish_(std::move(finish)) {
@@ -59,8 +60,9 @@ class MpiWork : public Work {
     if (done_) return;
     done_ = true;
     {
-      CollectiveWatch watch("MPI_Wait (a non-blocking all-reduce or all-to-all)", 0);
-      GBMOE_MPI_CHECK(MPI_Wait(&request_, MPI_STATUS_IGNORE));
+      CollectiveWatch watch("MPI_Waitall (a non-blocking all-reduce or all-to-all)", 0);
+      GBMOE_MPI_CHECK(
+          MPI_Waitall(static_cast<int>(requests_.size()), requests_.data(), MPI_STATUSES_IGNORE));
     }
     if (finish_) finish_();
     buffers_.clear();
@@ -68,7 +70,7 @@ class MpiWork : public Work {
   }
 
  private:
-  MPI_Request request_;
+  std::vector<MPI_Request> requests_;
   std::vector<torch::Tensor> buffers_;
   std::shared_ptr<void> arrays_;  // count and displacement arrays of MPI_Ialltoallv
   std::function<void()> finish_;
@@ -223,8 +225,42 @@ std::shared_ptr<Work> MpiCommunicator::all_reduce_async(const torch::Tensor& t, 
                                  plan.op, comm_, &request));
   const int size = size_;
   auto buffer = plan.buffer;
-  return std::make_shared<MpiWork>(request, t, std::vector<torch::Tensor>{t, buffer}, nullptr,
+  return std::make_shared<MpiWork>(std::vector<MPI_Request>{request}, t,
+                                   std::vector<torch::Tensor>{t, buffer}, nullptr,
                                    [t, buffer, op, size] { finish_reduce(t, buffer, op, size); });
+}
+
+// One round of messages: every rank's buffer goes to every other rank, and each adds the R rows
+// in rank order, so every rank holds the same sum.
+std::shared_ptr<Work> MpiCommunicator::sum_one_round_async(const torch::Tensor& t) {
+  check_cpu(t, "sum_one_round_async");
+  const int count = checked_count(t.numel(), "sum_one_round_async");
+  const auto type = mpi_datatype(t.scalar_type());
+  auto rows = torch::empty({size_, t.numel()}, t.options());
+  rows[rank_].copy_(t.reshape(-1));
+  // Receives first, then the sends (requests[R - 1 ...]).
+  std::vector<MPI_Request> requests;
+  for (int j = 0; j < size_; ++j) {
+    if (j == rank_) continue;
+    requests.emplace_back();
+    GBMOE_MPI_CHECK(
+        MPI_Irecv(rows[j].data_ptr(), count, type, j, kOneRoundSumTag, comm_, &requests.back()));
+  }
+  for (int j = 0; j < size_; ++j) {
+    if (j == rank_) continue;
+    requests.emplace_back();
+    GBMOE_MPI_CHECK(MPI_Isend(rows[rank_].data_ptr(), count, type, j, kOneRoundSumTag, comm_,
+                              &requests.back()));
+  }
+  // Push the sends out now: a small (eager) send completes once its data has left, which may
+  // take a few passes of MPI's progress; larger ones would need the receiver, so the passes are
+  // bounded and the wait finishes them.
+  MPI_Request* sends = requests.data() + (size_ - 1);
+  for (int pass = 0, sent = 0; pass < kOneRoundSumPushPasses && !sent; ++pass) {
+    GBMOE_MPI_CHECK(MPI_Testall(size_ - 1, sends, &sent, MPI_STATUSES_IGNORE));
+  }
+  return std::make_shared<MpiWork>(std::move(requests), t, std::vector<torch::Tensor>{t, rows},
+                                   nullptr, [t, rows] { t.copy_(rows.sum(0).view(t.sizes())); });
 }
 
 torch::Tensor MpiCommunicator::all_gather(const torch::Tensor& t) {
@@ -258,8 +294,9 @@ std::shared_ptr<Work> MpiCommunicator::all_to_all_async(const torch::Tensor& inp
   GBMOE_MPI_CHECK(MPI_Ialltoallv(plan.in.data_ptr(), plan.array(0), plan.array(1), plan.type,
                                  plan.out.data_ptr(), plan.array(2), plan.array(3), plan.type,
                                  comm_, &request));
-  return std::make_shared<MpiWork>(request, plan.out, std::vector<torch::Tensor>{plan.in, plan.out},
-                                   plan.arrays, nullptr);
+  return std::make_shared<MpiWork>(std::vector<MPI_Request>{request}, plan.out,
+                                   std::vector<torch::Tensor>{plan.in, plan.out}, plan.arrays,
+                                   nullptr);
 }
 
 void MpiCommunicator::broadcast(const torch::Tensor& t, int root) {

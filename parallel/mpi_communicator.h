@@ -41,6 +41,10 @@ MPI_Datatype mpi_datatype(torch::ScalarType dtype);
 ///   work->wait();
 class MpiCommunicator : public Communicator {
  public:
+  /// The tag of sum_one_round_async's messages (no other point-to-point traffic uses it).
+  static constexpr int kOneRoundSumTag = 0x6b6d;
+  /// Passes of MPI progress sum_one_round_async makes to send its buffer before it returns.
+  static constexpr int kOneRoundSumPushPasses = 1000;
   /// Wraps comm. With take_ownership the communicator is freed (MPI_Comm_free) on
   /// destruction, unless MPI is already finalized.
   explicit MpiCommunicator(MPI_Comm comm, bool take_ownership = false);
@@ -55,6 +59,11 @@ class MpiCommunicator : public Communicator {
   void all_reduce(const torch::Tensor& t, ReduceOp op = ReduceOp::Sum) override;
   std::shared_ptr<Work> all_reduce_async(const torch::Tensor& t,
                                          ReduceOp op = ReduceOp::Sum) override;
+  /// Point-to-point messages (MPI_Isend / MPI_Irecv, tag kOneRoundSumTag): small buffers travel
+  /// eagerly (Open MPI's shared-memory eager limit is btl_vader_eager_limit, 4 KiB), so a wait
+  /// needs the other ranks only to have started their sum, not to be inside MPI at the time:
+  /// MPI_Iallreduce (libnbc) takes its later rounds only while every rank calls into MPI.
+  std::shared_ptr<Work> sum_one_round_async(const torch::Tensor& t) override;
   torch::Tensor all_gather(const torch::Tensor& t) override;
   torch::Tensor all_to_all(const torch::Tensor& input, const std::vector<int64_t>& send_splits,
                            const std::vector<int64_t>& recv_splits) override;

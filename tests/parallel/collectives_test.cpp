@@ -2,6 +2,9 @@
 // several dtypes, strided tensors, uneven and zero all_to_all splits, and the autograd all_to_all.
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <thread>
+
 #include "parallel/mpi_communicator.h"
 #include "tests/parallel/mpi_test_util.h"
 #include "tests/test_util.h"
@@ -82,6 +85,45 @@ TEST(Collectives, AllReduceAsyncOverlapsSeveralOperations) {
   EXPECT_TRUE(torch::equal(a, torch::full({1000}, R * (R + 1) / 2.0, torch::kDouble)));
   EXPECT_TRUE(torch::equal(b, torch::full({64}, R - 1.0f)));
   EXPECT_TRUE(wa->result().is_same(a));
+}
+
+TEST(Collectives, OneRoundSumEqualsTheAllReduceInOrderOfPosting) {
+  auto world = test_world();
+  for (auto dtype : {torch::kDouble, torch::kFloat, torch::kLong}) {
+    auto expected = contribution(world->rank(), dtype);
+    world->all_reduce(expected, ReduceOp::Sum);
+    auto a = contribution(world->rank(), dtype), b = contribution(world->rank(), dtype) * 2;
+    auto strided = contribution(world->rank(), dtype).t();
+    auto wa = world->sum_one_round_async(a);
+    auto wb = world->sum_one_round_async(b);  // two in flight: matched in the order posted
+    auto ws = world->sum_one_round_async(strided);
+    ws->wait();
+    wb->wait();
+    wa->wait();
+    EXPECT_TRUE(torch::equal(a, expected)) << dtype;
+    EXPECT_TRUE(torch::equal(b, expected * 2)) << dtype;
+    EXPECT_TRUE(torch::equal(strided, expected.t())) << dtype;
+    EXPECT_TRUE(wa->result().is_same(a));
+  }
+}
+
+// What the balance counts rely on: a rank's wait needs the others only to have posted their
+// sum. The last rank posts, then stays out of MPI for 3 s; the others' waits return long before.
+TEST(Collectives, OneRoundSumCompletesWhileAnotherRankComputes) {
+  auto world = test_world();
+  const int R = world->size();
+  if (R == 1) GTEST_SKIP() << "needs two ranks";
+  auto x = torch::full({40}, world->rank() + 1.0, torch::kDouble);
+  world->barrier();
+  const auto start = std::chrono::steady_clock::now();
+  auto work = world->sum_one_round_async(x);
+  if (world->rank() == R - 1) std::this_thread::sleep_for(std::chrono::seconds(3));
+  work->wait();
+  const double waited =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_TRUE(torch::equal(x, torch::full({40}, R * (R + 1) / 2.0, torch::kDouble)));
+  if (world->rank() < R - 1) EXPECT_LT(waited, 2.0) << "rank " << world->rank();
+  world->barrier();
 }
 
 TEST(Collectives, AllReduceAvgRejectsIntegers) {
