@@ -55,7 +55,7 @@ struct MoELayerOptions {
 ///   objective.begin_step(1, valid_tokens);
 ///   auto routing = objective.context();
 ///   auto y = moe->forward(x_BSD, mask_BS, &routing);
-///   objective.micro_batch_loss(routing, task_loss_sum(y)).backward();
+///   objective.micro_batch_backward(routing, task_loss_sum(y));
 class MoELayerImpl : public torch::nn::Cloneable<MoELayerImpl> {
  public:
   explicit MoELayerImpl(MoELayerOptions options);

@@ -44,7 +44,7 @@ int main() {
     objective.begin_step(1, static_cast<double>(x.size(0)));
     auto routing = objective.context();
     auto task_sum = (model->forward(x, &routing) - y).square().sum();  // summed over tokens
-    objective.micro_batch_loss(routing, task_sum).backward();
+    objective.micro_batch_backward(routing, task_sum);
     opt.step();
     max_violation = objective.end_step()[0].max_violation;
     (step == 0 ? first : last) = task_sum.item<double>() / x.size(0);
