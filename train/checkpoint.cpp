@@ -9,6 +9,7 @@
 #include "parallel/runtime.h"
 #include "train/file_write.h"
 #include "train/run_dir.h"
+#include "train/sampler.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -199,6 +200,11 @@ std::string checkpoint_problem(const std::string& dir_name, const Config* config
     meta = read_checkpoint_meta(dir_name);
   } catch (const std::exception& e) {
     return error_message(e);
+  }
+  try {
+    SamplerState::from_string(meta.sampler_state);
+  } catch (const std::exception& e) {
+    return "meta.txt: " + error_message(e);
   }
   const std::string name = dir.filename().string();
   if (meta.step != m.step) {

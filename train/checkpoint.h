@@ -51,8 +51,9 @@ std::string resolve_resume(const std::string& run_dir, const std::string& resume
 
 /// Why dir cannot be resumed from, or "" when it can: its manifest.txt is missing or damaged,
 /// a file is missing, of another size (truncated) or fails its checksum (zeroed, overwritten),
-/// the step of meta.txt, of the manifest and of the directory name disagree or is negative, or
-/// (with a config) the checkpoint's model settings differ from the config's (named).
+/// meta.txt is bad (a negative step, a sampler state that does not parse), the step of meta.txt,
+/// of the manifest and of the directory name disagree, or (with a config) the checkpoint's
+/// model settings differ from the config's (named).
 ///
 /// Example:
 ///   if (auto why = checkpoint_problem(dir); !why.empty()) std::cerr << dir << ": " << why;

@@ -352,7 +352,11 @@ int64_t Trainer::resume() {
   if (!resume_dir.empty()) {
     auto meta = read_checkpoint_meta(resume_dir);
     load_training_state(resume_dir + "/state.pt", *model_, *optimizer_, *groups_.expert_parallel);
-    sampler_->load_state(SamplerState::from_string(meta.sampler_state));
+    try {
+      sampler_->load_state(SamplerState::from_string(meta.sampler_state));
+    } catch (const std::exception& e) {
+      TORCH_CHECK(false, "checkpoint ", resume_dir, ": ", error_message(e));
+    }
     start_step = meta.step;
     log0("resumed from ", resume_dir, " at step ", start_step);
   }
