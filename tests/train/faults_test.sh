@@ -120,14 +120,28 @@ mpirun_sigterm)
   echo "PASS: checkpoint at step $step after SIGTERM to mpirun, resumed"
   ;;
 mpirun_sigterm_long_step)
-  # 96 micro-batches make a step of about 3 s (2 ranks, expert-parallel: rank 0 joins rank 1's
-  # expert shards from a file); mpirun passes SIGTERM on after 1 s and SIGKILLs 1 s later.
-  slow=(--set data.grad_accum=96 --set parallel.expert_parallel=2 --set train.checkpoint_every=0)
-  run=(--set "train.run_dir=$work/run" "${slow[@]}")
-  "$mpiexec" --mca odls_base_sigkill_timeout 1 -np 2 "$train" "${base[@]}" "${run[@]}" \
-    --set train.steps=1000000 > "$work/first.log" 2>&1 &
-  job=$!
-  wait_steps "$work/run" 1
+  # mpirun passes SIGTERM on after 1 s and SIGKILLs 1 s later: a step of at least 3 s (96
+  # micro-batches here, about 3 s; more on a faster machine) on 2 expert-parallel ranks (rank 0
+  # joins rank 1's expert shards from a file) is killed in the middle.
+  accum=96
+  while :; do
+    slow=(--set data.grad_accum=$accum --set parallel.expert_parallel=2
+          --set train.checkpoint_every=0)
+    run=(--set "train.run_dir=$work/run" "${slow[@]}")
+    "$mpiexec" --mca odls_base_sigkill_timeout 1 -np 2 "$train" "${base[@]}" "${run[@]}" \
+      --set train.steps=1000000 > "$work/first.log" 2>&1 &
+    job=$!
+    wait_steps "$work/run" 1
+    # Step 1's seconds: its tokens (2 ranks x accum x 2 x 32) over its tokens_per_s.
+    ms=$(sed -n 's/.*"tokens_per_s":\([0-9.e+]*\).*/\1/p' "$work/run/metrics.jsonl" \
+      | awk -v t=$((accum * 128)) '{ printf "%d", 1000 * t / $1 }')
+    [ "$ms" -ge 3000 ] && break
+    kill -9 $(pgrep -P $job gbmoe-train) $job 2>/dev/null || true
+    wait $job 2>/dev/null || true
+    rm -rf "$work/run"
+    accum=$((accum * 4000 / (ms + 1) + 1))
+    echo "step 1 took $ms ms: again with $accum micro-batches"
+  done
   kill -TERM $job  # early in step 2; step 1 was not checkpointed (checkpoint_every 0)
   rc=0; wait $job || rc=$?
   job=
