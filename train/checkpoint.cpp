@@ -9,15 +9,18 @@
 #include "parallel/runtime.h"
 #include "train/file_write.h"
 #include "train/run_dir.h"
+#include "train/sampler.h"
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
 #include <map>
 #include <sstream>
+#include <thread>
 
 namespace gbmoe {
 namespace fs = std::filesystem;
@@ -197,6 +200,11 @@ std::string checkpoint_problem(const std::string& dir_name, const Config* config
     meta = read_checkpoint_meta(dir_name);
   } catch (const std::exception& e) {
     return error_message(e);
+  }
+  try {
+    SamplerState::from_string(meta.sampler_state);
+  } catch (const std::exception& e) {
+    return "meta.txt: " + error_message(e);
   }
   const std::string name = dir.filename().string();
   if (meta.step != m.step) {
@@ -452,48 +460,141 @@ void read_model(torch::serialize::InputArchive& archive, const std::string& path
               ": every weight is zero; resume from another checkpoint");
 }
 
-}  // namespace
+// The entries of the training state in state.pt's order, holding the live tensors (detached).
+std::vector<StateEntry> state_entries(torch::nn::Module& model, torch::optim::AdamW& optimizer,
+                                      const ExpertParameterRule& rule) {
+  std::vector<StateEntry> out;
+  for (const auto& item : model.named_parameters()) {
+    const auto& name = item.key();
+    const bool sharded = rule(name);
+    out.push_back({"model/" + name, item.value().detach(), 0, sharded, false});
+    auto* st = adamw_state(optimizer, item.value());
+    if (!st) continue;
+    out.push_back({"adamw/" + name + "/step", torch::Tensor(), st->step(), sharded, false});
+    for (const auto& [suffix, tensor] : adamw_tensors(*st)) {
+      if (tensor->defined()) {
+        out.push_back({"adamw/" + name + "/" + suffix, tensor->detach(), 0, sharded, true});
+      }
+    }
+  }
+  for (const auto& item : model.named_buffers()) {
+    out.push_back({"model/" + item.key(), item.value().detach(), 0, rule(item.key()), true});
+  }
+  return out;
+}
 
-namespace {
-
-// The archive of gather_training_state, the number of entries in it, and the first tensor that
-// is not finite ("" when all are).
+// The archive of a checkpoint's state.pt, the number of entries in it, and the first tensor
+// that is not finite ("" when all are).
 struct GatheredState {
   torch::serialize::OutputArchive archive;
   int64_t entries = 0;
   std::string non_finite;
 };
 
-GatheredState gather_state(torch::nn::Module& model, torch::optim::AdamW& optimizer,
-                           Communicator& expert_parallel, const ExpertParameterRule& shard_rule) {
-  const auto rule = shard_rule ? shard_rule : expert_parameter_rule(model);
+// Archives the entries with full(entry) as each tensor (the shard joined to the full tensor).
+GatheredState archive_state(const std::vector<StateEntry>& entries,
+                            const std::function<torch::Tensor(const StateEntry&)>& full) {
   GatheredState g;
-  auto write = [&](const std::string& key, const torch::Tensor& t, bool buffer) {
+  for (const auto& e : entries) {
+    ++g.entries;
+    if (!e.tensor.defined()) {
+      g.archive.write(e.key, c10::IValue(e.count));
+      continue;
+    }
+    const auto t = full(e);
     if (g.non_finite.empty() && t.is_floating_point() && !torch::isfinite(t).all().item<bool>()) {
-      g.non_finite = key;
+      g.non_finite = e.key;
     }
-    g.archive.write(key, t, buffer);
-    ++g.entries;
-  };
-  for (const auto& item : model.named_parameters()) {
-    const auto& name = item.key();
-    const bool sharded = rule(name);
-    write("model/" + name, full_tensor(item.value(), sharded, expert_parallel), false);
-    auto* st = adamw_state(optimizer, item.value());
-    if (!st) continue;
-    g.archive.write("adamw/" + name + "/step", c10::IValue(st->step()));
-    ++g.entries;
-    for (const auto& [suffix, tensor] : adamw_tensors(*st)) {
-      if (tensor->defined()) {
-        write("adamw/" + name + "/" + suffix, full_tensor(*tensor, sharded, expert_parallel), true);
-      }
-    }
-  }
-  for (const auto& item : model.named_buffers()) {
-    write("model/" + item.key(), full_tensor(item.value(), rule(item.key()), expert_parallel),
-          true);
+    g.archive.write(e.key, t, e.buffer);
   }
   return g;
+}
+
+GatheredState gather_state(torch::nn::Module& model, torch::optim::AdamW& optimizer,
+                           Communicator& expert_parallel, const ExpertParameterRule& rule) {
+  return archive_state(
+      state_entries(model, optimizer, rule ? rule : expert_parameter_rule(model)),
+      [&](const StateEntry& e) { return full_tensor(e.tensor, e.sharded, expert_parallel); });
+}
+
+// Saves an archive to path with every write checked (a full disk is named, not swallowed).
+void save_archive(torch::serialize::OutputArchive& archive, const std::string& path) {
+  write_file(path, [&](int fd) {
+    // After a failed write the rest is dropped but reported as written: the zip writer throws
+    // from its destructor (std::terminate) when a write comes back short.
+    int failure = 0;
+    archive.save_to([&](const void* data, size_t size) -> size_t {
+      if (!failure && !write_all(fd, data, size)) failure = errno;
+      return size;
+    });
+    errno = failure;
+    return failure == 0;
+  });
+}
+
+// World rank 0's write of a gathered state as the checkpoint of step; throws naming the reason.
+std::string write_state(const Config& config, int64_t step, const std::string& sampler_state,
+                        GatheredState& state) {
+  const std::string& run_dir = config.train.run_dir;
+  if (!state.non_finite.empty()) {
+    const auto previous = list_checkpoints(run_dir);
+    throw std::runtime_error("refusing to checkpoint step " + std::to_string(step) + ": " +
+                             state.non_finite + " holds non-finite values; " +
+                             (previous.empty()
+                                  ? std::string("no earlier checkpoint exists")
+                                  : "the last good checkpoint " + previous.back() + " is kept"));
+  }
+  CheckpointMeta meta{step, sampler_state, config.to_yaml(), state.entries,
+                      config_fingerprint(config)};
+  return write_checkpoint(run_dir, meta, config.train.keep_checkpoints, [&](const std::string& d) {
+    save_archive(state.archive, (fs::path(d) / "state.pt").string());
+  });
+}
+
+fs::path stop_parts_dir(const std::string& run_dir) {
+  return fs::path(run_dir) / "checkpoints" / "stop_parts.tmp";
+}
+
+// Rank r > 0 of world rank 0's expert-parallel group: its shards and the step, as part_<r>.pt
+// (renamed into place once complete, so that rank 0 never reads a part of one).
+void write_part(const std::string& run_dir, const TrainingStateCopy& copy) {
+  const fs::path dir = stop_parts_dir(run_dir);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw WriteError(dir.string(), ec.value());
+  torch::serialize::OutputArchive part;
+  part.write("step", c10::IValue(copy.step));
+  for (const auto& e : copy.entries) {
+    if (e.sharded && e.tensor.defined()) part.write(e.key, e.tensor, e.buffer);
+  }
+  const fs::path path = dir / ("part_" + std::to_string(copy.expert_rank) + ".pt");
+  save_archive(part, path.string() + ".partial");
+  fs::rename(path.string() + ".partial", path, ec);
+  if (ec) throw WriteError(path.string(), ec.value());
+}
+
+// World rank 0: the parts of ranks 1..P-1, each of the copy's step, waited for up to wait_s.
+std::vector<torch::serialize::InputArchive> read_parts(const std::string& run_dir,
+                                                       const TrainingStateCopy& copy,
+                                                       double wait_s) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(wait_s);
+  std::vector<torch::serialize::InputArchive> parts(static_cast<size_t>(copy.expert_size - 1));
+  for (int r = 1; r < copy.expert_size; ++r) {
+    const fs::path path = stop_parts_dir(run_dir) / ("part_" + std::to_string(r) + ".pt");
+    while (!fs::exists(path)) {
+      TORCH_CHECK(std::chrono::steady_clock::now() < deadline, "the expert shards of ",
+                  "expert-parallel rank ", r, " did not appear as ", path.string(), " within ",
+                  wait_s, " s (the ranks of an expert-parallel group must share train.run_dir)");
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    auto& part = parts[static_cast<size_t>(r - 1)];
+    c10::IValue step;
+    part.load_from(path.string());
+    TORCH_CHECK(part.try_read("step", step) && step.toInt() == copy.step, path.string(),
+                " holds the shards of another step than ", copy.step,
+                " (the stop came between two ranks' optimizer steps)");
+  }
+  return parts;
 }
 
 }  // namespace
@@ -509,7 +610,6 @@ std::string save_checkpoint(const Config& config, int64_t step, const std::strin
                             torch::nn::Module& model, torch::optim::AdamW& optimizer,
                             const ProcessGroups& groups) {
   Communicator& world = *groups.world;
-  const std::string& run_dir = config.train.run_dir;
   // Rank 0 writes; only its expert-parallel group (expert-data-parallel rank 0) gathers.
   GatheredState state;
   if (groups.expert_data_parallel->rank() == 0) {
@@ -517,43 +617,65 @@ std::string save_checkpoint(const Config& config, int64_t step, const std::strin
   }
   std::string error, dir;
   if (world.rank() == 0) {
-    if (!state.non_finite.empty()) {
-      const auto previous = list_checkpoints(run_dir);
-      error = "refusing to checkpoint step " + std::to_string(step) + ": " + state.non_finite +
-              " holds non-finite values; " +
-              (previous.empty() ? std::string("no earlier checkpoint exists")
-                                : "the last good checkpoint " + previous.back() + " is kept");
-    } else {
-      CheckpointMeta meta{step, sampler_state, config.to_yaml(), state.entries,
-                          config_fingerprint(config)};
-      try {
-        dir = write_checkpoint(
-            run_dir, meta, config.train.keep_checkpoints, [&](const std::string& d) {
-              const fs::path path = fs::path(d) / "state.pt";
-              write_file(path.string(), [&](int fd) {
-                // After a failed write the rest is dropped but reported
-                // as written: the zip writer throws from its destructor
-                // (std::terminate) when a write comes back short.
-                int failure = 0;
-                state.archive.save_to([&](const void* data, size_t size) -> size_t {
-                  if (!failure && !write_all(fd, data, size)) {
-                    failure = errno;
-                  }
-                  return size;
-                });
-                errno = failure;
-                return failure == 0;
-              });
-            });
-      } catch (const std::exception& e) {
-        error = error_message(e);
-      }
+    try {
+      dir = write_state(config, step, sampler_state, state);
+    } catch (const std::exception& e) {
+      error = error_message(e);
     }
   }
   // Instead of a barrier: every rank learns whether rank 0's write failed, and stops with it.
   stop_together_if(world, error);
   log0("checkpoint ", dir);
-  return (fs::path(run_dir) / "checkpoints" / step_name(step)).string();
+  return (fs::path(config.train.run_dir) / "checkpoints" / step_name(step)).string();
+}
+
+TrainingStateCopy copy_training_state(torch::nn::Module& model, torch::optim::AdamW& optimizer,
+                                      const ProcessGroups& groups, int64_t step,
+                                      std::string sampler_state) {
+  TrainingStateCopy copy;
+  copy.step = step;
+  copy.sampler_state = std::move(sampler_state);
+  copy.world_rank = groups.world->rank();
+  copy.expert_rank = groups.expert_parallel->rank();
+  copy.expert_size = groups.expert_parallel->size();
+  if (groups.expert_data_parallel->rank() != 0) return copy;
+  torch::NoGradGuard no_grad;
+  for (auto& e : state_entries(model, optimizer, expert_parameter_rule(model))) {
+    if (copy.world_rank != 0 && !e.sharded) continue;
+    if (e.tensor.defined()) e.tensor = e.tensor.cpu().clone();
+    copy.entries.push_back(std::move(e));
+  }
+  return copy;
+}
+
+std::string write_training_state_copy(const Config& config, const TrainingStateCopy& copy,
+                                      double wait_s) {
+  const std::string& run_dir = config.train.run_dir;
+  if (copy.entries.empty()) return "";
+  if (copy.world_rank != 0) {
+    write_part(run_dir, copy);
+    return "";
+  }
+  std::error_code ec;
+  try {
+    auto parts = read_parts(run_dir, copy, wait_s);
+    auto state = archive_state(copy.entries, [&](const StateEntry& e) {
+      if (!e.sharded || parts.empty()) return e.tensor;
+      std::vector<torch::Tensor> blocks{e.tensor};
+      for (size_t r = 0; r < parts.size(); ++r) {
+        blocks.emplace_back();
+        TORCH_CHECK(parts[r].try_read(e.key, blocks.back(), e.buffer), "the expert shards of ",
+                    "expert-parallel rank ", r + 1, " lack ", e.key);
+      }
+      return e.tensor.dim() == 0 ? torch::stack(blocks) : torch::cat(blocks);
+    });
+    const std::string dir = write_state(config, copy.step, copy.sampler_state, state);
+    fs::remove_all(stop_parts_dir(run_dir), ec);
+    return dir;
+  } catch (...) {
+    fs::remove_all(stop_parts_dir(run_dir), ec);
+    throw;
+  }
 }
 
 void load_training_state(const std::string& path, torch::nn::Module& model,

@@ -51,8 +51,9 @@ std::string resolve_resume(const std::string& run_dir, const std::string& resume
 
 /// Why dir cannot be resumed from, or "" when it can: its manifest.txt is missing or damaged,
 /// a file is missing, of another size (truncated) or fails its checksum (zeroed, overwritten),
-/// the step of meta.txt, of the manifest and of the directory name disagree or is negative, or
-/// (with a config) the checkpoint's model settings differ from the config's (named).
+/// meta.txt is bad (a negative step, a sampler state that does not parse), the step of meta.txt,
+/// of the manifest and of the directory name disagree, or (with a config) the checkpoint's
+/// model settings differ from the config's (named).
 ///
 /// Example:
 ///   if (auto why = checkpoint_problem(dir); !why.empty()) std::cerr << dir << ": " << why;
@@ -76,6 +77,50 @@ CheckpointMeta read_checkpoint_meta(const std::string& dir);
 std::string save_checkpoint(const Config& config, int64_t step, const std::string& sampler_state,
                             torch::nn::Module& model, torch::optim::AdamW& optimizer,
                             const ProcessGroups& groups);
+
+/// One entry of a rank's training state, keyed as in state.pt: a tensor ("model/<name>",
+/// "adamw/<name>/exp_avg", ...) or an AdamW step count ("adamw/<name>/step", tensor undefined).
+struct StateEntry {
+  std::string key;
+  torch::Tensor tensor;
+  int64_t count = 0;     // the AdamW step count
+  bool sharded = false;  // an expert shard: this rank's block along dim 0
+  bool buffer = false;
+};
+
+/// What one rank contributes to the checkpoint of `step`, copied to the CPU with no
+/// communication: world rank 0 all its entries, the other ranks of its expert-parallel group
+/// their expert shards, any other rank nothing (entries empty).
+struct TrainingStateCopy {
+  int64_t step = -1;
+  std::string sampler_state;
+  int world_rank = 0;
+  int expert_rank = 0, expert_size = 1;  // in world rank 0's expert-parallel group
+  std::vector<StateEntry> entries;
+};
+
+/// Copies this rank's share of the training state (see TrainingStateCopy). Makes no MPI call,
+/// so a thread beside the training loop can call it; the parameters, optimizer state and
+/// buffers must not change meanwhile.
+///
+/// Example:
+///   auto copy = copy_training_state(*model, optimizer, groups, step, sampler.state().to_string());
+TrainingStateCopy copy_training_state(torch::nn::Module& model, torch::optim::AdamW& optimizer,
+                                      const ProcessGroups& groups, int64_t step,
+                                      std::string sampler_state);
+
+/// Writes a checkpoint from the copies of all ranks without communication (what save_checkpoint
+/// writes, for a stop signal in the middle of a step): ranks 1..P-1 of world rank 0's
+/// expert-parallel group write their shards to run_dir/checkpoints/stop_parts.tmp/part_<r>.pt;
+/// world rank 0 waits up to wait_s seconds for them (the group must share train.run_dir),
+/// joins them to full tensors, writes the checkpoint with write_checkpoint and returns its path.
+/// Other ranks return "". Throws on this rank only, naming the file or the rank and the reason;
+/// a part of another step (the copies straddled an optimizer step) is refused.
+///
+/// Example:
+///   const auto dir = write_training_state_copy(config, copy, 60.0);
+std::string write_training_state_copy(const Config& config, const TrainingStateCopy& copy,
+                                      double wait_s);
 
 /// Checkpoint directories of a run, oldest first.
 std::vector<std::string> list_checkpoints(const std::string& run_dir);

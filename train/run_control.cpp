@@ -1,13 +1,16 @@
-// Stop signals (sigaction; the second signal takes the default action) and the non-finite-step
-// rule of the training loop.
+// Stop signals (sigaction; the first wakes the on_stop thread, the second takes the default
+// action) and the non-finite-step rule of the training loop.
 #include "train/run_control.h"
 
+#include <semaphore.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cmath>
 #include <csignal>
 #include <cstring>
 #include <filesystem>
+#include <iterator>
 #include <sstream>
 
 #include "parallel/runtime.h"
@@ -16,8 +19,18 @@
 namespace gbmoe {
 namespace {
 
+constexpr int kStopSignals[] = {SIGTERM, SIGINT, SIGUSR1};
 volatile std::sig_atomic_t g_stop_requested = 0;
-struct sigaction g_previous_term, g_previous_int;
+// Posted by the first stop (sem_post is async-signal-safe); StopSignals' thread waits on it.
+sem_t g_stop_posted;
+volatile std::sig_atomic_t g_stop_posted_ready = 0;
+struct sigaction g_previous[std::size(kStopSignals)];
+
+void post_stop() {
+  if (g_stop_requested) return;
+  g_stop_requested = 1;
+  if (g_stop_posted_ready) sem_post(&g_stop_posted);
+}
 
 void on_stop_signal(int sig) {
   if (g_stop_requested) {  // the second signal: stop at once
@@ -25,32 +38,49 @@ void on_stop_signal(int sig) {
     std::raise(sig);
     return;
   }
-  g_stop_requested = 1;
+  post_stop();
   const char text[] =
-      "gbmoe-train: stop signal: checkpointing after this step; a second signal stops at once\n";
+      "gbmoe-train: stop signal: checkpointing now and after this step; a second signal stops at "
+      "once\n";
   [[maybe_unused]] const ssize_t n = ::write(STDERR_FILENO, text, sizeof(text) - 1);
 }
 
 }  // namespace
 
-StopSignals::StopSignals() {
+StopSignals::StopSignals(std::function<void()> on_stop) : on_stop_(std::move(on_stop)) {
   g_stop_requested = 0;
+  if (on_stop_) {
+    sem_init(&g_stop_posted, 0, 0);
+    g_stop_posted_ready = 1;
+    thread_ = std::thread([this] {
+      while (sem_wait(&g_stop_posted) != 0 && errno == EINTR) {
+      }
+      if (g_stop_requested) on_stop_();  // else the destructor woke it
+    });
+  }
   struct sigaction action;
   std::memset(&action, 0, sizeof(action));
   action.sa_handler = on_stop_signal;
   sigemptyset(&action.sa_mask);
-  sigaction(SIGTERM, &action, &g_previous_term);
-  sigaction(SIGINT, &action, &g_previous_int);
+  for (size_t i = 0; i < std::size(kStopSignals); ++i) {
+    sigaction(kStopSignals[i], &action, &g_previous[i]);
+  }
 }
 
 StopSignals::~StopSignals() {
-  sigaction(SIGTERM, &g_previous_term, nullptr);
-  sigaction(SIGINT, &g_previous_int, nullptr);
+  for (size_t i = 0; i < std::size(kStopSignals); ++i) {
+    sigaction(kStopSignals[i], &g_previous[i], nullptr);
+  }
+  if (!thread_.joinable()) return;
+  g_stop_posted_ready = 0;
+  sem_post(&g_stop_posted);
+  thread_.join();
+  sem_destroy(&g_stop_posted);
 }
 
 bool stop_requested() { return g_stop_requested != 0; }
 
-void request_stop() { g_stop_requested = 1; }
+void request_stop() { post_stop(); }
 
 NonFiniteSteps::NonFiniteSteps(int64_t max_skipped, std::string run_dir)
     : max_skipped_(max_skipped), run_dir_(std::move(run_dir)) {}

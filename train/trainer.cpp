@@ -4,11 +4,14 @@
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <iomanip>
+#include <iostream>
 #include <limits>
+#include <mutex>
 #include <sstream>
 
 #include "moe/autocast.h"
@@ -245,6 +248,7 @@ class Trainer {
   void log_progress(int64_t done);
   void evaluate_now(int64_t done);
   void save(int64_t step);
+  void save_on_stop();
 
   const Config& config_;
   const ProcessGroups& groups_;
@@ -266,6 +270,14 @@ class Trainer {
   std::unique_ptr<RoutingMonitor> monitor_;  // per-layer metrics, TensorBoard, traces, replay
   TrainSummary summary_;
   double window_tokens_ = 0, window_seconds_ = 0;
+  // The last completed step, for save_on_stop in the middle of the next one: its parameters,
+  // optimizer state and router biases change only under state_mutex_ (the optimizer step).
+  std::mutex state_mutex_;
+  int64_t completed_step_ = 0;
+  SamplerState completed_sampler_;
+  // Rank 0's writes into checkpoints/ one at a time; the newest step saved (or resumed from).
+  std::mutex save_mutex_;
+  std::atomic<int64_t> saved_step_{0};
 };
 
 Trainer::Trainer(const Config& config, const ProcessGroups& groups)
@@ -340,7 +352,11 @@ int64_t Trainer::resume() {
   if (!resume_dir.empty()) {
     auto meta = read_checkpoint_meta(resume_dir);
     load_training_state(resume_dir + "/state.pt", *model_, *optimizer_, *groups_.expert_parallel);
-    sampler_->load_state(SamplerState::from_string(meta.sampler_state));
+    try {
+      sampler_->load_state(SamplerState::from_string(meta.sampler_state));
+    } catch (const std::exception& e) {
+      TORCH_CHECK(false, "checkpoint ", resume_dir, ": ", error_message(e));
+    }
     start_step = meta.step;
     log0("resumed from ", resume_dir, " at step ", start_step);
   }
@@ -349,7 +365,41 @@ int64_t Trainer::resume() {
 }
 
 void Trainer::save(int64_t step) {
+  std::lock_guard<std::mutex> saving(save_mutex_);
   save_checkpoint(config_, step, sampler_->state().to_string(), *model_, *optimizer_, groups_);
+  saved_step_ = step;
+}
+
+// StopSignals' thread, on a stop signal: the checkpoint of the last completed step, written while
+// the step under way goes on (a step that outlasts mpirun's kill window still leaves one), with
+// no MPI call. A failure is logged; the training loop's checkpoint at the end of the step follows.
+void Trainer::save_on_stop() {
+  constexpr double kPartsWaitSeconds = 60;
+  TrainingStateCopy copy;
+  {
+    std::lock_guard<std::mutex> unchanged(state_mutex_);
+    if (completed_step_ <= saved_step_) return;
+    copy = copy_training_state(*model_, *optimizer_, groups_, completed_step_,
+                               completed_sampler_.to_string());
+  }
+  // Only rank 0 waits for a save of the training loop: the others' parts must not, as rank 0
+  // waits for them while holding its lock.
+  std::unique_lock<std::mutex> saving(save_mutex_, std::defer_lock);
+  if (rank0_) saving.lock();
+  if (copy.step <= saved_step_) return;  // the training loop saved it, or a later step, meanwhile
+  try {
+    const std::string dir = write_training_state_copy(config_, copy, kPartsWaitSeconds);
+    saved_step_ = copy.step;
+    if (rank0_) {
+      write_log_line("stop signal during step " + std::to_string(copy.step + 1) +
+                     ": checkpoint of step " + std::to_string(copy.step) + " " + dir);
+    }
+  } catch (const std::exception& e) {
+    std::cerr << "[rank " << copy.world_rank << "] stop signal: no checkpoint of step " << copy.step
+              << " during the next step: " << error_message(e)
+              << "; the checkpoint at the end of the step follows\n"
+              << std::flush;
+  }
 }
 
 bool Trainer::train_step(int64_t step, int64_t stop_after) {
@@ -369,9 +419,12 @@ bool Trainer::train_step(int64_t step, int64_t stop_after) {
     monitor_->after_forward(step + 1, m, b, routings_of(routing));
   };
   const auto losses = forward_backward(model_, *objective_, micro, device_, autocast_bf16_, hooks);
-  const bool stop_here = stop_requested() || (stop_after >= 0 && step + 1 >= stop_after);
-  auto flags = torch::tensor({losses.finite ? 0.0 : 1.0, stop_here ? 1.0 : 0.0}, torch::kDouble);
+  const bool stop_after_here = stop_after >= 0 && step + 1 >= stop_after;
+  auto flags = torch::tensor(
+      {losses.finite ? 0.0 : 1.0, stop_requested() ? 1.0 : 0.0, stop_after_here ? 1.0 : 0.0},
+      torch::kDouble);
   world_.all_reduce(flags, ReduceOp::Max);
+  if (flags[1].item<double>() != 0.0) request_stop();  // a signal to one rank: save_on_stop on all
   // A step whose loss or gradient norm is not finite is never applied.
   bool apply = nonfinite_->accept_loss(step + 1, flags[0].item<double>() == 0.0,
                                        losses.finite ? "on another rank" : losses.bad_term);
@@ -384,10 +437,16 @@ bool Trainer::train_step(int64_t step, int64_t stop_after) {
                                  : torch::nn::utils::clip_grad_norm_(model_->parameters(), clip);
     apply = nonfinite_->accept_grad_norm(step + 1, grad_norm, world_);
   }
-  if (apply) optimizer_->step();
-  const auto layers = objective_->end_step();
+  std::vector<LayerStepStats> layers;
+  {
+    std::lock_guard<std::mutex> changing(state_mutex_);  // not while save_on_stop copies the state
+    if (apply) optimizer_->step();
+    layers = objective_->end_step();  // updates the router biases (loss-free balancing)
+    completed_step_ = step + 1;
+    completed_sampler_ = sampler_->state();
+  }
   record_step(step + 1, lr, grad_norm, losses, layers, seconds_since(t0));
-  return flags[1].item<double>() == 0.0;
+  return flags[1].item<double>() == 0.0 && flags[2].item<double>() == 0.0;
 }
 
 // Metrics in one all-reduce: rank shares of the objective and micro-batch figures averaged over
@@ -474,9 +533,11 @@ TrainSummary Trainer::run(int64_t stop_after) {
   summary_.run_dir = config_.train.run_dir;
   const int64_t start_step = resume();
   summary_.first_step = summary_.last_step = start_step;
+  completed_step_ = saved_step_ = start_step;
+  completed_sampler_ = sampler_->state();
   monitor_ = std::make_unique<RoutingMonitor>(
       config_, model_->moe_layers(), train_data_->domain_names(), world_.rank(), start_step > 0);
-  StopSignals stop_signals;
+  StopSignals stop_signals([this] { save_on_stop(); });
   nonfinite_ =
       std::make_unique<NonFiniteSteps>(config_.train.max_nonfinite_steps, config_.train.run_dir);
   const auto is_shard = expert_parameter_rule(*model_);

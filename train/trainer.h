@@ -95,8 +95,8 @@ TrainSummary train(const Config& config, const ProcessGroups& groups, int64_t st
 ///                                      device.is_cuda() ? Backend::Nccl : Backend::Mpi);
 torch::Device select_device(const Config& config);
 
-/// Asks a running train() to write a checkpoint and stop after the current step (what SIGTERM
-/// does). Async-signal-safe.
+/// Asks a running train() to stop as SIGTERM does: the checkpoint of the last completed step at
+/// once (StopSignals), then that of the current step and stop. Async-signal-safe.
 void request_stop();
 
 }  // namespace gbmoe

@@ -6,12 +6,15 @@
 #include <filesystem>
 #include <fstream>
 
+#include "single_communicator.h"
 #include "test_util.h"
 #include "train/checkpoint.h"
 
 namespace gbmoe {
 namespace {
 namespace fs = std::filesystem;
+
+const char* kSampler = "epoch=0 position=3 seed=1 seq_len=8 world_size=1 num_windows=40";
 
 class CheckpointTest : public ::testing::Test {
  protected:
@@ -26,8 +29,8 @@ class CheckpointTest : public ::testing::Test {
   void TearDown() override { fs::remove_all(root_); }
 
   // A checkpoint of step with a state.pt of 1000 bytes of a pattern.
-  std::string write(int64_t step) {
-    CheckpointMeta meta{step, "sampler-state", config_.to_yaml(), 7, config_fingerprint(config_)};
+  std::string write(int64_t step, const std::string& sampler = kSampler) {
+    CheckpointMeta meta{step, sampler, config_.to_yaml(), 7, config_fingerprint(config_)};
     return write_checkpoint(root_.string(), meta, 10, [](const std::string& dir) {
       std::ofstream out(dir + "/state.pt", std::ios::binary);
       for (int i = 0; i < 1000; ++i) out.put(static_cast<char>(i * 7));
@@ -73,6 +76,9 @@ TEST_F(CheckpointTest, InconsistentStepsAreRefused) {
   spit(other + "/meta.txt", "step -4\nsampler x\n");
   EXPECT_NE(checkpoint_problem(other), "");
   expect_throw_with([&] { read_checkpoint_meta(other); }, "has a negative step (-4)");
+  const auto bad_sampler = write(5, "epoch=x");  // sealed by its manifest, still refused
+  EXPECT_EQ(checkpoint_problem(bad_sampler),
+            "meta.txt: sampler state \"epoch=x\": epoch (x) is not a non-negative integer");
 }
 
 TEST_F(CheckpointTest, ACheckpointOfAnotherModelIsRefusedNamingTheSettings) {
@@ -117,21 +123,7 @@ TEST_F(CheckpointTest, AStateOfZeroWeightsIsRefused) {
   torch::optim::AdamW optimizer(model->parameters());
   const auto path = (root_ / "state.pt").string();
   auto save = [&] {
-    struct Single : Communicator {
-      int rank() const override { return 0; }
-      int size() const override { return 1; }
-      std::string backend() const override { return "none"; }
-      std::shared_ptr<Work> all_reduce_async(const torch::Tensor& t, ReduceOp) override {
-        return std::make_shared<CompletedWork>(t);
-      }
-      torch::Tensor all_gather(const torch::Tensor& t) override { return t.unsqueeze(0); }
-      std::shared_ptr<Work> all_to_all_async(const torch::Tensor& t, const std::vector<int64_t>&,
-                                             const std::vector<int64_t>&) override {
-        return std::make_shared<CompletedWork>(t);
-      }
-      void broadcast(const torch::Tensor&, int) override {}
-      void barrier() override {}
-    } single;
+    SingleCommunicator single;
     gather_training_state(*model, optimizer, single).save_to(path);
   };
   save();

@@ -3,6 +3,10 @@
 #   rank_sigterm    SIGTERM to every rank: checkpoint, exit 0, resume
 #   mpirun_sigterm  SIGTERM to mpirun: one checkpoint of the step it stopped at, every rank exits
 #                   0 (mpirun itself reports the job it was asked to kill as failed), exact resume
+#   mpirun_sigterm_long_step  SIGTERM to mpirun in a step longer than mpirun's kill window: the
+#                   checkpoint of the last completed step, written during the step, resumes
+#                   exactly as an uninterrupted run goes on
+#   mpirun_sigusr1  SIGUSR1 to mpirun (forwarded at once, no kill): checkpoint, mpirun exits 0
 #   disk_full       a run directory on a small tmpfs fills up during a checkpoint: the error names
 #                   the path and "no space left on device", no partial files stay, and the
 #                   previous checkpoint resumes (skipped with a message where mounting is denied)
@@ -63,23 +67,34 @@ resumes_from_stop() {
   [ "$(steps_in "$work/run")" = $((step + 2)) ] || fail "resumed run did not append 2 steps"
 }
 
-case $case in
-rank_sigterm)
-  # SIGTERM to every rank, as a scheduler sends it to every task.
+# Signal $1 to $2 (the ranks, or mpirun) after 3 steps: the job exits 0 with "stopped after step
+# N" and resumes from N (sets step).
+stop_and_resume() {
+  local sig=$1 target=$2 ranks rc=0
   run=(--set "train.run_dir=$work/run" --set train.checkpoint_every=0)
   "$mpiexec" -np 2 "$train" "${base[@]}" "${run[@]}" --set train.steps=1000000 \
     > "$work/first.log" 2>&1 &
   job=$!
   wait_steps "$work/run" 3
-  ranks=$(pgrep -P $job gbmoe-train || true)
-  [ "$(echo $ranks | wc -w)" = 2 ] || fail "expected 2 rank processes under mpirun, got: $ranks"
-  kill -TERM $ranks
-  rc=0; wait $job || rc=$?
+  if [ "$target" = ranks ]; then
+    ranks=$(pgrep -P $job gbmoe-train || true)
+    [ "$(echo $ranks | wc -w)" = 2 ] || fail "expected 2 rank processes under mpirun, got: $ranks"
+    kill -$sig $ranks
+  else
+    kill -$sig $job
+  fi
+  wait $job || rc=$?
   job=
-  [ $rc = 0 ] || fail "job exited $rc after SIGTERM (expected 0)"
+  [ $rc = 0 ] || fail "job exited $rc after SIG$sig to $target (expected 0)"
   step=$(sed -n 's/.*stopped after step \([0-9]*\);.*/\1/p' "$work/first.log")
   [ -n "$step" ] || fail "no 'stopped after step' line"
   resumes_from_stop "$step"
+}
+
+case $case in
+rank_sigterm)
+  # SIGTERM to every rank, as a scheduler sends it to every task.
+  stop_and_resume TERM ranks
   echo "PASS: stopped cleanly after step $step and resumed"
   ;;
 mpirun_sigterm)
@@ -103,6 +118,46 @@ mpirun_sigterm)
   step=$((10#$(basename "$ckpt" | sed 's/step_//')))
   resumes_from_stop "$step"
   echo "PASS: checkpoint at step $step after SIGTERM to mpirun, resumed"
+  ;;
+mpirun_sigterm_long_step)
+  # mpirun passes SIGTERM on after 1 s and SIGKILLs 1 s later: a step of at least 3 s (64
+  # micro-batches on a loaded 2-core machine, more on a faster one) on 2 expert-parallel ranks
+  # (rank 0 joins rank 1's expert shards from a file) is killed in the middle.
+  accum=64
+  while :; do
+    slow=(--set data.grad_accum=$accum --set parallel.expert_parallel=2
+          --set train.checkpoint_every=0)
+    run=(--set "train.run_dir=$work/run" "${slow[@]}")
+    "$mpiexec" --mca odls_base_sigkill_timeout 1 -np 2 "$train" "${base[@]}" "${run[@]}" \
+      --set train.steps=1000000 > "$work/first.log" 2>&1 &
+    job=$!
+    wait_steps "$work/run" 1
+    # Step 1's seconds: its tokens (2 ranks x accum x 2 x 32) over its tokens_per_s.
+    ms=$(sed -n 's/.*"tokens_per_s":\([0-9.e+]*\).*/\1/p' "$work/run/metrics.jsonl" \
+      | awk -v t=$((accum * 128)) '{ printf "%d", 1000 * t / $1 }')
+    [ "$ms" -ge 3000 ] && break
+    kill -9 $(pgrep -P $job gbmoe-train) $job 2>/dev/null || true
+    wait $job 2>/dev/null || true
+    rm -rf "$work/run"
+    accum=$((accum * 4000 / (ms + 1) + 1))
+    echo "step 1 took $ms ms: again with $accum micro-batches"
+  done
+  kill -TERM $job  # early in step 2; step 1 was not checkpointed (checkpoint_every 0)
+  rc=0; wait $job || rc=$?
+  job=
+  [ "$(steps_in "$work/run")" = 1 ] || fail "step 2 ended within the kill window: make it longer"
+  resumes_from_stop 1  # the checkpoint of step 1, written while step 2 ran; 2 more steps
+  "$mpiexec" -np 2 "$train" "${base[@]}" --set "train.run_dir=$work/ref" "${slow[@]}" \
+    --set train.steps=3 > "$work/ref.log" 2>&1 || fail "the uninterrupted run exited non-zero"
+  untimed() { sed 's/"tokens_per_s":[^,]*,//' "$1/metrics.jsonl"; }
+  diff <(untimed "$work/run") <(untimed "$work/ref") > "$work/diff.log" \
+    || fail "the resumed run differs from the uninterrupted one: $(head -c 600 "$work/diff.log")"
+  echo "PASS: killed in step 2 (mpirun exited $rc), the checkpoint of step 1 resumed exactly"
+  ;;
+mpirun_sigusr1)
+  # mpirun forwards SIGUSR1 at once and kills nothing: the job ends as the ranks do.
+  stop_and_resume USR1 mpirun
+  echo "PASS: SIGUSR1 to mpirun: exit 0, checkpoint at step $step, resumed"
   ;;
 disk_full)
   # The size of one checkpoint, from a run on the ordinary disk.
@@ -161,7 +216,7 @@ kill9)
   run=(--set "train.run_dir=$work/run" --set train.checkpoint_every=1 --set train.keep_checkpoints=2
        --set train.resume=auto --set train.steps=60)
   RANDOM=11
-  for trial in $(seq 10); do
+  for trial in $(seq 20); do
     "$mpiexec" -np 2 "$train" "${base[@]}" "${run[@]}" >> "$work/kill9.log" 2>&1 &
     job=$!
     sleep "$((1 + RANDOM % 3)).$((RANDOM % 10))"  # start-up takes about 1.5 s
@@ -172,13 +227,13 @@ kill9)
       && fail "trial $trial: a restart failed"
   done
   resumed=$(grep -c "^resumed from " "$work/kill9.log" || true)
-  [ "$resumed" -ge 3 ] || fail "only $resumed of the restarts found a checkpoint to resume"
+  [ "$resumed" -ge 6 ] || fail "only $resumed of the restarts found a checkpoint to resume"
   "$mpiexec" -np 2 "$train" "${base[@]}" "${run[@]}" > "$work/final.log" 2>&1 \
     || fail "the last resume exited non-zero"
   steps=$(grep -o '^{"step":[0-9]*,"loss"' "$work/run/metrics.jsonl" | sort | uniq -d | head -1)
   [ -z "$steps" ] || fail "a step appears twice in metrics.jsonl: $steps"
   [ "$(steps_in "$work/run")" = 60 ] || fail "metrics hold $(steps_in "$work/run") steps, not 60"
-  echo "PASS: 10 kill -9 trials ($resumed restarts resumed), 60 steps once each"
+  echo "PASS: 20 kill -9 trials ($resumed restarts resumed), 60 steps once each"
   ;;
 *) fail "unknown case $case" ;;
 esac

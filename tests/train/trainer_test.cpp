@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "parallel/balance_sync.h"
+#include "parallel/expert_parallel.h"
 #include "parallel/runtime.h"
 #include "test_util.h"
 #include "train/checkpoint.h"
@@ -191,6 +192,77 @@ TEST_F(TrainerTest, CheckpointResumesAtAnotherExpertParallelSize) {
           << "step " << 4 + i << ", first expert_parallel " << first_ep;
     }
     EXPECT_NEAR(second.eval.loss, whole.eval.loss, 1e-5 * whole.eval.loss);
+  }
+}
+
+// Two state.pt files hold the same entries with equal values.
+void expect_same_state(const std::string& a_path, const std::string& b_path) {
+  torch::serialize::InputArchive a, b;
+  a.load_from(a_path);
+  b.load_from(b_path);
+  const auto keys = a.keys();
+  ASSERT_EQ(keys.size(), b.keys().size());
+  for (const auto& key : keys) {
+    torch::Tensor ta, tb;
+    if (a.try_read(key, ta) || a.try_read(key, ta, /*is_buffer=*/true)) {
+      ASSERT_TRUE(b.try_read(key, tb) || b.try_read(key, tb, true)) << key;
+      EXPECT_TRUE(torch::equal(ta, tb)) << key;
+    } else {
+      c10::IValue va, vb;
+      ASSERT_TRUE(a.try_read(key, va) && b.try_read(key, vb)) << key;
+      EXPECT_EQ(va.toInt(), vb.toInt()) << key;
+    }
+  }
+}
+
+// What a stop signal writes in the middle of a step, with no communication (ranks 1..P-1 of
+// rank 0's expert-parallel group hand their shards to rank 0 in files), is the checkpoint
+// save_checkpoint writes with collectives; parts of another step or missing parts are refused.
+TEST_F(TrainerTest, ACheckpointFromStateCopiesEqualsTheGatheredOne) {
+  std::vector<int64_t> sizes{1};
+  if (mpi_size() % 2 == 0) sizes.push_back(2);
+  for (int64_t ep : sizes) {
+    auto config = tiny("copy_ep" + std::to_string(ep));
+    config.parallel.expert_parallel = ep;
+    const auto groups = build_process_groups(ParallelSizes{mpi_size(), ep});
+    train(config, groups, /*stop_after=*/2);
+    const auto trained = list_checkpoints(config.train.run_dir).back();
+    const int64_t vocab = TokenDataset::open(config.data.dir, "train").vocab_size();
+    LanguageModel model(model_options_from_config(config, vocab));
+    if (ep > 1) apply_expert_parallel(*model, groups);
+    torch::optim::AdamW optimizer(model->parameters());
+    load_training_state(trained + "/state.pt", *model, optimizer, *groups.expert_parallel);
+    const std::string sampler = read_checkpoint_meta(trained).sampler_state;
+    auto gathered = config, copied = config;
+    gathered.train.run_dir += "_gathered";
+    copied.train.run_dir += "_copied";
+    const auto a = save_checkpoint(gathered, 2, sampler, *model, optimizer, groups);
+    const auto copy = copy_training_state(*model, optimizer, groups, 2, sampler);
+    const auto b = write_training_state_copy(copied, copy, 30.0);
+    world_->world->barrier();
+    if (world_->world->rank() == 0) {
+      EXPECT_EQ(fs::path(b).filename(), fs::path(a).filename());
+      EXPECT_EQ(checkpoint_problem(b, &config), "");
+      EXPECT_EQ(read_checkpoint_meta(b).sampler_state, sampler);
+      expect_same_state(a + "/state.pt", b + "/state.pt");
+      EXPECT_FALSE(fs::exists(fs::path(copied.train.run_dir) / "checkpoints/stop_parts.tmp"));
+    }
+    world_->world->barrier();
+    if (ep == 1) continue;
+    // Rank 1's copy is of the next step (the copies straddled an optimizer step).
+    const auto next = copy_training_state(*model, optimizer, groups, 3, sampler);
+    if (world_->world->rank() == 0) {
+      expect_throw_with([&] { write_training_state_copy(copied, copy, 30.0); },
+                        "part_1.pt holds the shards of another step than 2");
+    } else if (groups.expert_data_parallel->rank() == 0) {
+      write_training_state_copy(copied, next, 30.0);
+    }
+    world_->world->barrier();
+    if (world_->world->rank() == 0) {  // no part at all
+      expect_throw_with([&] { write_training_state_copy(copied, copy, 0.2); },
+                        "the expert shards of expert-parallel rank 1 did not appear as ");
+    }
+    world_->world->barrier();
   }
 }
 
