@@ -20,13 +20,22 @@ std::string to_string(BalanceScope s) {
 }
 
 std::string to_string(BalanceMethod m) {
-  return m == BalanceMethod::AuxLoss ? "aux_loss" : "loss_free";
+  switch (m) {
+    case BalanceMethod::AuxLoss:
+      return "aux_loss";
+    case BalanceMethod::LossFree:
+      return "loss_free";
+    case BalanceMethod::Quantile:
+      return "quantile";
+  }
+  return "?";
 }
 
 BalanceMethod balance_method_from_string(const std::string& name) {
   if (name == "aux_loss") return BalanceMethod::AuxLoss;
   if (name == "loss_free") return BalanceMethod::LossFree;
-  TORCH_CHECK(false, "balance method (", name, ") must be one of aux_loss, loss_free");
+  if (name == "quantile") return BalanceMethod::Quantile;
+  TORCH_CHECK(false, "balance method (", name, ") must be one of aux_loss, loss_free, quantile");
 }
 
 BalanceScope balance_scope_from_string(const std::string& name) {

@@ -17,7 +17,9 @@ enum class BalanceScope { Micro, Sequence, Global, Group };
 
 /// How balance is enforced. AuxLoss: the load-balancing loss. LossFree: no balancing loss; a
 /// per-expert selection bias is moved after each optimizer step against the load (DeepSeek-V3).
-enum class BalanceMethod { AuxLoss, LossFree };
+/// Quantile: no balancing loss and no step size; after each optimizer step the selection bias is
+/// set from per-expert thresholds, quantiles of the scope's gates (losses/quantile.h).
+enum class BalanceMethod { AuxLoss, LossFree, Quantile };
 
 std::string to_string(BalanceMethod m);
 BalanceMethod balance_method_from_string(const std::string& name);

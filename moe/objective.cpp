@@ -55,6 +55,9 @@ TrainingObjective::TrainingObjective(std::vector<MoELayer> layers, BalanceOption
   }
   const auto L = layers_.size();
   entropy_sum_.resize(L), topk_sum_.resize(L), micro_max_violation_sum_.resize(L);
+  if (options_.method() == BalanceMethod::Quantile) {
+    quantile_ = std::make_unique<QuantileBalance>(layers_, options_.scope());
+  }
 }
 
 void TrainingObjective::begin_step(int64_t num_micro_batches, double local_tokens) {
@@ -207,6 +210,8 @@ torch::Tensor TrainingObjective::layer_terms(int64_t l, const RoutingRecord& r,
     }
     term = term + lbl * w;
     balance_sum_ += lbl.detach().to(torch::kDouble) * weight;
+  } else if (quantile_) {
+    quantile_->add(l, r);
   } else {
     accumulate_bias_votes(l, r);
   }
@@ -268,6 +273,13 @@ void TrainingObjective::update_expert_bias() {
   }
 }
 
+void TrainingObjective::update_quantile_bias() {
+  std::vector<torch::Tensor> unit_tokens;
+  for (int64_t l = 0; l < num_layers(); ++l) unit_tokens.push_back(running_[offsets_[l + 1] - 1]);
+  quantile_->update_biases(unit_tokens, reducers_.counts.get(), reducers_.data_parallel.get());
+  quantile_->reset();
+}
+
 StepValues TrainingObjective::step_values() const {
   if (!task_sum_.defined()) return {};
   auto v = torch::stack({task_sum_, balance_sum_, z_sum_}).cpu();
@@ -280,6 +292,7 @@ std::vector<LayerStepStats> TrainingObjective::end_step() {
   std::vector<LayerStepStats> out(layers_.size());
   if (micro_batches_ > 0) {
     if (options_.method() == BalanceMethod::LossFree) update_expert_bias();
+    if (quantile_) update_quantile_bias();
     auto running = running_.cpu(), local = local_running_.cpu();
     for (int64_t l = 0; l < num_layers(); ++l) {
       const int64_t E = experts(l);
@@ -326,6 +339,17 @@ double TrainingObjective::running_tokens(int64_t layer) const {
 
 double TrainingObjective::step_tokens() const {
   return step_tokens_.defined() ? step_tokens_.item<double>() : 0.0;
+}
+
+torch::Tensor gather_rows(CountReducer& reducer, const torch::Tensor& local) {
+  const int64_t R = reducer.size(), rank = reducer.rank();
+  TORCH_CHECK(rank >= 0 && rank < R, "reducer rank (", rank, ") out of [0, ", R, ")");
+  std::vector<int64_t> shape{R};
+  for (auto d : local.sizes()) shape.push_back(d);
+  auto rows = torch::zeros(shape, local.options());
+  rows[rank].copy_(local);
+  reducer.sum_async(rows)();
+  return rows;
 }
 
 }  // namespace gbmoe

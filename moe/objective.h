@@ -13,6 +13,7 @@
 
 #include "losses/balance.h"
 #include "moe/moe_layer.h"
+#include "moe/quantile_balance.h"
 #include "moe/routing_context.h"
 
 namespace gbmoe {
@@ -24,9 +25,18 @@ class CountReducer {
   virtual ~CountReducer() = default;
   /// Number of ranks in the group.
   virtual int64_t size() const = 0;
+  /// This rank's index in the group, in [0, size()).
+  virtual int64_t rank() const = 0;
   /// Starts an in-place sum of buffer over the group; the returned function waits for it.
   virtual std::function<void()> sum_async(torch::Tensor& buffer) = 0;
 };
+
+/// Every rank's `local` (the same shape on every rank) as rows (R, ...), the same on every rank:
+/// a sum over the group of buffers in which each rank fills only its own row, which is exact.
+///
+/// Example:
+///   auto per_rank = gather_rows(*reducers.data_parallel, torch::tensor({my_value}));  // (R, 1)
+torch::Tensor gather_rows(CountReducer& reducer, const torch::Tensor& local);
 
 /// The reducers an objective needs. data_parallel: every rank holding distinct data, over which
 /// gradients are averaged (the valid-token count of the step and loss-free updates are summed
@@ -74,6 +84,8 @@ struct StepValues {
 /// With loss-free balancing there is no LBL; end_step() moves every layer's selection bias by
 /// bias_update_rate times the mean over the step's balance units of sign(mean_j c_j - c_i),
 /// summed exactly over the data-parallel ranks, so every replica keeps the same bias.
+/// With quantile balancing there is no LBL either; end_step() sets every layer's selection bias
+/// from the thresholds of the step's balance units (QuantileBalance, losses/quantile.h).
 ///
 /// Example:
 ///   TrainingObjective objective(model->moe_layers(), options, reducers);  // {} on one process
@@ -131,6 +143,7 @@ class TrainingObjective {
   torch::Tensor layer_terms(int64_t l, const RoutingRecord& r, const torch::Tensor& weight);
   void accumulate_bias_votes(int64_t l, const RoutingRecord& r);
   void update_expert_bias();
+  void update_quantile_bias();
   int64_t experts(int64_t l) const { return offsets_[l + 1] - offsets_[l] - 1; }
 
   std::vector<MoELayer> layers_;
@@ -155,6 +168,7 @@ class TrainingObjective {
   torch::Tensor votes_;  // (sum_l (E_l + 1),) fp64
   std::vector<torch::Tensor> entropy_sum_, topk_sum_, micro_max_violation_sum_;
   torch::Tensor task_sum_, balance_sum_, z_sum_;  // () fp64 weighted values of the step
+  std::unique_ptr<QuantileBalance> quantile_;     // method quantile only
 };
 
 }  // namespace gbmoe

@@ -68,8 +68,10 @@ class ConfigError : public std::invalid_argument {
   X(int64_t, group_size, 0, AtLeast(0),                                                            \
     "ranks per balance group for balance.scope group; must divide the world size; 0 = all ranks")  \
   X(double, z_loss, 0.001, AtLeast(0.0), "weight of the router z-loss; 0 = off")                   \
-  X(std::string, method, "aux_loss", OneOf("aux_loss", "loss_free"),                               \
-    "aux_loss: the load-balancing loss; loss_free: per-expert routing bias updated from counts")   \
+  X(std::string, method, "aux_loss", OneOf("aux_loss", "loss_free", "quantile"),                   \
+    "aux_loss: the load-balancing loss; loss_free: per-expert routing bias updated from counts; "  \
+    "quantile: per-expert routing bias set after each step from quantiles of the routing scores "  \
+    "of balance.scope (quantile balancing; no loss, no step size)")                                \
   X(double, bias_update_rate, 0.001, AtLeast(0.0),                                                 \
     "step size of the loss_free bias update; it reads the counts of balance.scope")
 

@@ -18,6 +18,7 @@ constexpr int64_t kD = 8;
 struct FakeReducer : CountReducer {
   FakeReducer(torch::Tensor others, int64_t ranks) : others(std::move(others)), ranks(ranks) {}
   int64_t size() const override { return ranks; }
+  int64_t rank() const override { return 0; }
   std::function<void()> sum_async(torch::Tensor& buffer) override {
     ++calls;
     return [&buffer, this] { buffer.narrow(0, 0, others.numel()) += others; };

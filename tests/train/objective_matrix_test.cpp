@@ -4,7 +4,8 @@
 // grad_accum, with unequal padding across ranks, the averaged gradients of one step equal the
 // gradient of what one process trains on the concatenated global batch, re-derived here in fp64
 // from the spec (cross-entropy, LBL and z-loss together). Then a few optimizer steps keep every
-// replicated parameter and buffer (expert_bias included) bit-equal across ranks.
+// replicated parameter and buffer (expert_bias of loss-free and quantile balancing included)
+// bit-equal across ranks.
 #include <gtest/gtest.h>
 
 #include <sstream>
@@ -105,7 +106,7 @@ torch::Tensor reference_objective(LanguageModel& model, const Config& config, in
   for (const auto& record : routing.layers()) {
     const auto& rt = record.routing;
     loss = loss + b.z_loss * (torch::logsumexp(rt.logits, -1).square() * valid).sum() / N;
-    if (b.method == "loss_free") continue;
+    if (b.method == "loss_free" || b.method == "quantile") continue;
     auto onehot =
         torch::zeros({rt.scores.size(0), kE}, torch::kDouble).scatter_(1, rt.expert_ids, 1.0);
     // sum over units u of (n_u / N) alpha E f_u . P_u, units given as token ranges
@@ -216,7 +217,7 @@ class ObjectiveMatrix : public ::testing::Test {
     for (const auto& item : model->named_buffers()) {
       EXPECT_TRUE(replicated(*groups.data_parallel, item.value())) << item.key();
     }
-    if (c.method == "loss_free") {
+    if (c.method == "loss_free" || c.method == "quantile") {
       EXPECT_GT(model->moe_layers()[0]->router->expert_bias.abs().max().item<double>(), 0.0);
     }
   }
@@ -232,6 +233,15 @@ TEST_F(ObjectiveMatrix, GradientsEqualOneProcessOnTheGlobalBatch) {
       }
     }
   }
+}
+
+// Quantile balancing: its gradients are loss-free's; the point is a bias bit-equal on every
+// rank, recomputed forwards not counted twice.
+TEST_F(ObjectiveMatrix, QuantileEqualsOneProcessOnTheGlobalBatch) {
+  for (const char* scope : {"micro", "sequence", "global", "group"}) {
+    run({scope, "quantile", 1, 3, true});
+  }
+  run({"global", "quantile", 2, 1, false});
 }
 
 }  // namespace
