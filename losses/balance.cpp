@@ -55,6 +55,9 @@ void BalanceOptions::validate() const {
   TORCH_CHECK(group_size() >= 0, "balance group_size (", group_size(), ") must be >= 0");
   TORCH_CHECK(std::isfinite(bias_update_rate()) && bias_update_rate() >= 0,
               "balance bias_update_rate (", bias_update_rate(), ") must be >= 0");
+  TORCH_CHECK(!shuffle() || (scope() == BalanceScope::Global && method() == BalanceMethod::AuxLoss),
+              "balance shuffle needs scope global and method aux_loss, got scope ",
+              to_string(scope()), " and method ", to_string(method()));
 }
 
 torch::Tensor selection_frequency(const torch::Tensor& counts, double num_tokens, int64_t top_k) {

@@ -58,6 +58,7 @@ TrainingObjective::TrainingObjective(std::vector<MoELayer> layers, BalanceOption
   if (options_.method() == BalanceMethod::Quantile) {
     quantile_ = std::make_unique<QuantileBalance>(layers_, options_.scope());
   }
+  if (options_.shuffle()) subset_ = std::make_unique<BalanceSubset>(options_.shuffle_seed());
 }
 
 void TrainingObjective::begin_step(int64_t num_micro_batches, double local_tokens) {
@@ -75,6 +76,9 @@ void TrainingObjective::begin_step(int64_t num_micro_batches, double local_token
   } else if (!rides_with_counts) {
     token_buffer_ = torch::full({1}, local_tokens, options);
     tokens_wait_ = reducers_.data_parallel->sum_async(token_buffer_);
+  }
+  if (subset_) {
+    subset_->begin_step(step_, num_micro_batches, local_tokens, reducers_.data_parallel.get());
   }
 }
 
@@ -123,11 +127,23 @@ void TrainingObjective::on_record(RoutingContext& routing) {
       options_.scope() == BalanceScope::Global && reducers_.counts && micro_batches_ == 0;
   staged_[offsets_.back()].fill_(rides ? local_step_tokens_ : 0.0);
   local_staged_ = staged_.clone();
+  if (subset_) stage_subset(routing);
   // One collective for all layers, in flight while the rest of the forward runs.
   if (is_synchronized(options_.scope()) && reducers_.counts) {
     counts_wait_ = reducers_.counts->sum_async(staged_);
   }
   staged_pending_ = true;
+}
+
+// Shuffle: the counts reduced are those of the step's subset S; the local ones stay whole.
+void TrainingObjective::stage_subset(const RoutingContext& routing) {
+  auto rows_T = subset_->next_micro_batch(routing.layers().front().routing.valid);
+  for (int64_t l = 0; l < num_layers(); ++l) {
+    const auto& rt = routing.layers()[l].routing;
+    const int64_t E = experts(l);
+    staged_.narrow(0, offsets_[l], E).copy_(count_selections(rt.expert_ids, rows_T, E));
+    staged_[offsets_[l] + E].copy_(rows_T.sum());
+  }
 }
 
 void TrainingObjective::wait_for_reductions() {
@@ -192,7 +208,9 @@ torch::Tensor TrainingObjective::layer_terms(int64_t l, const RoutingRecord& r,
         auto counts = running_.narrow(0, offsets_[l], E);
         auto tokens = running_[offsets_[l] + E];
         auto f = (counts / (static_cast<double>(K) * tokens.clamp_min(1.0))).to(P.scalar_type());
-        lbl = options_.alpha() * static_cast<double>(E) * (f * P).sum() * n;
+        lbl = subset_ ? options_.alpha() * static_cast<double>(E) *
+                            (f * subset_->weighted_score_sum(rt.scores)).sum()
+                      : options_.alpha() * static_cast<double>(E) * (f * P).sum() * n;
         if (options_.micro_alpha() > 0) lbl = lbl + micro_lbl(options_.micro_alpha());
         break;
       }
@@ -319,6 +337,7 @@ std::vector<LayerStepStats> TrainingObjective::end_step() {
   micro_batches_ = 0;
   step_micro_batches_ = 0;
   step_tokens_ = torch::Tensor();
+  ++step_;
   return out;
 }
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "losses/balance.h"
+#include "moe/balance_subset.h"
 #include "moe/moe_layer.h"
 #include "moe/quantile_balance.h"
 #include "moe/routing_context.h"
@@ -86,6 +87,8 @@ struct StepValues {
 /// summed exactly over the data-parallel ranks, so every replica keeps the same bias.
 /// With quantile balancing there is no LBL either; end_step() sets every layer's selection bias
 /// from the thresholds of the step's balance units (QuantileBalance, losses/quantile.h).
+/// With shuffle (scope global), f and P are those of the step's random subset S of the global
+/// batch (BalanceSubset): LBL(f(S), P(S)).
 ///
 /// Example:
 ///   TrainingObjective objective(model->moe_layers(), options, reducers);  // {} on one process
@@ -121,6 +124,11 @@ class TrainingObjective {
   /// task_loss_sum: the task loss summed over this rank's valid tokens of the micro-batch.
   torch::Tensor micro_batch_loss(RoutingContext& routing, const torch::Tensor& task_loss_sum);
 
+  /// Index of the next optimizer step (0 at construction; end_step() advances it): the Shuffle
+  /// subset of a step depends on it, so a resumed run sets it to the step it resumes at.
+  void set_step(int64_t step) { step_ = step; }
+  int64_t step() const { return step_; }
+
   /// This rank's share of the step's objective so far (one device-to-host copy).
   StepValues step_values() const;
 
@@ -140,6 +148,7 @@ class TrainingObjective {
  private:
   void on_record(RoutingContext& routing);
   void wait_for_reductions();
+  void stage_subset(const RoutingContext& routing);
   torch::Tensor layer_terms(int64_t l, const RoutingRecord& r, const torch::Tensor& weight);
   void accumulate_bias_votes(int64_t l, const RoutingRecord& r);
   void update_expert_bias();
@@ -169,6 +178,8 @@ class TrainingObjective {
   std::vector<torch::Tensor> entropy_sum_, topk_sum_, micro_max_violation_sum_;
   torch::Tensor task_sum_, balance_sum_, z_sum_;  // () fp64 weighted values of the step
   std::unique_ptr<QuantileBalance> quantile_;     // method quantile only
+  std::unique_ptr<BalanceSubset> subset_;         // shuffle only
+  int64_t step_ = 0;
 };
 
 }  // namespace gbmoe

@@ -469,6 +469,10 @@ std::vector<std::string> problems(const Config& c) {
                   ") < model.num_experts (" + n(m.num_experts) +
                   "): with every expert selected there is nothing to balance");
   }
+  if (b.scope == "shuffle" && b.method != "aux_loss") {
+    const std::string what = "balance.scope (shuffle) is an ablation of the load-balancing loss";
+    out.push_back(what + ", but balance.method is " + b.method + "; set balance.method=aux_loss");
+  }
   if (b.micro_alpha > 0 && b.scope != "global" && b.scope != "group") {
     out.push_back("balance.micro_alpha (" + d(b.micro_alpha) +
                   ") only adds to a global or group loss, but balance.scope is " + b.scope +

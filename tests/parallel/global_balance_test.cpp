@@ -1,8 +1,8 @@
 // The spec's properties of global-batch balancing on R ranks (global-lbl.md, "Properties that
 // tests must prove"), through TrainingObjective: each rank takes its slice of one batch that
 // every rank can rebuild, so the single-process fp64 reference, computed from the spec's
-// formulas on the concatenated batch, runs on every rank. The same for quantile balancing: its
-// thresholds over ranks equal one process's on the concatenation.
+// formulas on the concatenated batch, runs on every rank. The same for quantile balancing (its
+// thresholds over ranks equal one process's on the concatenation) and the Shuffle subset.
 #include <gtest/gtest.h>
 
 #include "losses/quantile.h"
@@ -364,6 +364,36 @@ TEST(QuantileOverRanks, MicroAndGroupScopesAverageOverAllRanks) {
   auto micro_1 = quantile_step(quantile_options(BalanceScope::Micro), groups, 1);
   EXPECT_LT((group_1 - micro_1).abs().max().item<double>(), 1e-15);
   EXPECT_TRUE(same_on_every_rank(*world, group_1));
+}
+
+// Shuffle on R ranks, one micro-batch: loss and router gradient equal one process's
+// LBL(f(S), P(S)) on the subset S of the concatenation's valid tokens (numbered rank by rank).
+TEST(ShuffleOverRanks, LossAndGradientAreThoseOfTheSubsetOfTheConcatenation) {
+  auto world = test_world();
+  const int R = world->size();
+  auto groups = build_process_groups(ParallelSizes{R, 1});
+  const uint64_t seed = 9;
+  auto layer = make_layer(torch::kDouble);
+  const auto o = options(BalanceScope::Global).shuffle(true).shuffle_seed(seed);
+  TrainingObjective objective({layer}, o, objective_reducers(o, groups));
+  objective.set_step(3);
+  auto [loss, grad] = distributed_step(layer, objective, *world, 1, torch::kDouble, true);
+
+  auto ref = make_layer(torch::kDouble);
+  auto [x, mask] = full_batch(R, 0, torch::kDouble, true);
+  RoutingContext routing;
+  ref->forward(x, mask, &routing);
+  const auto& r = routing.layers()[0].routing;
+  auto s = r.scores.index({r.valid});
+  auto ids = r.expert_ids.index({r.valid});
+  const int64_t N = s.size(0), n = shuffle_subset_size(N, R, 1);
+  auto S = draw_balance_subset(seed, 3, N, n);
+  auto counts = torch::zeros({kE}, torch::kDouble)
+                    .index_add_(0, ids.index({S}).flatten(), torch::ones({n * kK}, torch::kDouble));
+  auto ref_loss = kAlpha * kE * (counts / (kK * n) * s.index({S}).mean(0)).sum();
+  auto ref_grad = torch::autograd::grad({ref_loss}, {ref->router->weight})[0];
+  EXPECT_LT(std::abs(loss - ref_loss.item<double>()) / ref_loss.item<double>(), 1e-12);
+  EXPECT_LT(max_rel_diff(grad, ref_grad), 1e-10);
 }
 
 }  // namespace

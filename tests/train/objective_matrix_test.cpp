@@ -3,9 +3,9 @@
 // DataParallel): for every scope x method x expert_parallel x activation checkpointing x
 // grad_accum, with unequal padding across ranks, the averaged gradients of one step equal the
 // gradient of what one process trains on the concatenated global batch, re-derived here in fp64
-// from the spec (cross-entropy, LBL and z-loss together). Then a few optimizer steps keep every
-// replicated parameter and buffer (expert_bias of loss-free and quantile balancing included)
-// bit-equal across ranks.
+// from the spec (cross-entropy, LBL and z-loss together; for scope shuffle the LBL of the step's
+// subset). Then a few optimizer steps keep every replicated parameter and buffer (expert_bias of
+// loss-free and quantile balancing included) bit-equal across ranks.
 #include <gtest/gtest.h>
 
 #include <sstream>
@@ -123,6 +123,13 @@ torch::Tensor reference_objective(LanguageModel& model, const Config& config, in
       return total;
     };
     if (b.scope == "global") loss = loss + lbl(rt.scores.size(0), b.alpha);
+    if (b.scope == "shuffle") {  // valid tokens numbered rank by rank, micro-batch by micro-batch
+      auto S = valid.nonzero().select(1, 0).index(
+          {draw_balance_subset(config.train.seed, 0, static_cast<int64_t>(N),
+                               shuffle_subset_size(static_cast<int64_t>(N), R, M))});
+      auto f = onehot.index({S}).sum(0) / (kK * S.numel());
+      loss = loss + b.alpha * kE * (f * rt.scores.index({S}).mean(0)).sum();
+    }
     if (b.scope == "group") loss = loss + lbl(M * unit_rows, b.alpha);  // group_size 1: a rank
     if (b.scope == "micro") loss = loss + lbl(unit_rows, b.alpha);
     if (b.scope == "sequence") loss = loss + lbl(kSeq, b.alpha);
@@ -235,13 +242,17 @@ TEST_F(ObjectiveMatrix, GradientsEqualOneProcessOnTheGlobalBatch) {
   }
 }
 
-// Quantile balancing: its gradients are loss-free's; the point is a bias bit-equal on every
-// rank, recomputed forwards not counted twice.
-TEST_F(ObjectiveMatrix, QuantileEqualsOneProcessOnTheGlobalBatch) {
+// Quantile balancing (its gradients are loss-free's; the point is a bias bit-equal on every
+// rank, recomputed forwards not counted twice) and the Shuffle ablation (one micro-batch: with
+// more, f runs over the subset's micro-batches so far, as the global scope's does).
+TEST_F(ObjectiveMatrix, QuantileAndShuffleEqualOneProcessOnTheGlobalBatch) {
   for (const char* scope : {"micro", "sequence", "global", "group"}) {
     run({scope, "quantile", 1, 3, true});
   }
   run({"global", "quantile", 2, 1, false});
+  for (int64_t ep : {1, 2}) {
+    for (bool checkpointing : {false, true}) run({"shuffle", "aux_loss", ep, 1, checkpointing});
+  }
 }
 
 }  // namespace
