@@ -20,13 +20,22 @@ std::string to_string(BalanceScope s) {
 }
 
 std::string to_string(BalanceMethod m) {
-  return m == BalanceMethod::AuxLoss ? "aux_loss" : "loss_free";
+  switch (m) {
+    case BalanceMethod::AuxLoss:
+      return "aux_loss";
+    case BalanceMethod::LossFree:
+      return "loss_free";
+    case BalanceMethod::Quantile:
+      return "quantile";
+  }
+  return "?";
 }
 
 BalanceMethod balance_method_from_string(const std::string& name) {
   if (name == "aux_loss") return BalanceMethod::AuxLoss;
   if (name == "loss_free") return BalanceMethod::LossFree;
-  TORCH_CHECK(false, "balance method (", name, ") must be one of aux_loss, loss_free");
+  if (name == "quantile") return BalanceMethod::Quantile;
+  TORCH_CHECK(false, "balance method (", name, ") must be one of aux_loss, loss_free, quantile");
 }
 
 BalanceScope balance_scope_from_string(const std::string& name) {
@@ -46,6 +55,9 @@ void BalanceOptions::validate() const {
   TORCH_CHECK(group_size() >= 0, "balance group_size (", group_size(), ") must be >= 0");
   TORCH_CHECK(std::isfinite(bias_update_rate()) && bias_update_rate() >= 0,
               "balance bias_update_rate (", bias_update_rate(), ") must be >= 0");
+  TORCH_CHECK(!shuffle() || (scope() == BalanceScope::Global && method() == BalanceMethod::AuxLoss),
+              "balance shuffle needs scope global and method aux_loss, got scope ",
+              to_string(scope()), " and method ", to_string(method()));
 }
 
 torch::Tensor selection_frequency(const torch::Tensor& counts, double num_tokens, int64_t top_k) {

@@ -17,7 +17,9 @@ enum class BalanceScope { Micro, Sequence, Global, Group };
 
 /// How balance is enforced. AuxLoss: the load-balancing loss. LossFree: no balancing loss; a
 /// per-expert selection bias is moved after each optimizer step against the load (DeepSeek-V3).
-enum class BalanceMethod { AuxLoss, LossFree };
+/// Quantile: no balancing loss and no step size; after each optimizer step the selection bias is
+/// set from per-expert thresholds, quantiles of the scope's gates (losses/quantile.h).
+enum class BalanceMethod { AuxLoss, LossFree, Quantile };
 
 std::string to_string(BalanceMethod m);
 BalanceMethod balance_method_from_string(const std::string& name);
@@ -46,6 +48,11 @@ struct BalanceOptions {
   TORCH_ARG(double, bias_update_rate) = 1e-3;
   /// Router z-loss weight beta (ST-MoE): beta * mean_t logsumexp(z_t)^2. 0 disables it.
   TORCH_ARG(double, z_loss) = 1e-3;
+  /// The Shuffle ablation (scope global, method aux_loss only): the step's LBL takes f and P over
+  /// a random subset of the global batch's valid tokens as large as a micro-batch, drawn from
+  /// shuffle_seed and the step index, the same on every rank (moe/balance_subset.h).
+  TORCH_ARG(bool, shuffle) = false;
+  TORCH_ARG(uint64_t, shuffle_seed) = 0;
 
  public:
   void validate() const;

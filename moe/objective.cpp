@@ -24,9 +24,10 @@ struct TrainingObjective::MicroBatch : torch::CustomClassHolder {
   std::vector<torch::Tensor> P;      // per layer (E,) mean scores of the tied layers
   std::vector<torch::Tensor> valid;  // per layer (T,) bool, or undefined
   std::vector<torch::Tensor> f;      // per layer (E,) f of the running buffer (tied layers)
-  std::vector<double> n;             // per layer valid tokens
+  std::vector<double> n;             // per layer n, f . P's multiplier in a tied term (1: shuffle)
   std::vector<int64_t> top_k;        // per layer K
   torch::Tensor value;               // () fp64 the term R/N (task + z + LBL), once resolved
+  torch::Tensor subset_rows;         // (T,) bool shuffle: the rows of the step's subset S
 };
 
 /// What the backward functions reach inside the objective.
@@ -139,6 +140,10 @@ TrainingObjective::TrainingObjective(std::vector<MoELayer> layers, BalanceOption
   }
   const auto L = layers_.size();
   entropy_sum_.resize(L), topk_sum_.resize(L), micro_max_violation_sum_.resize(L);
+  if (options_.method() == BalanceMethod::Quantile) {
+    quantile_ = std::make_unique<QuantileBalance>(layers_, options_.scope());
+  }
+  if (options_.shuffle()) subset_ = std::make_unique<BalanceSubset>(options_.shuffle_seed());
 }
 
 TrainingObjective::~TrainingObjective() {
@@ -163,6 +168,9 @@ void TrainingObjective::begin_step(int64_t num_micro_batches, double local_token
   token_buffer_ = torch::full({1}, local_tokens, options);
   if (reducers_.data_parallel) tokens_wait_ = reducers_.data_parallel->sum_async(token_buffer_);
   weight_ = torch::Tensor();
+  if (subset_) {
+    subset_->begin_step(step_, num_micro_batches, local_tokens, reducers_.data_parallel.get());
+  }
 }
 
 RoutingContext TrainingObjective::context() {
@@ -212,12 +220,24 @@ void TrainingObjective::on_record(RoutingContext& routing, const MicroBatchPtr& 
     staged_[offsets_[l] + E].fill_(static_cast<double>(r.routing.num_valid));
   }
   local_staged_ = staged_.clone();
+  if (subset_) stage_subset(routing, *micro);
   // One collective for all layers, in flight while the rest of the forward runs.
   if (is_synchronized(options_.scope()) && reducers_.counts) {
     counts_wait_ = reducers_.counts->sum_async(staged_);
   }
   micro->index = micro_batches_++;
   staged_micro_ = micro;
+}
+
+// Shuffle: the counts reduced are those of the step's subset S; the local ones stay whole.
+void TrainingObjective::stage_subset(const RoutingContext& routing, MicroBatch& micro) {
+  micro.subset_rows = subset_->next_micro_batch(routing.layers().front().routing.valid);
+  for (int64_t l = 0; l < num_layers(); ++l) {
+    const auto& rt = routing.layers()[l].routing;
+    const int64_t E = experts(l);
+    staged_.narrow(0, offsets_[l], E).copy_(count_selections(rt.expert_ids, micro.subset_rows, E));
+    staged_[offsets_[l] + E].copy_(micro.subset_rows.sum());
+  }
 }
 
 torch::Tensor TrainingObjective::on_output(const RoutingRecord& r, int64_t layer,
@@ -301,7 +321,7 @@ torch::Tensor TrainingObjective::local_layer_terms(int64_t l, const RoutingRecor
   const auto& rt = r.routing;
   const int64_t K = rt.top_k;
   const double n = static_cast<double>(rt.num_valid);
-  micro.n[l] = n, micro.top_k[l] = K;
+  micro.top_k[l] = K;
   auto P = mean_scores(rt.scores, rt.valid);  // (E,) P_i(B_rm), differentiable
   auto term = torch::zeros({}, P.options());
   if (options_.z_loss() > 0) {
@@ -318,8 +338,10 @@ torch::Tensor TrainingObjective::local_layer_terms(int64_t l, const RoutingRecor
     switch (options_.scope()) {
       case BalanceScope::Global:
       case BalanceScope::Group:
-        // The global-batch term's gradient is tied to the layer's output (on_output).
-        micro.P[l] = P;
+        // The global-batch term's gradient is tied to the layer's output (on_output). Its
+        // f . P n; with shuffle f . (the subset's score sum scaled to N), multiplier 1.
+        micro.P[l] = subset_ ? subset_->weighted_score_sum(rt.scores, micro.subset_rows) : P;
+        micro.n[l] = subset_ ? 1.0 : n;
         if (rt.scores.requires_grad() && torch::GradMode::is_enabled()) ++micro.tied_layers;
         if (options_.micro_alpha() > 0) lbl = micro_lbl(options_.micro_alpha());
         break;
@@ -339,6 +361,8 @@ torch::Tensor TrainingObjective::local_layer_terms(int64_t l, const RoutingRecor
       term = term + lbl;
       micro.lbl[l] = lbl.detach();
     }
+  } else if (quantile_) {
+    quantile_->add(l, r);
   } else {
     accumulate_bias_votes(l, r);
   }
@@ -415,7 +439,8 @@ torch::Tensor TrainingObjective::tied_balance_gradient(MicroBatch& micro, int64_
   grad_P = (grad_P * (options_.alpha() * static_cast<double>(E))).expand({E}) * micro.f[l];
   auto s = scores.detach().requires_grad_(true);
   torch::AutoGradMode grad_mode(true);
-  auto P = mean_scores(s, micro.valid[l]);
+  auto P =
+      subset_ ? subset_->weighted_score_sum(s, micro.subset_rows) : mean_scores(s, micro.valid[l]);
   return torch::autograd::grad({P}, {s}, {grad_P})[0];
 }
 
@@ -467,6 +492,13 @@ void TrainingObjective::update_expert_bias() {
   }
 }
 
+void TrainingObjective::update_quantile_bias() {
+  std::vector<torch::Tensor> unit_tokens;
+  for (int64_t l = 0; l < num_layers(); ++l) unit_tokens.push_back(running_[offsets_[l + 1] - 1]);
+  quantile_->update_biases(unit_tokens, reducers_.counts.get(), reducers_.data_parallel.get());
+  quantile_->reset();
+}
+
 StepValues TrainingObjective::step_values() const {
   if (!task_sum_.defined()) return {};
   auto v = torch::stack({task_sum_, balance_sum_, z_sum_}).cpu();
@@ -479,6 +511,7 @@ std::vector<LayerStepStats> TrainingObjective::end_step() {
   std::vector<LayerStepStats> out(layers_.size());
   if (micro_batches_ > 0) {
     if (options_.method() == BalanceMethod::LossFree) update_expert_bias();
+    if (quantile_) update_quantile_bias();
     auto running = running_.cpu(), local = local_running_.cpu();
     for (int64_t l = 0; l < num_layers(); ++l) {
       const int64_t E = experts(l);
@@ -508,6 +541,7 @@ std::vector<LayerStepStats> TrainingObjective::end_step() {
   micro_batches_ = 0;
   step_micro_batches_ = 0;
   weight_ = torch::Tensor();
+  ++step_;
   return out;
 }
 
@@ -528,6 +562,17 @@ double TrainingObjective::running_tokens(int64_t layer) const {
 
 double TrainingObjective::step_tokens() const {
   return weight_.defined() ? token_buffer_[0].item<double>() : 0.0;
+}
+
+torch::Tensor gather_rows(CountReducer& reducer, const torch::Tensor& local) {
+  const int64_t R = reducer.size(), rank = reducer.rank();
+  TORCH_CHECK(rank >= 0 && rank < R, "reducer rank (", rank, ") out of [0, ", R, ")");
+  std::vector<int64_t> shape{R};
+  for (auto d : local.sizes()) shape.push_back(d);
+  auto rows = torch::zeros(shape, local.options());
+  rows[rank].copy_(local);
+  reducer.sum_async(rows)();
+  return rows;
 }
 
 }  // namespace gbmoe

@@ -12,7 +12,9 @@
 #include <vector>
 
 #include "losses/balance.h"
+#include "moe/balance_subset.h"
 #include "moe/moe_layer.h"
+#include "moe/quantile_balance.h"
 #include "moe/routing_context.h"
 
 namespace gbmoe {
@@ -24,9 +26,18 @@ class CountReducer {
   virtual ~CountReducer() = default;
   /// Number of ranks in the group.
   virtual int64_t size() const = 0;
+  /// This rank's index in the group, in [0, size()).
+  virtual int64_t rank() const = 0;
   /// Starts an in-place sum of buffer over the group; the returned function waits for it.
   virtual std::function<void()> sum_async(torch::Tensor& buffer) = 0;
 };
+
+/// Every rank's `local` (the same shape on every rank) as rows (R, ...), the same on every rank:
+/// a sum over the group of buffers in which each rank fills only its own row, which is exact.
+///
+/// Example:
+///   auto per_rank = gather_rows(*reducers.data_parallel, torch::tensor({my_value}));  // (R, 1)
+torch::Tensor gather_rows(CountReducer& reducer, const torch::Tensor& local);
 
 /// The reducers an objective needs. data_parallel: every rank holding distinct data, over which
 /// gradients are averaged (the valid-token count of the step and loss-free updates are summed
@@ -74,6 +85,10 @@ struct StepValues {
 /// With loss-free balancing there is no LBL; end_step() moves every layer's selection bias by
 /// bias_update_rate times the mean over the step's balance units of sign(mean_j c_j - c_i),
 /// summed exactly over the data-parallel ranks, so every replica keeps the same bias.
+/// With quantile balancing there is no LBL either; end_step() sets every layer's selection bias
+/// from the thresholds of the step's balance units (QuantileBalance, losses/quantile.h).
+/// With shuffle (scope global), f and P are those of the step's random subset S of the global
+/// batch (BalanceSubset): LBL(f(S), P(S)).
 ///
 /// No rank waits for another in the forward pass. The step's token count N is reduced from
 /// begin_step() on, each micro-batch's counts from the moment its last MoE layer has routed; the
@@ -123,6 +138,11 @@ class TrainingObjective {
   /// count reduction (a synchronization point of the forward that micro_batch_backward avoids).
   torch::Tensor micro_batch_loss(RoutingContext& routing, const torch::Tensor& task_loss_sum);
 
+  /// Index of the next optimizer step (0 at construction; end_step() advances it): the Shuffle
+  /// subset of a step depends on it, so a resumed run sets it to the step it resumes at.
+  void set_step(int64_t step) { step_ = step; }
+  int64_t step() const { return step_; }
+
   /// This rank's share of the step's objective so far (one device-to-host copy).
   StepValues step_values() const;
 
@@ -150,6 +170,7 @@ class TrainingObjective {
   torch::Tensor local_terms(const RoutingContext& routing, const torch::Tensor& task_loss_sum,
                             MicroBatch& micro);
   torch::Tensor local_layer_terms(int64_t l, const RoutingRecord& r, MicroBatch& micro);
+  void stage_subset(const RoutingContext& routing, MicroBatch& micro);
   bool ties_balance() const;
   friend struct ObjectiveAccess;  // the backward functions in objective.cpp
   const torch::Tensor& weight();
@@ -158,6 +179,7 @@ class TrainingObjective {
                                       const torch::Tensor& grad_scale);
   void accumulate_bias_votes(int64_t l, const RoutingRecord& r);
   void update_expert_bias();
+  void update_quantile_bias();
   int64_t experts(int64_t l) const { return offsets_[l + 1] - offsets_[l] - 1; }
 
   std::vector<MoELayer> layers_;
@@ -180,6 +202,9 @@ class TrainingObjective {
   torch::Tensor votes_;  // (sum_l (E_l + 1),) fp64
   std::vector<torch::Tensor> entropy_sum_, topk_sum_, micro_max_violation_sum_;
   torch::Tensor task_sum_, balance_sum_, z_sum_;  // () fp64 weighted values of the step
+  std::unique_ptr<QuantileBalance> quantile_;     // method quantile only
+  std::unique_ptr<BalanceSubset> subset_;         // shuffle only
+  int64_t step_ = 0;
 };
 
 }  // namespace gbmoe

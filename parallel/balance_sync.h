@@ -17,6 +17,7 @@ class CommunicatorCountReducer : public CountReducer {
  public:
   explicit CommunicatorCountReducer(std::shared_ptr<Communicator> comm);
   int64_t size() const override { return comm_->size(); }
+  int64_t rank() const override { return comm_->rank(); }
   std::function<void()> sum_async(torch::Tensor& buffer) override;
 
  private:

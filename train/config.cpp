@@ -464,6 +464,15 @@ std::vector<std::string> problems(const Config& c) {
                   ") only applies to balance.scope group, but the scope is " + b.scope +
                   "; set balance.scope=group or balance.group_size=0");
   }
+  if (b.method == "quantile" && m.top_k >= m.num_experts) {
+    out.push_back("balance.method quantile needs model.top_k (" + n(m.top_k) +
+                  ") < model.num_experts (" + n(m.num_experts) +
+                  "): with every expert selected there is nothing to balance");
+  }
+  if (b.scope == "shuffle" && b.method != "aux_loss") {
+    const std::string what = "balance.scope (shuffle) is an ablation of the load-balancing loss";
+    out.push_back(what + ", but balance.method is " + b.method + "; set balance.method=aux_loss");
+  }
   if (b.micro_alpha > 0 && b.scope != "global" && b.scope != "group") {
     out.push_back("balance.micro_alpha (" + d(b.micro_alpha) +
                   ") only adds to a global or group loss, but balance.scope is " + b.scope +

@@ -57,10 +57,12 @@ class ConfigError : public std::invalid_argument {
     "start from; the model.* architecture is taken from it")
 
 #define GBMOE_BALANCE_FIELDS(X)                                                                    \
-  X(std::string, scope, "global", OneOf("micro", "sequence", "global", "group"),                   \
+  X(std::string, scope, "global", OneOf("micro", "sequence", "global", "group", "shuffle"),        \
     "tokens the expert selection frequencies f are counted over: micro (the rank's micro-batch), " \
     "sequence (each sequence), global (all ranks x all accumulation micro-batches of the step), "  \
-    "group (like global within groups of balance.group_size consecutive ranks)")                   \
+    "group (like global within groups of balance.group_size consecutive ranks), shuffle (the "     \
+    "Shuffle ablation: f and P of the load-balancing loss over a random subset of the global "     \
+    "batch's valid tokens as large as a micro-batch, drawn per step from train.seed)")            \
   X(double, alpha, 0.01, AtLeast(0.0), "weight of the load-balancing loss; 0 = off")               \
   X(double, micro_alpha, 0.0, AtLeast(0.0),                                                        \
     "weight of an extra micro-batch load-balancing loss added to a global or group one "           \
@@ -68,8 +70,10 @@ class ConfigError : public std::invalid_argument {
   X(int64_t, group_size, 0, AtLeast(0),                                                            \
     "ranks per balance group for balance.scope group; must divide the world size; 0 = all ranks")  \
   X(double, z_loss, 0.001, AtLeast(0.0), "weight of the router z-loss; 0 = off")                   \
-  X(std::string, method, "aux_loss", OneOf("aux_loss", "loss_free"),                               \
-    "aux_loss: the load-balancing loss; loss_free: per-expert routing bias updated from counts")   \
+  X(std::string, method, "aux_loss", OneOf("aux_loss", "loss_free", "quantile"),                   \
+    "aux_loss: the load-balancing loss; loss_free: per-expert routing bias updated from counts; "  \
+    "quantile: per-expert routing bias set after each step from quantiles of the routing scores "  \
+    "of balance.scope (quantile balancing; no loss, no step size)")                                \
   X(double, bias_update_rate, 0.001, AtLeast(0.0),                                                 \
     "step size of the loss_free bias update; it reads the counts of balance.scope")
 

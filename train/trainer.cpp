@@ -110,8 +110,12 @@ torch::Device select_device(const Config& config) {
 
 BalanceOptions balance_options_from_config(const Config& config) {
   const auto& b = config.balance;
+  // scope shuffle is the global scope over each step's random subset (BalanceSubset).
+  const bool shuffle = b.scope == "shuffle";
   return BalanceOptions()
-      .scope(balance_scope_from_string(b.scope))
+      .scope(shuffle ? BalanceScope::Global : balance_scope_from_string(b.scope))
+      .shuffle(shuffle)
+      .shuffle_seed(static_cast<uint64_t>(config.train.seed))
       .alpha(b.alpha)
       .micro_alpha(b.micro_alpha)
       .group_size(b.scope == "group" ? b.group_size : 0)
@@ -418,6 +422,7 @@ bool Trainer::train_step(int64_t step, int64_t stop_after) {
   hooks.after_forward = [&](int64_t m, const Batch& b, const RoutingContext& routing) {
     monitor_->after_forward(step + 1, m, b, routings_of(routing));
   };
+  objective_->set_step(step);  // the Shuffle subset of a resumed step is the uninterrupted one's
   const auto losses = forward_backward(model_, *objective_, micro, device_, autocast_bf16_, hooks);
   const bool stop_after_here = stop_after >= 0 && step + 1 >= stop_after;
   auto flags = torch::tensor(

@@ -21,6 +21,7 @@ struct FakeReducer : CountReducer {
               std::vector<std::string>* log = nullptr)
       : others(std::move(others)), ranks(ranks), other_tokens(other_tokens), log(log) {}
   int64_t size() const override { return ranks; }
+  int64_t rank() const override { return 0; }
   std::function<void()> sum_async(torch::Tensor& buffer) override {
     ++calls;
     return [&buffer, this] {

@@ -1,9 +1,11 @@
 // The spec's properties of global-batch balancing on R ranks (global-lbl.md, "Properties that
 // tests must prove"), through TrainingObjective: each rank takes its slice of one batch that
 // every rank can rebuild, so the single-process fp64 reference, computed from the spec's
-// formulas on the concatenated batch, runs on every rank.
+// formulas on the concatenated batch, runs on every rank. The same for quantile balancing (its
+// thresholds over ranks equal one process's on the concatenation) and the Shuffle subset.
 #include <gtest/gtest.h>
 
+#include "losses/quantile.h"
 #include "moe/objective.h"
 #include "parallel/balance_sync.h"
 #include "tests/parallel/mpi_test_util.h"
@@ -252,6 +254,146 @@ TEST(GlobalBalance, GroupSizeMustMatchTheProcessGroups) {
   expect_throw_with(
       [&] { objective_reducers(options(BalanceScope::Group, g), groups); },
       "balance group_size (" + std::to_string(g) + ", " + std::to_string(g) + " ranks) differs");
+}
+
+// True when t holds the same bits on every rank.
+bool same_on_every_rank(Communicator& world, const torch::Tensor& t) {
+  auto hi = t.detach().to(torch::kDouble).clone(), lo = -hi;
+  world.all_reduce(hi, ReduceOp::Max);
+  world.all_reduce(lo, ReduceOp::Max);
+  return torch::equal(hi, t.to(torch::kDouble)) && torch::equal(-lo, t.to(torch::kDouble));
+}
+
+// The bisection over ranks finds bit for bit what sorting all ranks' rows on one process finds,
+// with a different number of rows on every rank (none on the last).
+TEST(QuantileOverRanks, LargestOverRanksEqualsSortingTheConcatenation) {
+  auto world = test_world();
+  auto groups = build_process_groups(ParallelSizes{world->size(), 1});
+  const int R = world->size();
+  auto rows_of = [R](int r) {
+    const int64_t n = (R > 1 && r == R - 1) ? 0 : 5 + 4 * r;
+    return at::randn({n, 3}, at::detail::createCPUGenerator(70 + r), torch::kDouble);
+  };
+  std::vector<torch::Tensor> all;
+  for (int r = 0; r < R; ++r) all.push_back(rows_of(r));
+  auto concatenation = torch::cat(all);
+  const int64_t q = concatenation.size(0) / 3;
+  CommunicatorCountReducer reducer(groups.data_parallel);
+  auto beta = largest_over_ranks({rows_of(world->rank())}, {torch::tensor(double(q))},
+                                 [&](torch::Tensor& t) { reducer.sum_async(t)(); })[0];
+  auto sorted = std::get<0>(concatenation.sort(0, /*descending=*/true));
+  EXPECT_TRUE(torch::equal(beta, sorted[q]));
+}
+
+BalanceOptions quantile_options(BalanceScope scope, int64_t group_size = 0) {
+  return options(scope, group_size).method(BalanceMethod::Quantile);
+}
+
+// The bias quantile balancing sets after one step of M micro-batches on this rank.
+torch::Tensor quantile_step(const BalanceOptions& o, const ProcessGroups& groups, int64_t M) {
+  auto world = test_world();
+  auto layer = make_layer(torch::kDouble);
+  TrainingObjective objective({layer}, o, objective_reducers(o, groups));
+  objective.begin_step(M, 0.0);  // quantile balancing has no loss to weigh
+  for (int64_t m = 0; m < M; ++m) {
+    auto [x, mask] = full_batch(world->size(), m, torch::kDouble, true);
+    auto routing = objective.context();
+    layer->forward(rank_slice(x, world->rank()), rank_slice(mask, world->rank()), &routing);
+    objective.micro_batch_loss(routing, torch::zeros({}, torch::kDouble));
+  }
+  objective.end_step();
+  return layer->router->expert_bias.clone();
+}
+
+// r = g - a of the valid tokens of x, from the definition (gates + bias at zero bias).
+torch::Tensor reference_residuals(const torch::Tensor& x, const torch::Tensor& mask) {
+  auto ref = make_layer(torch::kDouble);
+  auto g = torch::softmax(x.matmul(ref->router->weight.detach().t()), -1);
+  auto a = std::get<0>(g.sort(-1, /*descending=*/true)).select(1, kK).unsqueeze(1);
+  return (g - a).index({mask});
+}
+
+// beta_i = the (q+1)-th largest of column i = its (n - q)-th smallest, q = floor(n K / E).
+torch::Tensor reference_thresholds(const torch::Tensor& rows) {
+  const int64_t n = rows.size(0);
+  return std::get<0>(rows.kthvalue(n - n * kK / kE, 0));
+}
+
+// Global scope: the thresholds of the global batch over R ranks and M micro-batches equal one
+// process's on the concatenation; every rank sets the same bias.
+TEST(QuantileOverRanks, GlobalBiasEqualsOneProcessOnTheConcatenation) {
+  auto world = test_world();
+  const int R = world->size();
+  auto groups = build_process_groups(ParallelSizes{R, 1});
+  const int64_t M = 2;
+  auto bias = quantile_step(quantile_options(BalanceScope::Global), groups, M);
+  std::vector<torch::Tensor> rows;
+  for (int64_t m = 0; m < M; ++m) {
+    auto [x, mask] = full_batch(R, m, torch::kDouble, true);
+    rows.push_back(reference_residuals(x, mask));
+  }
+  auto expected = quantile_bias(reference_thresholds(torch::cat(rows)));
+  EXPECT_LT((bias - expected).abs().max().item<double>(), 1e-15);
+  EXPECT_TRUE(same_on_every_rank(*world, bias));
+}
+
+// Micro scope: the mean over every rank's micro-batches of their thresholds; group g = R equals
+// global, group g = 1 with one micro-batch equals micro.
+TEST(QuantileOverRanks, MicroAndGroupScopesAverageOverAllRanks) {
+  auto world = test_world();
+  const int R = world->size();
+  auto groups = build_process_groups(ParallelSizes{R, 1});
+  const int64_t M = 2;
+  auto micro = quantile_step(quantile_options(BalanceScope::Micro), groups, M);
+  auto sum = torch::zeros({kE}, torch::kDouble);
+  for (int64_t m = 0; m < M; ++m) {
+    auto [x, mask] = full_batch(R, m, torch::kDouble, true);
+    for (int r = 0; r < R; ++r) {
+      sum += reference_thresholds(reference_residuals(rank_slice(x, r), rank_slice(mask, r)));
+    }
+  }
+  EXPECT_LT((micro - quantile_bias(sum / (R * M))).abs().max().item<double>(), 1e-15);
+  EXPECT_TRUE(same_on_every_rank(*world, micro));
+
+  auto whole = build_process_groups(ParallelSizes{R, 1, R});
+  auto global = quantile_step(quantile_options(BalanceScope::Global), groups, M);
+  auto group_R = quantile_step(quantile_options(BalanceScope::Group, R), whole, M);
+  EXPECT_LT((group_R - global).abs().max().item<double>(), 1e-15);
+  auto singles = build_process_groups(ParallelSizes{R, 1, 1});
+  auto group_1 = quantile_step(quantile_options(BalanceScope::Group, 1), singles, 1);
+  auto micro_1 = quantile_step(quantile_options(BalanceScope::Micro), groups, 1);
+  EXPECT_LT((group_1 - micro_1).abs().max().item<double>(), 1e-15);
+  EXPECT_TRUE(same_on_every_rank(*world, group_1));
+}
+
+// Shuffle on R ranks, one micro-batch: loss and router gradient equal one process's
+// LBL(f(S), P(S)) on the subset S of the concatenation's valid tokens (numbered rank by rank).
+TEST(ShuffleOverRanks, LossAndGradientAreThoseOfTheSubsetOfTheConcatenation) {
+  auto world = test_world();
+  const int R = world->size();
+  auto groups = build_process_groups(ParallelSizes{R, 1});
+  const uint64_t seed = 9;
+  auto layer = make_layer(torch::kDouble);
+  const auto o = options(BalanceScope::Global).shuffle(true).shuffle_seed(seed);
+  TrainingObjective objective({layer}, o, objective_reducers(o, groups));
+  objective.set_step(3);
+  auto [loss, grad] = distributed_step(layer, objective, *world, 1, torch::kDouble, true);
+
+  auto ref = make_layer(torch::kDouble);
+  auto [x, mask] = full_batch(R, 0, torch::kDouble, true);
+  RoutingContext routing;
+  ref->forward(x, mask, &routing);
+  const auto& r = routing.layers()[0].routing;
+  auto s = r.scores.index({r.valid});
+  auto ids = r.expert_ids.index({r.valid});
+  const int64_t N = s.size(0), n = shuffle_subset_size(N, R, 1);
+  auto S = draw_balance_subset(seed, 3, N, n);
+  auto counts = torch::zeros({kE}, torch::kDouble)
+                    .index_add_(0, ids.index({S}).flatten(), torch::ones({n * kK}, torch::kDouble));
+  auto ref_loss = kAlpha * kE * (counts / (kK * n) * s.index({S}).mean(0)).sum();
+  auto ref_grad = torch::autograd::grad({ref_loss}, {ref->router->weight})[0];
+  EXPECT_LT(std::abs(loss - ref_loss.item<double>()) / ref_loss.item<double>(), 1e-12);
+  EXPECT_LT(max_rel_diff(grad, ref_grad), 1e-10);
 }
 
 }  // namespace

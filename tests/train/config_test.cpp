@@ -352,6 +352,11 @@ TEST(Config, ValidateNamesTheSettingsToChange) {
                   "balance.group_size (2) only applies to balance.scope group"));
   EXPECT_TRUE(has(problem({"balance.scope=micro", "balance.micro_alpha=0.0001"}),
                   "balance.micro_alpha (0.0001) only adds to a global or group loss"));
+  EXPECT_TRUE(has(problem({"balance.method=quantile", "model.top_k=8"}),
+                  "balance.method quantile needs model.top_k (8) < model.num_experts (8)"));
+  EXPECT_TRUE(has(problem({"balance.scope=shuffle", "balance.method=quantile"}),
+                  "balance.scope (shuffle) is an ablation of the load-balancing loss, but "
+                  "balance.method is quantile; set balance.method=aux_loss"));
   EXPECT_TRUE(has(problem({"optim.min_lr=0.01"}), "optim.min_lr (0.01) must be <= optim.lr"));
   EXPECT_TRUE(
       has(problem({"data.val_batches_per_domain=0"}), "needs data.val_batches_per_domain >= 1"));

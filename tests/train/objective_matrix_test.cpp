@@ -3,8 +3,9 @@
 // DataParallel): for every scope x method x expert_parallel x activation checkpointing x
 // grad_accum, with unequal padding across ranks, the averaged gradients of one step equal the
 // gradient of what one process trains on the concatenated global batch, re-derived here in fp64
-// from the spec (cross-entropy, LBL and z-loss together). Then a few optimizer steps keep every
-// replicated parameter and buffer (expert_bias included) bit-equal across ranks.
+// from the spec (cross-entropy, LBL and z-loss together; for scope shuffle the LBL of the step's
+// subset). Then a few optimizer steps keep every replicated parameter and buffer (expert_bias of
+// loss-free and quantile balancing included) bit-equal across ranks.
 #include <gtest/gtest.h>
 
 #include <sstream>
@@ -105,7 +106,7 @@ torch::Tensor reference_objective(LanguageModel& model, const Config& config, in
   for (const auto& record : routing.layers()) {
     const auto& rt = record.routing;
     loss = loss + b.z_loss * (torch::logsumexp(rt.logits, -1).square() * valid).sum() / N;
-    if (b.method == "loss_free") continue;
+    if (b.method == "loss_free" || b.method == "quantile") continue;
     auto onehot =
         torch::zeros({rt.scores.size(0), kE}, torch::kDouble).scatter_(1, rt.expert_ids, 1.0);
     // sum over units u of (n_u / N) alpha E f_u . P_u, units given as token ranges
@@ -122,6 +123,13 @@ torch::Tensor reference_objective(LanguageModel& model, const Config& config, in
       return total;
     };
     if (b.scope == "global") loss = loss + lbl(rt.scores.size(0), b.alpha);
+    if (b.scope == "shuffle") {  // valid tokens numbered rank by rank, micro-batch by micro-batch
+      auto S = valid.nonzero().select(1, 0).index(
+          {draw_balance_subset(config.train.seed, 0, static_cast<int64_t>(N),
+                               shuffle_subset_size(static_cast<int64_t>(N), R, M))});
+      auto f = onehot.index({S}).sum(0) / (kK * S.numel());
+      loss = loss + b.alpha * kE * (f * rt.scores.index({S}).mean(0)).sum();
+    }
     if (b.scope == "group") loss = loss + lbl(M * unit_rows, b.alpha);  // group_size 1: a rank
     if (b.scope == "micro") loss = loss + lbl(unit_rows, b.alpha);
     if (b.scope == "sequence") loss = loss + lbl(kSeq, b.alpha);
@@ -216,7 +224,7 @@ class ObjectiveMatrix : public ::testing::Test {
     for (const auto& item : model->named_buffers()) {
       EXPECT_TRUE(replicated(*groups.data_parallel, item.value())) << item.key();
     }
-    if (c.method == "loss_free") {
+    if (c.method == "loss_free" || c.method == "quantile") {
       EXPECT_GT(model->moe_layers()[0]->router->expert_bias.abs().max().item<double>(), 0.0);
     }
   }
@@ -231,6 +239,19 @@ TEST_F(ObjectiveMatrix, GradientsEqualOneProcessOnTheGlobalBatch) {
         }
       }
     }
+  }
+}
+
+// Quantile balancing (its gradients are loss-free's; the point is a bias bit-equal on every
+// rank, recomputed forwards not counted twice) and the Shuffle ablation (one micro-batch: with
+// more, f runs over the subset's micro-batches so far, as the global scope's does).
+TEST_F(ObjectiveMatrix, QuantileAndShuffleEqualOneProcessOnTheGlobalBatch) {
+  for (const char* scope : {"micro", "sequence", "global", "group"}) {
+    run({scope, "quantile", 1, 3, true});
+  }
+  run({"global", "quantile", 2, 1, false});
+  for (int64_t ep : {1, 2}) {
+    for (bool checkpointing : {false, true}) run({"shuffle", "aux_loss", ep, 1, checkpointing});
   }
 }
 

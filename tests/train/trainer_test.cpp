@@ -125,13 +125,15 @@ TEST_F(TrainerTest, ResumeIsExact) {
   EXPECT_EQ(second.eval.loss, whole.eval.loss);
 }
 
-// Resume is bit-exact for every scope and method (loss-free included: its expert_bias is the
-// same on every rank, so the checkpoint's copy is everyone's): 6 steps equal 3 + resume + 3, in
-// every step's loss, the evaluation and every parameter and buffer of the final checkpoint.
+// Resume is bit-exact for every scope and method (loss-free and quantile included: their
+// expert_bias is the same on every rank, so the checkpoint's copy is everyone's; shuffle draws the
+// subsets of the resumed steps again): 6 steps equal 3 + resume + 3, in every step's loss, the
+// evaluation and every parameter and buffer of the final checkpoint.
 TEST_F(TrainerTest, ResumeIsExactForEveryScopeAndMethod) {
-  for (const char* scope : {"micro", "sequence", "global", "group"}) {
-    for (const char* method : {"aux_loss", "loss_free"}) {
-      const std::string name = std::string(scope) + "_" + method;
+  for (const std::string scope : {"micro", "sequence", "global", "group", "shuffle"}) {
+    for (const std::string method : {"aux_loss", "loss_free", "quantile"}) {
+      if (scope == "shuffle" && method != "aux_loss") continue;  // an ablation of the LBL only
+      const std::string name = scope + "_" + method;
       auto configure = [&](const std::string& run) {
         auto c = tiny(run);
         c.balance.scope = scope;
@@ -309,8 +311,8 @@ ProcessGroups groups_for(const Config& c, int world) {
 }
 
 // Every balance value that --help documents starts a run and trains: group_size 0 (= all ranks)
-// and 1, sequence scope, loss_free with each scope, micro_alpha with accumulation (R > 1 under
-// mpirun -np 2), expert parallelism with scope group.
+// and 1, sequence scope, loss_free and quantile with each scope, shuffle, micro_alpha with
+// accumulation (R > 1 under mpirun -np 2), expert parallelism with scope group.
 TEST_F(TrainerTest, EveryDocumentedBalanceSettingStartsATinyRun) {
   std::vector<std::vector<std::string>> cases = {
       {"balance.scope=group"},
@@ -321,6 +323,11 @@ TEST_F(TrainerTest, EveryDocumentedBalanceSettingStartsATinyRun) {
       {"balance.method=loss_free", "balance.scope=sequence"},
       {"balance.method=loss_free", "balance.scope=global"},
       {"balance.method=loss_free", "balance.scope=group"},
+      {"balance.method=quantile", "balance.scope=micro"},
+      {"balance.method=quantile", "balance.scope=sequence"},
+      {"balance.method=quantile", "balance.scope=global", "data.grad_accum=3"},
+      {"balance.method=quantile", "balance.scope=group", "balance.group_size=1"},
+      {"balance.scope=shuffle", "data.grad_accum=3"},
       {"balance.micro_alpha=0.0001", "data.grad_accum=3"},
       {"balance.scope=group", "balance.micro_alpha=0.0001"},
   };
@@ -329,6 +336,8 @@ TEST_F(TrainerTest, EveryDocumentedBalanceSettingStartsATinyRun) {
     cases.push_back({"parallel.expert_parallel=2", "balance.scope=group", "balance.group_size=1"});
     cases.push_back(
         {"parallel.expert_parallel=2", "balance.method=loss_free", "balance.scope=micro"});
+    cases.push_back(
+        {"parallel.expert_parallel=2", "balance.method=quantile", "balance.scope=global"});
   }
   for (size_t i = 0; i < cases.size(); ++i) {
     std::string what;
