@@ -198,9 +198,8 @@ def plot_heatmap(run, vmax, path, seeds=1):
         ax.axis("off")
     bar = fig.colorbar(image, ax=axes, shrink=0.9)
     bar.set_label("share of the domain's tokens whose top-k holds the expert", fontsize=9)
-    scope = a["balance"]["scope"]
     which = f", seed {run['seed']} of {seeds}" if seeds > 1 else ""
-    fig.suptitle(f"{run['label']} ({scope} balancing): expert selection frequency, "
+    fig.suptitle(f"{run['label']} ({scope_name(run)} balancing): expert selection frequency, "
                  f"top-{a['top_k']} of {E}, step {a['step']}{which}", fontsize=12)
     return save(fig, path)
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# End to end: scripts/compare_balance.sh trains two tiny runs (micro, global) for 2 seeds each on
-# 2 ranks over a generated 3-domain corpus, analyzes them and writes the report with its
-# pictures; the statistics over seeds are checked against values computed here from the per-seed
-# analyses (synthetic reports, one seed: plot_runs_test.py).
+# End to end: scripts/compare_balance.sh trains three tiny runs (micro, global, and micro then
+# global by balance.schedule, a value with commas) for 2 seeds each on 2 ranks over a generated
+# 3-domain corpus, analyzes them and writes the report with its pictures; the statistics over
+# seeds are checked against values computed here from the per-seed analyses (synthetic reports,
+# one seed: plot_runs_test.py).
 # Usage: compare_balance_test.sh BUILD_DIR WORK_DIR
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -26,7 +27,9 @@ done
 GBMOE_BUILD_DIR=$build "$root/scripts/compare_balance.sh" --no-build --name tiny --seeds 2 \
   --runs "$work/runs" --reports "$work/reports" --val-batches 2 \
   --set data.dir="$work/corpus" --set train.log_every=100 \
-  micro=configs/tiny.yaml,balance.scope=micro global=configs/tiny.yaml
+  micro=configs/tiny.yaml,balance.scope=micro global=configs/tiny.yaml \
+  "sched=configs/tiny.yaml,balance.scope=micro,balance.schedule=[{step: 3, scope: global},
+    {step: 5, scope: group, group_size: 1}]"
 
 report=$work/reports/tiny/report.md
 fail() { echo "FAIL: $*" >&2; exit 1; }
@@ -42,6 +45,11 @@ for label in micro global; do
   done
 done
 grep -q "^| micro | micro | 6 | " "$report" || fail "the micro row does not name its scope and step"
+grep -q "^| sched | micro, global after step 3, group g=1 after step 5 | 6 | " "$report" ||
+  fail "the schedule row does not name its changes"
+scopes=$(grep -o '"balance_scope":"[a-z]*"' "$work/runs/tiny/sched/seed2/metrics.jsonl" |
+  cut -d'"' -f4)
+[ "$(echo $scopes)" = "micro micro micro global global group" ] || fail "scopes by step: $scopes"
 # 2 MoE layers x 3 domains x 4 experts + header
 [ "$(wc -l < "$work/runs/tiny/global/seed1/analysis/selection.csv")" -eq 25 ] ||
   fail "selection.csv rows"

@@ -107,19 +107,20 @@ def check_seeds(work):
     assert "| MI (bits) | **+0.1767 [+0.1142, +0.2392]** |" in report, report
     assert ("**global vs micro** (3 paired seeds): distinguishable from zero: MI (bits) "
             "+0.1767 [+0.1142, +0.2392]. Not distinguishable: val loss, ") in report, report
-    # One seed: differences without intervals, said so.
-    assert run_plot(f"{work}/one", f"micro={work}/micro1", f"global={work}/global1") is None
-    report = open(f"{work}/one/report.md").read()
+    # One seed: differences without intervals, said so (tables only: the pictures are drawn above).
+    runs = plot_runs.parse_runs([f"micro={work}/micro1", f"global={work}/global1"])
+    report = plot_runs.report(runs, [], "T", "")
     assert "| val loss | -0.0500 [n/a] |" in report, report
     assert "(1 paired seed): no interval (it needs at least 2 seeds)" in report, report
     assert "One seed per run: standard deviations and intervals are not available" in report
-    assert read_stats(f"{work}/one/stats.csv")[("global", "val_loss")]["diff_lo"] == ""
+    plot_runs.write_stats(runs, f"{work}/one.csv")
+    assert read_stats(f"{work}/one.csv")[("global", "val_loss")]["diff_lo"] == ""
     # The scope column names loss-free balancing and schedules.
     write_run(f"{work}/sched", "micro", [uniform], 4.0, seed=1, config_extra=(
         "  schedule: [{step: 20, scope: group, group_size: 1, alpha: 0.02}]  # help\n"))
     write_run(f"{work}/free", "global", [uniform], 4.0, seed=1, method="loss_free")
-    assert run_plot(f"{work}/sched-out", f"s={work}/sched", f"f={work}/free") is None
-    report = open(f"{work}/sched-out/report.md").read()
+    report = plot_runs.report(plot_runs.parse_runs([f"s={work}/sched", f"f={work}/free"]), [],
+                              "T", "")
     assert "| s | micro, group g=1 alpha 0.02 after step 20 | 40 |" in report, report
     assert "| f | global (loss_free) | 40 |" in report, report
     # Two directories of one run with the same seed: an error naming the run.
