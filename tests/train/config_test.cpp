@@ -565,7 +565,7 @@ TEST(Config, EveryRepositoryConfigLoadsAndValidates) {
     expect_same_values(cfg, Config::from_yaml_string(cfg.to_yaml()));
   }
   for (const char* name :
-       {"default.yaml", "micro.yaml", "global.yaml", "tiny.yaml", "paper-gpu.yaml"}) {
+       {"default.yaml", "micro.yaml", "global.yaml", "fine.yaml", "tiny.yaml", "paper-gpu.yaml"}) {
     EXPECT_TRUE(names.count(name)) << "configs/" << name << " is missing";
   }
 }
@@ -582,6 +582,29 @@ TEST(Config, MicroAndGlobalConfigsDifferOnlyInScopeAndRunDir) {
     }
   }
   EXPECT_NE(micro.train.run_dir, global.train.run_dir);
+}
+
+// fine.yaml: the coarse global.yaml with fine-grained experts and one shared expert, at the same
+// active expert parameters per token and the same token budget (every other setting equal).
+TEST(Config, FineConfigMatchesTheCoarseActiveParametersAndTokenBudget) {
+  const auto dir = std::string(GBMOE_SOURCE_DIR) + "/configs/";
+  const Config coarse = Config::from_yaml_file(dir + "global.yaml");
+  const Config fine = Config::from_yaml_file(dir + "fine.yaml");
+  const auto active = [](const ModelConfig& m) {  // SwiGLU weights of the experts a token uses
+    return 3 * m.dim * m.expert_hidden * (m.top_k + m.shared_experts);
+  };
+  EXPECT_EQ(active(fine.model), active(coarse.model));
+  EXPECT_EQ(fine.model.shared_experts, 1);
+  EXPECT_GE(fine.model.num_experts, 32);
+  EXPECT_LE(fine.model.num_experts, 64);
+  EXPECT_GE(fine.model.top_k, 4);
+  EXPECT_LE(fine.model.top_k, 8);
+  const std::set<std::string> expert_shape = {"model.num_experts", "model.top_k",
+                                              "model.expert_hidden", "model.shared_experts",
+                                              "train.run_dir"};
+  for (const auto& key : Config::keys()) {
+    if (!expert_shape.count(key)) EXPECT_EQ(fine.get(key), coarse.get(key)) << key;
+  }
 }
 
 }  // namespace
