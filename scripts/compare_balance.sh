@@ -27,14 +27,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${GBMOE_BUILD_DIR:-$root/build}
-command_line=scripts/compare_balance.sh
-for arg in "$@"; do  # quoted only where the shell needs it, for the report
-  if [[ "$arg" =~ ^[A-Za-z0-9_./=,:+-]+$ ]]; then
-    command_line+=" $arg"
-  else
-    command_line+=" $(printf %q "$arg")"
-  fi
-done
+source "$root/scripts/quote_args.sh"
+command_line=$(quote_args scripts/compare_balance.sh "$@")
 name=compare ranks=2 val_batches=32 fresh=0 build_first=1 runs_root=runs reports_root=reports
 seeds_arg="" seed_base=1
 common=()

@@ -415,7 +415,8 @@ def difference_table(groups):
     out = [f"## Differences against {ref} (paired by seed, 95% t-interval over seeds)", "",
            f"Each cell: the mean over seeds of (run - {ref}) on the same seed, and in brackets the "
            "95% t-interval of that mean (Student's t, n - 1 degrees of freedom). **Bold**: the "
-           "interval excludes 0.", "",
+           "interval excludes 0. Each interval is on its own: among many metrics and runs about "
+           "1 in 20 intervals excludes 0 by chance alone, so one bold cell is weak evidence.", "",
            "| metric | " + " | ".join(f"{g['label']} - {ref}" for g in groups[1:]) + " |",
            "|---|" + "---|" * (len(groups) - 1)]
     for key, name, digits in metric_list(groups[0]["analysis"]):

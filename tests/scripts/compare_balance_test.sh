@@ -8,22 +8,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 build=$1 work=$2
-rm -rf "$work"
-for spec in "animals:cat dog horse lion mouse owl" "numbers:one two three seven ninety zero" \
-            "code:int x = { } return ( )"; do
-  domain=${spec%%:*} words=(${spec#*:})
-  mkdir -p "$work/raw/$domain"
-  for doc in 0 1 2 3 4; do
-    for line in $(seq 60); do
-      for w in 1 2 3 4 5 6 7 8; do
-        printf '%s ' "${words[$(((doc * 7 + line * 5 + w * w) % ${#words[@]}))]}"
-      done
-      echo
-    done > "$work/raw/$domain/doc$doc.txt"
-  done
-done
-"$build/train/gbmoe-data" --input "$work/raw" --output "$work/corpus" --vocab-size 400 \
-  --val-fraction 0.2 --threads 1 > /dev/null
+bash "$root/tests/scripts/make_tiny_corpus.sh" "$build" "$work"
 GBMOE_BUILD_DIR=$build "$root/scripts/compare_balance.sh" --no-build --name tiny --seeds 2 \
   --runs "$work/runs" --reports "$work/reports" --val-batches 2 \
   --set data.dir="$work/corpus" --set train.log_every=100 \
