@@ -96,7 +96,22 @@ ProcessGroups build_process_groups(const ParallelSizes& sizes, MPI_Comm world, B
   groups.expert_parallel = split(world, rank / ep, rank, backend);
   groups.expert_data_parallel = split(world, rank % ep, rank, backend);
   groups.balance = split(world, rank / g, rank, backend);
+  groups.backend = backend;
+  groups.world_mpi = std::static_pointer_cast<MpiCommunicator>(split(world, 0, rank, Backend::Mpi));
   return groups;
+}
+
+ProcessGroups with_balance_group(const ProcessGroups& groups, int64_t balance_group) {
+  TORCH_CHECK(groups.world_mpi, "with_balance_group needs process groups made by ",
+              "build_process_groups (they keep an MPI copy of the world to cut groups from)");
+  ProcessGroups out = groups;
+  out.sizes.balance_group = balance_group;
+  out.sizes.validate();
+  const int rank = groups.world_mpi->rank();
+  out.balance =
+      split(groups.world_mpi->comm(), rank / static_cast<int>(out.sizes.resolved_balance_group()),
+            rank, groups.backend);
+  return out;
 }
 
 }  // namespace gbmoe

@@ -46,6 +46,8 @@ GroupMembers group_members(const ParallelSizes& sizes, int rank);
 /// Which backend the group communicators use: MPI for CPU tensors, NCCL for CUDA tensors.
 enum class Backend { Mpi, Nccl };
 
+class MpiCommunicator;
+
 /// True when gbmoe was built with the NCCL backend.
 bool nccl_available();
 
@@ -59,6 +61,8 @@ struct ProcessGroups {
   std::shared_ptr<Communicator> expert_parallel;
   std::shared_ptr<Communicator> expert_data_parallel;
   std::shared_ptr<Communicator> balance;
+  Backend backend = Backend::Mpi;
+  std::shared_ptr<MpiCommunicator> world_mpi;  // an MPI copy of the world to cut groups from
 };
 
 /// Validates sizes (and that sizes.world is the size of world) and splits world
@@ -71,5 +75,15 @@ struct ProcessGroups {
 ///   groups.balance->all_reduce(counts_E);
 ProcessGroups build_process_groups(const ParallelSizes& sizes, MPI_Comm world = MPI_COMM_WORLD,
                                    Backend backend = Backend::Mpi);
+
+/// groups with the balance group cut anew for balance_group ranks (0 = the whole world), the
+/// other groups shared: what a balance.schedule that changes the group size needs. Collective
+/// over the world: every rank calls it at the same point. groups must come from
+/// build_process_groups.
+///
+/// Example:
+///   auto g1 = with_balance_group(groups, 1);  // g1.balance: each rank alone
+///   TrainingObjective objective(layers, options, objective_reducers(options, g1));
+ProcessGroups with_balance_group(const ProcessGroups& groups, int64_t balance_group);
 
 }  // namespace gbmoe

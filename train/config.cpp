@@ -79,6 +79,20 @@ std::string trim(const std::string& s) {
   return s.substr(b, s.find_last_not_of(" \t") - b + 1);
 }
 
+std::string node_kind(const YAML::Node& n) {
+  if (n.IsNull()) return "an empty value";
+  if (n.IsSequence()) return "a list";
+  if (n.IsMap()) return "a mapping";
+  return "'" + n.Scalar() + "'";
+}
+
+// A YAML node as text that YAML::Load reads back to the same node.
+std::string yaml_text(const YAML::Node& node) {
+  YAML::Emitter e;
+  e << YAML::Flow << node;
+  return e.c_str();
+}
+
 // Shortest text that reads back to the same double, always with a '.' so that YAML readers
 // (PyYAML included) see a float: 0.001, 10000.0, 1.0e-05.
 std::string format_double(double v) {
@@ -154,6 +168,69 @@ struct Traits<std::string> {
   static std::string format(const std::string& v) { return v; }
 };
 
+// balance.schedule: a YAML list of {step, scope, group_size, alpha} mappings, written as one
+// flow-style line. parse throws ConfigError("[i].key: ...") for a malformed change; the caller
+// puts the setting's key in front.
+template <>
+struct Traits<BalanceSchedule> {
+  static constexpr const char* name = "list";
+  static constexpr const char* expected = "a list of changes like [{step: 200, scope: global}]";
+  static std::optional<BalanceSchedule> parse(const std::string& text);
+  static std::string format(const BalanceSchedule& schedule);
+};
+
+// One scalar of a schedule change, by its type; throws naming where it is.
+template <class T>
+T change_value(const std::string& where, const YAML::Node& node) {
+  const std::optional<T> v = node.IsScalar() ? Traits<T>::parse(node.Scalar()) : std::nullopt;
+  if (!v)
+    throw ConfigError(where + ": expected " + Traits<T>::expected + ", got " + node_kind(node));
+  return *v;
+}
+
+BalanceChange parse_change(const std::string& at, const YAML::Node& item) {
+  if (!item.IsMap()) {
+    throw ConfigError(at + ": expected a mapping like {step: 200, scope: global}, got " +
+                      node_kind(item));
+  }
+  BalanceChange c;
+  bool has_step = false, has_scope = false;
+  for (const auto& kv : item) {
+    const std::string key = kv.first.Scalar(), where = at + "." + key;
+    if (key == "step") {
+      c.step = change_value<int64_t>(where, kv.second), has_step = true;
+    } else if (key == "scope") {
+      c.scope = change_value<std::string>(where, kv.second), has_scope = true;
+    } else if (key == "group_size") {
+      c.group_size = change_value<int64_t>(where, kv.second);
+    } else if (key == "alpha") {
+      c.alpha = change_value<double>(where, kv.second);
+    } else {
+      throw ConfigError(where + ": unknown key; a change has step, scope, group_size and alpha");
+    }
+  }
+  if (!has_step || !has_scope) {
+    throw ConfigError(at + ": a change needs step and scope, e.g. {step: 200, scope: global}");
+  }
+  return c;
+}
+
+std::optional<BalanceSchedule> Traits<BalanceSchedule>::parse(const std::string& text) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(text);
+  } catch (const YAML::Exception&) {
+    return std::nullopt;
+  }
+  if (root.IsNull()) return BalanceSchedule{};
+  if (!root.IsSequence()) return std::nullopt;
+  BalanceSchedule out;
+  for (size_t i = 0; i < root.size(); ++i) {
+    out.push_back(parse_change("[" + std::to_string(i) + "]", root[i]));
+  }
+  return out;
+}
+
 // The indices of a comma list like "1,3", or nullopt when s is not one.
 std::optional<std::vector<int64_t>> parse_index_list(const std::string& s) {
   std::vector<int64_t> out;
@@ -190,6 +267,8 @@ std::string violation(const Allowed& a, const std::string& v) {
   return "";
 }
 std::string violation(const Allowed&, bool) { return ""; }
+// A schedule's values are checked against the rest of the config in problems().
+std::string violation(const Allowed&, const BalanceSchedule&) { return ""; }
 
 // The allowed values as shown by --help: "softmax|sigmoid", ">= 1", "[0, 1)".
 std::string describe(const Allowed& a) {
@@ -226,7 +305,12 @@ Field make_field(const std::string& section, const std::string& name, S Config::
   f.help = help;
   f.get = [sec, member](const Config& c) { return Traits<T>::format((c.*sec).*member); };
   f.set = [key = f.key, sec, member, allowed](Config& c, const std::string& text) {
-    const std::optional<T> v = Traits<T>::parse(text);
+    std::optional<T> v;
+    try {
+      v = Traits<T>::parse(text);
+    } catch (const ConfigError& e) {  // "[i].step: ..." of a schedule change
+      throw ConfigError(key + e.what());
+    }
     if (!v) {
       throw ConfigError(key + ": expected " + Traits<T>::expected + ", got '" + text + "'");
     }
@@ -332,13 +416,6 @@ std::string at(const std::string& source, const YAML::Mark& mark) {
   return source + ":" + std::to_string(mark.line + 1) + ":" + std::to_string(mark.column + 1);
 }
 
-std::string node_kind(const YAML::Node& n) {
-  if (n.IsNull()) return "an empty value";
-  if (n.IsSequence()) return "a list";
-  if (n.IsMap()) return "a mapping";
-  return "'" + n.Scalar() + "'";
-}
-
 void load_yaml(Config& cfg, const YAML::Node& root, const std::string& source) {
   if (root.IsNull()) return;
   if (!root.IsMap()) {
@@ -368,11 +445,12 @@ void load_yaml(Config& cfg, const YAML::Node& root, const std::string& source) {
       });
       const YAML::Node& value = kv.second;
       located(at(source, value.Mark()), [&] {
-        if (!value.IsScalar()) {
+        const bool list = field->type == "list" && value.IsSequence();
+        if (!value.IsScalar() && !list) {
           throw ConfigError(key + ": expected " + field->expected + ", got " + node_kind(value) +
                             (field->type == "string" ? " (write \"\" for an empty string)" : ""));
         }
-        field->set(cfg, value.Scalar());
+        field->set(cfg, list ? yaml_text(value) : value.Scalar());
       });
     }
   }
@@ -396,6 +474,20 @@ std::string quoted(const std::string& s) {
   YAML::Emitter e;
   e << YAML::DoubleQuoted << s;
   return e.c_str();
+}
+
+std::string Traits<BalanceSchedule>::format(const BalanceSchedule& schedule) {
+  std::string out = "[";
+  for (size_t i = 0; i < schedule.size(); ++i) {
+    const auto& c = schedule[i];
+    const bool plain = !c.scope.empty() && c.scope.find_first_not_of(
+                                               "abcdefghijklmnopqrstuvwxyz_") == std::string::npos;
+    out += std::string(i ? ", " : "") + "{step: " + std::to_string(c.step) +
+           ", scope: " + (plain ? c.scope : quoted(c.scope)) +
+           ", group_size: " + std::to_string(c.group_size) +
+           (c.alpha ? ", alpha: " + format_double(*c.alpha) : "") + "}";
+  }
+  return out + "]";
 }
 
 // The attention shape: heads, key/value heads and head size of the model family.
@@ -425,6 +517,43 @@ void attention_problems(const ModelConfig& m, std::vector<std::string>& out) {
                   n(m.head_dim) +
                   ") = 0 or model.dim / model.num_heads; set model.family=qwen3_moe, "
                   "mixtral or olmoe for grouped-query attention");
+  }
+}
+
+// balance.schedule: each change's values, steps increasing within train.steps, and each phase's
+// scope against balance.micro_alpha.
+void schedule_problems(const Config& c, std::vector<std::string>& out) {
+  const auto n = [](auto v) { return std::to_string(v); };
+  const auto& schedule = c.balance.schedule;
+  const Allowed& scopes = find_field("balance.scope").allowed;
+  for (size_t i = 0; i < schedule.size(); ++i) {
+    const auto& ch = schedule[i];
+    const std::string at = "balance.schedule[" + n(i) + "]";
+    if (ch.step < 1 || ch.step >= c.train.steps) {
+      out.push_back(at + ".step (" + n(ch.step) + ") must be in [1, train.steps (" +
+                    n(c.train.steps) + ")): the change applies after that many steps");
+    } else if (i > 0 && ch.step <= schedule[i - 1].step) {
+      out.push_back(at + ".step (" + n(ch.step) + ") must be greater than balance.schedule[" +
+                    n(i - 1) + "].step (" + n(schedule[i - 1].step) + ")");
+    }
+    const std::string why = violation(scopes, ch.scope);
+    if (!why.empty()) {
+      out.push_back(at + ".scope (" + ch.scope + ") " + why);
+    } else if (c.balance.micro_alpha > 0 && ch.scope != "global" && ch.scope != "group") {
+      out.push_back(at + ".scope (" + ch.scope + ") cannot keep balance.micro_alpha (" +
+                    format_double(c.balance.micro_alpha) +
+                    "), which only adds to a global or group loss; set balance.micro_alpha=0");
+    }
+    if (ch.group_size < 0) {
+      out.push_back(at + ".group_size (" + n(ch.group_size) + ") must be >= 0 (0 = all ranks)");
+    } else if (ch.group_size != 0 && ch.scope != "group") {
+      out.push_back(at + ".group_size (" + n(ch.group_size) +
+                    ") only applies to scope group, but " + at + ".scope is " + ch.scope +
+                    "; leave group_size out or set it to 0");
+    }
+    if (ch.alpha && !(*ch.alpha >= 0.0 && std::isfinite(*ch.alpha))) {
+      out.push_back(at + ".alpha (" + format_double(*ch.alpha) + ") must be >= 0");
+    }
   }
 }
 
@@ -496,6 +625,7 @@ std::vector<std::string> problems(const Config& c) {
     out.push_back("train.eval_every (" + n(c.train.eval_every) +
                   ") needs data.val_batches_per_domain >= 1, or set train.eval_every=0");
   }
+  schedule_problems(c, out);
   return out;
 }
 
@@ -522,6 +652,17 @@ std::vector<int64_t> ModelConfig::moe_layer_indices() const {
                       ")");
   }
   return *list;
+}
+
+BalanceConfig BalanceConfig::at_step(int64_t steps_done) const {
+  BalanceConfig out = *this;
+  for (const auto& change : schedule) {
+    if (change.step > steps_done) break;  // validate(): steps increase
+    out.scope = change.scope;
+    out.group_size = change.group_size;
+    if (change.alpha) out.alpha = *change.alpha;
+  }
+  return out;
 }
 
 Config Config::from_yaml_file(const std::string& path) {
@@ -662,6 +803,13 @@ void Config::validate_for_world(int world_size) const {
         world_size % balance.group_size != 0) {
       out.push_back("balance.group_size (" + std::to_string(balance.group_size) +
                     ") must divide the world size (" + world + ")");
+    }
+    for (size_t i = 0; i < balance.schedule.size(); ++i) {
+      const int64_t g = balance.schedule[i].group_size;
+      if (balance.schedule[i].scope == "group" && g > 0 && world_size % g != 0) {
+        out.push_back("balance.schedule[" + std::to_string(i) + "].group_size (" +
+                      std::to_string(g) + ") must divide the world size (" + world + ")");
+      }
     }
   }
   throw_if_any(out);

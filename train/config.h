@@ -3,11 +3,31 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 namespace gbmoe {
+
+/// One change of balance.schedule: after `step` optimizer steps (from logged step step + 1 on)
+/// the balance scope becomes `scope` (with `group_size` ranks per group for scope group, 0 = all
+/// ranks) and, when given, balance.alpha becomes `alpha`. Written in YAML as a mapping:
+/// {step: 200, scope: group, group_size: 1, alpha: 0.005}.
+///
+/// Example:
+///   cfg.apply_override("balance.schedule=[{step: 200, scope: global}]");
+///   BalanceConfig phase = cfg.balance.at_step(250);  // scope global from step 201 on
+struct BalanceChange {
+  int64_t step = 0;
+  std::string scope;
+  int64_t group_size = 0;
+  std::optional<double> alpha;  // unset: the alpha in force before the change
+  bool operator==(const BalanceChange& o) const {
+    return step == o.step && scope == o.scope && group_size == o.group_size && alpha == o.alpha;
+  }
+};
+using BalanceSchedule = std::vector<BalanceChange>;
 
 /// A setting that cannot be used. The message names the key, the value, where it came from
 /// (file:line:column or --set) and, for cross-field checks, the settings to change.
@@ -75,7 +95,12 @@ class ConfigError : public std::invalid_argument {
     "quantile: per-expert routing bias set after each step from quantiles of the routing scores "  \
     "of balance.scope (quantile balancing; no loss, no step size)")                                \
   X(double, bias_update_rate, 0.001, AtLeast(0.0),                                                 \
-    "step size of the loss_free bias update; it reads the counts of balance.scope")
+    "step size of the loss_free bias update; it reads the counts of balance.scope")               \
+  X(BalanceSchedule, schedule, {}, AnyValue(),                                                     \
+    "changes of the balance set during training, a YAML list of {step, scope, group_size, "        \
+    "alpha} in increasing step (1 <= step < train.steps): after `step` steps the scope becomes "   \
+    "`scope` (group_size: ranks per group for scope group, default 0 = all ranks) and alpha "      \
+    "`alpha` (left out: unchanged); e.g. [{step: 200, scope: global}]; [] = none")
 
 #define GBMOE_DATA_FIELDS(X)                                                                       \
   X(std::string, dir, "data/corpus", AnyValue(), "directory of the tokenized multi-domain corpus") \
@@ -165,6 +190,10 @@ struct ModelConfig {
 };
 struct BalanceConfig {
   GBMOE_BALANCE_FIELDS(GBMOE_CONFIG_DECLARE_FIELD)
+
+  /// The balance settings in force after steps_done optimizer steps: scope, group_size and
+  /// alpha with every schedule change of step <= steps_done applied (the schedule is kept).
+  BalanceConfig at_step(int64_t steps_done) const;
 };
 struct DataConfig {
   GBMOE_DATA_FIELDS(GBMOE_CONFIG_DECLARE_FIELD)

@@ -108,8 +108,8 @@ torch::Device select_device(const Config& config) {
   return device;
 }
 
-BalanceOptions balance_options_from_config(const Config& config) {
-  const auto& b = config.balance;
+BalanceOptions balance_options_from_config(const Config& config, int64_t steps_done) {
+  const BalanceConfig b = config.balance.at_step(steps_done);
   // scope shuffle is the global scope over each step's random subset (BalanceSubset).
   const bool shuffle = b.scope == "shuffle";
   return BalanceOptions()
@@ -245,6 +245,8 @@ class Trainer {
   void build_model();
   void build_optimizer();
   int64_t resume();
+  // The objective of the balance settings in force after steps_done steps (balance.schedule).
+  void use_balance_for(int64_t steps_done);
   // Forward, backward, optimizer: one step; returns false (after all ranks agreed) to stop.
   bool train_step(int64_t step, int64_t stop_after);
   void record_step(int64_t done, double lr, double grad_norm, const StepLosses& losses,
@@ -267,6 +269,8 @@ class Trainer {
   std::vector<std::string> domains_;
   LanguageModel model_{nullptr};
   std::unique_ptr<TrainingObjective> objective_;
+  BalanceConfig balance_;         // the settings objective_ was built from
+  ProcessGroups balance_groups_;  // groups_ with the balance group of balance_
   std::unique_ptr<DataParallel> dp_;
   std::unique_ptr<torch::optim::AdamW> optimizer_;
   std::unique_ptr<RunDirectory> run_directory_;
@@ -285,7 +289,11 @@ class Trainer {
 };
 
 Trainer::Trainer(const Config& config, const ProcessGroups& groups)
-    : config_(config), groups_(groups), world_(*groups.world), rank0_(world_.rank() == 0) {
+    : config_(config),
+      groups_(groups),
+      world_(*groups.world),
+      rank0_(world_.rank() == 0),
+      balance_groups_(groups) {
   config.validate_for_world(static_cast<int>(groups.sizes.world));
   torch::set_num_threads(static_cast<int>(config.train.threads));
   TORCH_CHECK(config.parallel.expert_parallel == groups.sizes.expert_parallel,
@@ -327,9 +335,6 @@ void Trainer::build_model() {
   load_init_from(config_, *model_);  // model.init_from's weights (a resume overwrites them)
   model_->to(device_);
   if (expert_parallel_) apply_expert_parallel(*model_, groups_);
-  const auto balance = balance_options_from_config(config_);
-  objective_ = std::make_unique<TrainingObjective>(model_->moe_layers(), balance,
-                                                   objective_reducers(balance, groups_));
   dp_ = std::make_unique<DataParallel>(model_.ptr(), groups_.data_parallel,
                                        expert_parallel_ ? groups_.expert_data_parallel : nullptr);
   dp_->broadcast_parameters();
@@ -366,6 +371,27 @@ int64_t Trainer::resume() {
   }
   run_directory_->start(start_step);
   return start_step;
+}
+
+void Trainer::use_balance_for(int64_t steps_done) {
+  const BalanceConfig b = config_.balance.at_step(steps_done);
+  if (objective_ && b.scope == balance_.scope && b.group_size == balance_.group_size &&
+      b.alpha == balance_.alpha) {
+    return;
+  }
+  const int64_t group = b.scope == "group" ? b.group_size : 0;
+  if (group != balance_groups_.sizes.balance_group) {
+    balance_groups_ = with_balance_group(groups_, group);  // collective: every rank is here
+  }
+  const auto options = balance_options_from_config(config_, steps_done);
+  objective_ = std::make_unique<TrainingObjective>(model_->moe_layers(), options,
+                                                   objective_reducers(options, balance_groups_));
+  if (!config_.balance.schedule.empty()) {
+    log0("balance from step ", steps_done + 1, ": scope ", b.scope,
+         b.scope == "group" ? ", group_size " + std::to_string(b.group_size) : "", ", alpha ",
+         b.alpha);
+  }
+  balance_ = b;
 }
 
 void Trainer::save(int64_t step) {
@@ -491,6 +517,9 @@ void Trainer::record_step(int64_t done, double lr, double grad_norm, const StepL
        << ",\"z_loss\":" << json_number(z) << ",\"lr\":" << json_number(lr)
        << ",\"grad_norm\":" << json_number(grad_norm)
        << ",\"tokens_per_s\":" << json_number(step_tokens / seconds)
+       << ",\"balance_scope\":" << json_string(balance_.scope)
+       << ",\"balance_group_size\":" << balance_.group_size
+       << ",\"balance_alpha\":" << json_number(balance_.alpha)
        << ",\"maxvio_global\":" << json_list(mv_global)
        << ",\"maxvio_micro\":" << json_list(mv_micro) << routing_json << "}";
   run_directory_->append_metrics(line.str());
@@ -512,8 +541,11 @@ void Trainer::log_progress(int64_t done) {
   std::ostringstream p;
   p << std::fixed << "step " << done << "/" << total << " | loss " << std::setprecision(4)
     << summary_.losses.back() << " | maxvio global " << std::setprecision(2) << mvg << " micro "
-    << mvm << " | " << std::setprecision(0) << tps << " tok/s | lr " << std::scientific
-    << std::setprecision(2) << lr << " | " << format_duration(left) << " left";
+    << mvm << " | " << balance_.scope
+    << (balance_.scope == "group" ? " g=" + std::to_string(balance_.group_size) : "") << " alpha "
+    << std::defaultfloat << std::setprecision(6) << balance_.alpha << std::fixed << " | "
+    << std::setprecision(0) << tps << " tok/s | lr " << std::scientific << std::setprecision(2)
+    << lr << " | " << format_duration(left) << " left";
   log0(p.str());
   summary_.tokens_per_second = tps;
   window_tokens_ = window_seconds_ = 0;
@@ -551,10 +583,11 @@ TrainSummary Trainer::run(int64_t stop_after) {
     parameters += item.value().numel() * (is_shard(item.key()) ? groups_.sizes.expert_parallel : 1);
   }
   log0("gbmoe-train: ", world_.size(), " ranks, ", parameters / 1e6, "M parameters, ",
-       objective_->num_layers(), " MoE layers x ", config_.model.num_experts, " experts (top-",
+       model_->moe_layers().size(), " MoE layers x ", config_.model.num_experts, " experts (top-",
        config_.model.top_k, "), scope ", config_.balance.scope, ", ", train_data_->num_tokens(),
        " training tokens in ", domains_.size(), " domains");
   for (int64_t step = start_step; step < config_.train.steps; ++step) {
+    use_balance_for(step);
     const bool go_on = train_step(step, stop_after);
     const int64_t done = step + 1;
     log_progress(done);

@@ -18,8 +18,9 @@ namespace gbmoe {
 /// The model options a config describes, for a vocabulary of vocab_size tokens.
 LanguageModelOptions model_options_from_config(const Config& config, int64_t vocab_size);
 
-/// The balance options of a config's balance section.
-BalanceOptions balance_options_from_config(const Config& config);
+/// The balance options of a config's balance section in force after steps_done optimizer steps
+/// (balance.schedule changes of step <= steps_done applied).
+BalanceOptions balance_options_from_config(const Config& config, int64_t steps_done = 0);
 
 /// What the forward and backward passes of one optimizer step gave on this rank.
 struct StepLosses {

@@ -71,6 +71,28 @@ TEST(ProcessGroups, BuiltGroupsMatchTheLayoutForEverySizeDividingTheWorld) {
   }
 }
 
+// with_balance_group cuts a new balance group (what a balance.schedule changing group_size
+// needs) and shares every other group.
+TEST(ProcessGroups, WithBalanceGroupCutsOnlyTheBalanceGroup) {
+  auto world = test_world();
+  const int R = world->size(), me = world->rank();
+  const auto groups = build_process_groups(ParallelSizes{R, 1, 0}, MPI_COMM_WORLD);
+  for (int g = 0; g <= R; ++g) {
+    if (g > 0 && R % g != 0) continue;
+    SCOPED_TRACE(c10::str("world ", R, " g ", g));
+    const auto cut = with_balance_group(groups, g);
+    EXPECT_EQ(cut.sizes.balance_group, g);
+    EXPECT_EQ(members_of(*cut.balance, me), group_members(cut.sizes, me).balance);
+    EXPECT_EQ(cut.world, groups.world);
+    EXPECT_EQ(cut.expert_parallel, groups.expert_parallel);
+    EXPECT_EQ(cut.expert_data_parallel, groups.expert_data_parallel);
+  }
+  expect_throw_with([&] { with_balance_group(groups, R + 1); },
+                    c10::str("balance_group (", R + 1, ") must divide world size (", R, ")"));
+  expect_throw_with([] { with_balance_group(ProcessGroups{}, 1); },
+                    "with_balance_group needs process groups made by build_process_groups");
+}
+
 TEST(ProcessGroups, SizesThatDoNotDivideTheWorldAreRejectedWithEveryValue) {
   expect_throw_with(
       [] {

@@ -10,6 +10,7 @@
 #include <map>
 #include <set>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace gbmoe {
@@ -63,6 +64,7 @@ const std::map<std::string, std::string> kEveryKeyChanged = {
     {"balance.z_loss", "0"},
     {"balance.method", "loss_free"},
     {"balance.bias_update_rate", "0.0005"},
+    {"balance.schedule", "[{step: 3, scope: group, group_size: 2, alpha: 0.02}]"},
     {"data.dir", "data dir/with: a \"quote\" # and hash"},
     {"data.seq_len", "64"},
     {"data.micro_batch_size", "3"},
@@ -365,6 +367,106 @@ TEST(Config, ValidateNamesTheSettingsToChange) {
   EXPECT_TRUE(has(both, "model.top_k (9)") && has(both, "optim.min_lr (1.0)")) << both;
 }
 
+// balance.schedule: a YAML list in the file (block or flow style) or on --set, the settings in
+// force after each step, and its dump reads back.
+TEST(Config, BalanceScheduleReadsFromYamlAndSet) {
+  const Config cfg = Config::from_yaml_string(
+      "balance:\n  scope: micro\n  alpha: 0.01\n  schedule:\n    - step: 100\n      scope: group\n"
+      "      group_size: 2\n    - {step: 200, scope: global, alpha: 0.004}\ntrain:\n  steps: "
+      "300\n");
+  ASSERT_EQ(cfg.balance.schedule.size(), 2u);
+  EXPECT_EQ(cfg.balance.schedule[0], (BalanceChange{100, "group", 2, std::nullopt}));
+  EXPECT_EQ(cfg.balance.schedule[1], (BalanceChange{200, "global", 0, 0.004}));
+  EXPECT_NO_THROW(cfg.validate_for_world(2));
+  const std::vector<std::tuple<int64_t, std::string, int64_t, double>> phases = {
+      {0, "micro", 0, 0.01},   {99, "micro", 0, 0.01},    {100, "group", 2, 0.01},
+      {199, "group", 2, 0.01}, {200, "global", 0, 0.004}, {299, "global", 0, 0.004}};
+  for (const auto& [done, scope, group_size, alpha] : phases) {
+    const BalanceConfig b = cfg.balance.at_step(done);
+    EXPECT_EQ(b.scope, scope) << done;
+    EXPECT_EQ(b.group_size, group_size) << done;
+    EXPECT_EQ(b.alpha, alpha) << done;
+  }
+  const std::string text =
+      "[{step: 100, scope: group, group_size: 2}, {step: 200, scope: global, group_size: 0, "
+      "alpha: 0.004}]";
+  EXPECT_EQ(cfg.get("balance.schedule"), text);
+  expect_same_values(cfg, Config::from_yaml_string(cfg.to_yaml()));
+  Config set;
+  set.apply_override("balance.schedule=" + text);
+  EXPECT_EQ(set.balance.schedule, cfg.balance.schedule);
+  set.apply_override("balance.schedule=[]");
+  EXPECT_TRUE(set.balance.schedule.empty());
+  EXPECT_EQ(Config().get("balance.schedule"), "[]");
+}
+
+// Errors name the change, its field and the value: malformed changes when read, the rest by
+// validate() and validate_for_world().
+TEST(Config, BalanceScheduleErrorsNameTheChangeAndTheValue) {
+  const auto set_error = [](const std::string& value) {
+    Config cfg;
+    return error_of([&] { cfg.set("balance.schedule", value); });
+  };
+  EXPECT_EQ(set_error("[{step: x, scope: global}]"),
+            "balance.schedule[0].step: expected an integer, got 'x'");
+  EXPECT_EQ(set_error("[{step: 1, scope: global}, {step: 2, scope: global, alpha: [1]}]"),
+            "balance.schedule[1].alpha: expected a finite number, got a list");
+  EXPECT_EQ(
+      set_error("[{step: 1, scop: global}]"),
+      "balance.schedule[0].scop: unknown key; a change has step, scope, group_size and alpha");
+  EXPECT_EQ(set_error("[{step: 1}]"),
+            "balance.schedule[0]: a change needs step and scope, e.g. {step: 200, scope: global}");
+  EXPECT_EQ(set_error("[3]"),
+            "balance.schedule[0]: expected a mapping like {step: 200, scope: global}, got '3'");
+  EXPECT_EQ(set_error("{step: 1, scope: global}"),
+            "balance.schedule: expected a list of changes like [{step: 200, scope: global}], got "
+            "'{step: 1, scope: global}'");
+  const std::string in_file = error_of([] {
+    Config::from_yaml_string("balance:\n  schedule:\n    - {step: 1, scope: global, alpha: x}\n",
+                             "configs/s.yaml");
+  });
+  EXPECT_NE(in_file.find("configs/s.yaml:3:5: balance.schedule[0].alpha: expected a finite "
+                         "number, got 'x'"),
+            std::string::npos)
+      << in_file;
+
+  const auto problem = [](const std::string& schedule, std::vector<std::string> more = {}) {
+    Config cfg;
+    cfg.apply_overrides({"train.steps=10", "balance.schedule=" + schedule});
+    cfg.apply_overrides(more);
+    return error_of([&] { cfg.validate_for_world(2); });
+  };
+  const auto has = [](const std::string& msg, const std::string& part) {
+    return msg.find(part) != std::string::npos;
+  };
+  EXPECT_TRUE(has(problem("[{step: 0, scope: global}]"),
+                  "balance.schedule[0].step (0) must be in [1, train.steps (10))"));
+  EXPECT_TRUE(has(problem("[{step: 10, scope: global}]"),
+                  "balance.schedule[0].step (10) must be in [1, train.steps (10))"));
+  EXPECT_TRUE(
+      has(problem("[{step: 5, scope: micro}, {step: 5, scope: global}]"),
+          "balance.schedule[1].step (5) must be greater than balance.schedule[0].step (5)"));
+  EXPECT_TRUE(
+      has(problem("[{step: 5, scope: globl}]"),
+          "balance.schedule[0].scope (globl) must be one of micro, sequence, global, group"));
+  EXPECT_TRUE(has(problem("[{step: 5, scope: global, group_size: 2}]"),
+                  "balance.schedule[0].group_size (2) only applies to scope group, but "
+                  "balance.schedule[0].scope is global"));
+  EXPECT_TRUE(has(problem("[{step: 5, scope: group, group_size: -1}]"),
+                  "balance.schedule[0].group_size (-1) must be >= 0"));
+  EXPECT_TRUE(has(problem("[{step: 5, scope: group, group_size: 4}]"),
+                  "balance.schedule[0].group_size (4) must divide the world size (2)"));
+  EXPECT_TRUE(has(problem("[{step: 5, scope: global, alpha: -0.5}]"),
+                  "balance.schedule[0].alpha (-0.5) must be >= 0"));
+  EXPECT_TRUE(has(problem("[{step: 5, scope: micro}]", {"balance.micro_alpha=0.0001"}),
+                  "balance.schedule[0].scope (micro) cannot keep balance.micro_alpha (0.0001)"));
+  Config ok;
+  ok.apply_overrides(
+      {"train.steps=10", "balance.schedule=[{step: 5, scope: group, group_size: 2}]"});
+  EXPECT_NO_THROW(ok.validate_for_world(2));
+  EXPECT_NO_THROW(ok.validate_for_world(4));
+}
+
 // What used to pass silently as the defaults: a directory, an empty file, a second document.
 TEST(Config, ConfigFilesThatHoldNoConfigAreErrors) {
   const auto dir =
@@ -468,7 +570,7 @@ TEST(Config, EveryRepositoryConfigLoadsAndValidates) {
     expect_same_values(cfg, Config::from_yaml_string(cfg.to_yaml()));
   }
   for (const char* name :
-       {"default.yaml", "micro.yaml", "global.yaml", "tiny.yaml", "paper-gpu.yaml"}) {
+       {"default.yaml", "micro.yaml", "global.yaml", "fine.yaml", "tiny.yaml", "paper-gpu.yaml"}) {
     EXPECT_TRUE(names.count(name)) << "configs/" << name << " is missing";
   }
 }
@@ -485,6 +587,29 @@ TEST(Config, MicroAndGlobalConfigsDifferOnlyInScopeAndRunDir) {
     }
   }
   EXPECT_NE(micro.train.run_dir, global.train.run_dir);
+}
+
+// fine.yaml: the coarse global.yaml with fine-grained experts and one shared expert, at the same
+// active expert parameters per token and the same token budget (every other setting equal).
+TEST(Config, FineConfigMatchesTheCoarseActiveParametersAndTokenBudget) {
+  const auto dir = std::string(GBMOE_SOURCE_DIR) + "/configs/";
+  const Config coarse = Config::from_yaml_file(dir + "global.yaml");
+  const Config fine = Config::from_yaml_file(dir + "fine.yaml");
+  const auto active = [](const ModelConfig& m) {  // SwiGLU weights of the experts a token uses
+    return 3 * m.dim * m.expert_hidden * (m.top_k + m.shared_experts);
+  };
+  EXPECT_EQ(active(fine.model), active(coarse.model));
+  EXPECT_EQ(fine.model.shared_experts, 1);
+  EXPECT_GE(fine.model.num_experts, 32);
+  EXPECT_LE(fine.model.num_experts, 64);
+  EXPECT_GE(fine.model.top_k, 4);
+  EXPECT_LE(fine.model.top_k, 8);
+  const std::set<std::string> expert_shape = {"model.num_experts", "model.top_k",
+                                              "model.expert_hidden", "model.shared_experts",
+                                              "train.run_dir"};
+  for (const auto& key : Config::keys()) {
+    if (!expert_shape.count(key)) EXPECT_EQ(fine.get(key), coarse.get(key)) << key;
+  }
 }
 
 }  // namespace

@@ -362,6 +362,88 @@ TEST_F(TrainerTest, EveryDocumentedBalanceSettingStartsATinyRun) {
   }
 }
 
+// The value of "key" in each training line of a run's metrics.jsonl, as written, by step.
+std::map<int64_t, std::string> metric_by_step(const std::string& run_dir, const std::string& key) {
+  std::map<int64_t, std::string> out;
+  std::ifstream in(fs::path(run_dir) / "metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    const auto at = line.find("\"" + key + "\":");
+    if (line.find("\"eval\"") != std::string::npos || at == std::string::npos) continue;
+    const auto begin = at + key.size() + 3;
+    out[std::stoll(line.substr(line.find(':') + 1))] =
+        line.substr(begin, line.find_first_of(",}", begin) - begin);
+  }
+  return out;
+}
+
+// balance.schedule micro -> group g=1 with alpha 0.05 after step 2 -> global after step 4 trains
+// exactly what a run stopped at each change and resumed with the next settings trains (the
+// group phase cuts its balance group itself), the switch changes training from that step on,
+// metrics.jsonl names the settings of every step, and a resume at, between or after the changes
+// equals the uninterrupted run.
+TEST_F(TrainerTest, BalanceScheduleSwitchesAtItsStepsAndResumesAcrossThem) {
+  auto configure = [&](const std::string& run) {
+    auto c = tiny(run);
+    c.balance.scope = "micro";
+    c.train.eval_every = 6;
+    c.train.checkpoint_every = 6;
+    return c;
+  };
+  auto scheduled = [&](const std::string& run) {
+    auto c = configure(run);
+    c.apply_override(
+        "balance.schedule=[{step: 2, scope: group, group_size: 1, alpha: 0.05}, "
+        "{step: 4, scope: global}]");
+    return c;
+  };
+  const auto whole_config = scheduled("schedule_whole");
+  const auto whole = train(whole_config, *world_);
+  auto manual = configure("schedule_manual");
+  const auto a = train(manual, *world_, /*stop_after=*/2);
+  manual.train.resume = "auto";
+  manual.balance.scope = "group";
+  manual.balance.group_size = 1;
+  manual.balance.alpha = 0.05;
+  const auto b = train(manual, groups_for(manual, mpi_size()), /*stop_after=*/4);
+  manual.balance.scope = "global";
+  manual.balance.group_size = 0;
+  const auto c = train(manual, *world_);
+  std::vector<double> pieces = a.losses;
+  pieces.insert(pieces.end(), b.losses.begin(), b.losses.end());
+  pieces.insert(pieces.end(), c.losses.begin(), c.losses.end());
+  EXPECT_EQ(pieces, whole.losses);
+  EXPECT_EQ(c.eval.loss, whole.eval.loss);
+  const auto micro = train(configure("schedule_none"), *world_);
+  if (world_->world->rank() == 0) {
+    const auto balance = metric_by_step(whole_config.train.run_dir, "balance");
+    EXPECT_EQ(balance, metric_by_step(manual.train.run_dir, "balance"));
+    const auto micro_balance = metric_by_step(micro.run_dir, "balance");
+    for (int64_t step : {1, 2}) EXPECT_EQ(balance.at(step), micro_balance.at(step)) << step;
+    EXPECT_NE(balance.at(3), micro_balance.at(3));  // the group loss from step 3 on
+    const std::string dir = whole_config.train.run_dir;
+    const std::map<int64_t, std::string> scopes = {{1, "\"micro\""},  {2, "\"micro\""},
+                                                   {3, "\"group\""},  {4, "\"group\""},
+                                                   {5, "\"global\""}, {6, "\"global\""}};
+    EXPECT_EQ(metric_by_step(dir, "balance_scope"), scopes);
+    const std::map<int64_t, std::string> groups = {{1, "0"}, {2, "0"}, {3, "1"},
+                                                   {4, "1"}, {5, "0"}, {6, "0"}};
+    EXPECT_EQ(metric_by_step(dir, "balance_group_size"), groups);
+    const std::map<int64_t, std::string> alphas = {{1, "0.01"}, {2, "0.01"}, {3, "0.05"},
+                                                   {4, "0.05"}, {5, "0.05"}, {6, "0.05"}};
+    EXPECT_EQ(metric_by_step(dir, "balance_alpha"), alphas);
+  }
+  for (int64_t stop : {2, 3, 5}) {
+    auto staged = scheduled("schedule_stop" + std::to_string(stop));
+    train(staged, *world_, stop);
+    staged.train.resume = "auto";
+    const auto second = train(staged, *world_);
+    EXPECT_EQ(second.first_step, stop);
+    EXPECT_EQ(second.losses, std::vector<double>(whole.losses.begin() + stop, whole.losses.end()))
+        << "stopped after step " << stop;
+    EXPECT_EQ(second.eval.loss, whole.eval.loss) << "stopped after step " << stop;
+  }
+}
+
 // Lines of metrics.jsonl: (training steps, evaluations) per step.
 std::map<int64_t, std::pair<int, int>> metrics_by_step(const std::string& run_dir) {
   std::map<int64_t, std::pair<int, int>> out;

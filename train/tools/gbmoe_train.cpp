@@ -1,5 +1,9 @@
 // gbmoe-train: trains a MoE language model from an experiment config, on one process or under
 // mpirun. Example: mpirun -np 2 gbmoe-train --config configs/default.yaml --set train.steps=50
+// --set values keep their commas (model.moe_layers=1,3, balance.schedule=[{...}, {...}]):
+// cxxopts would split the values of a list option at ','. This file is the only user of
+// cxxopts in gbmoe-train.
+#define CXXOPTS_VECTOR_DELIMITER '\0'
 #include <cxxopts.hpp>
 
 #include <cstdio>
