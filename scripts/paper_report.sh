@@ -12,12 +12,13 @@
 #   --seeds N        seeds 1..N of every run (default 3)
 #   --steps S        optimizer steps of every run (default 400); the schedules switch after S/2
 #   --skip LABEL     leave out the runs labelled LABEL (repeatable): micro group1 global
-#                    loss_free quantile micro_then_global global_then_micro
+#                    loss_free quantile shuffle micro_then_global global_then_micro
 #   --set K=V        a setting for every run (repeatable)
 #   --val-batches N, --fresh, --no-build, --runs DIR, --reports DIR: as compare_balance.sh
 # Run labels and settings (loss-free and quantile balance the global batch's counts):
 #   micro=CONFIG,balance.scope=micro   group1=...,balance.scope=group,balance.group_size=1
 #   global   loss_free=...,balance.method=loss_free   quantile=...,balance.method=quantile
+#   shuffle=...,balance.scope=shuffle (coarse only: the Shuffle ablation, paper Table 2)
 #   micro_then_global=micro,balance.schedule=[{step: S/2, scope: global}], global_then_micro
 # Example: scripts/paper_report.sh                                  # the whole report
 #          scripts/paper_report.sh --steps 20 --skip quantile --runs /tmp/r --reports /tmp/r
@@ -64,6 +65,7 @@ kept() {  # the run specs on stdin whose label is not skipped
 }
 mapfile -t coarse < <({
   runs_of configs/micro.yaml configs/global.yaml
+  echo "shuffle=configs/global.yaml,balance.scope=shuffle"
   echo "micro_then_global=configs/micro.yaml,balance.schedule=[{step: $half, scope: global}]"
   echo "global_then_micro=configs/global.yaml,balance.schedule=[{step: $half, scope: micro}]"
 } | kept)
@@ -100,7 +102,8 @@ seed by seed, with a 95% t-interval over the seeds.
 - [Fine-grained: 32 experts, top-7, 1 shared expert](fine/report.md) (configs/fine.yaml):
   ${fine[*]%%=*}
 
-Loss-free and quantile balancing count the global batch (balance.scope global); the schedules
+Loss-free and quantile balancing count the global batch (balance.scope global); shuffle is the
+global LBL over a random micro-batch-sized subset of each step's global batch; the schedules
 switch after step $half. ${skips[0]:+Left out: ${skips[*]}.}
 EOF
 echo "paper report: $reports_root/paper/README.md ($took s)"
