@@ -2,6 +2,7 @@
 #include "moe/moe_layer.h"
 
 #include "moe/kernels.h"
+#include "moe/profile_region.h"
 
 namespace gbmoe {
 
@@ -72,16 +73,32 @@ torch::Tensor MoELayerImpl::forward(const torch::Tensor& x, const torch::Tensor&
   auto x_TD = x.reshape({-1, D});
   auto mask_T = mask.defined() ? mask.reshape({-1}) : torch::Tensor();
 
-  auto routed = router->forward(x_TD, mask_T);
-  // Under autocast the experts compute in its dtype: cast once, before the rows are copied.
-  auto dispatched = dispatcher_->dispatch(x_TD.to(compute_dtype(x_TD)), routed);
+  RoutingResult routed;
+  {
+    GBMOE_PROFILE_REGION("moe.router");
+    routed = router->forward(x_TD, mask_T);
+  }
+  Dispatched dispatched;
+  {
+    GBMOE_PROFILE_REGION("moe.dispatch");
+    // Under autocast the experts compute in its dtype: cast once, before the rows are copied.
+    dispatched = dispatcher_->dispatch(x_TD.to(compute_dtype(x_TD)), routed);
+  }
   if (routing) {
+    GBMOE_PROFILE_REGION("objective.record");
     routing->record(
         RoutingRecord{routed, lead.vec(), options.num_experts(), dispatched.num_dropped});
   }
-  auto expert_out = experts->forward(dispatched.tokens, dispatched.group_sizes);
-  auto y_TD = dispatcher_->combine(expert_out, dispatched);
-  if (shared) y_TD = y_TD + shared->forward(x_TD);
+  torch::Tensor y_TD;
+  {
+    GBMOE_PROFILE_REGION("moe.experts");
+    auto expert_out = experts->forward(dispatched.tokens, dispatched.group_sizes);
+    y_TD = dispatcher_->combine(expert_out, dispatched);
+  }
+  if (shared) {
+    GBMOE_PROFILE_REGION("moe.shared");
+    y_TD = y_TD + shared->forward(x_TD);
+  }
   if (routing) y_TD = routing->output(y_TD);
   return y_TD.view(x.sizes());
 }

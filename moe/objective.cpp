@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "moe/profile_region.h"
+
 namespace gbmoe {
 
 /// One micro-batch's share of the step's objective: what its backward functions need once the
@@ -265,6 +267,7 @@ c10::intrusive_ptr<TrainingObjective::MicroBatch> TrainingObjective::staged_micr
 const torch::Tensor& TrainingObjective::weight() {
   if (!weight_.defined()) {
     if (tokens_wait_) {
+      GBMOE_PROFILE_REGION("objective.wait_tokens");
       tokens_wait_();
       tokens_wait_ = nullptr;
     }
@@ -387,6 +390,7 @@ void TrainingObjective::resolve(MicroBatch& micro) {
   torch::NoGradGuard no_grad;
   const auto& w = weight();
   if (counts_wait_) {
+    GBMOE_PROFILE_REGION("objective.wait_counts");
     counts_wait_();
     counts_wait_ = nullptr;
   }

@@ -166,6 +166,14 @@ void DataParallel::average_gradients() {
               "average_gradients called between start_gradient_averaging and "
               "finish_gradient_averaging");
   torch::NoGradGuard no_grad;
+  if (data_parallel_->size() == 1) {  // the average is the gradient: no copies through buckets
+    for (auto& bucket : buckets_) {
+      for (auto& p : bucket.params) {
+        if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);  // as flattening would
+      }
+    }
+    return;
+  }
   // One bucket at a time with blocking collectives: MPI's blocking all-reduce is its fastest.
   for (auto& bucket : buckets_) {
     flatten_gradients(bucket);

@@ -625,6 +625,11 @@ std::vector<std::string> problems(const Config& c) {
     out.push_back("train.eval_every (" + n(c.train.eval_every) +
                   ") needs data.val_batches_per_domain >= 1, or set train.eval_every=0");
   }
+  if (c.train.profile_steps > 0 && c.train.profile_start + c.train.profile_steps > c.train.steps) {
+    out.push_back("train.profile_start (" + n(c.train.profile_start) + ") + train.profile_steps (" +
+                  n(c.train.profile_steps) + ") must be <= train.steps (" + n(c.train.steps) +
+                  "); lower train.profile_start or raise train.steps");
+  }
   schedule_problems(c, out);
   return out;
 }

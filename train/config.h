@@ -118,7 +118,10 @@ class ConfigError : public std::invalid_argument {
   X(double, beta1, 0.9, AtLeastBelow(0.0, 1.0), "AdamW beta1")                                     \
   X(double, beta2, 0.95, AtLeastBelow(0.0, 1.0), "AdamW beta2")                                    \
   X(double, eps, 1e-8, Above(0.0), "AdamW epsilon")                                                \
-  X(double, grad_clip, 1.0, AtLeast(0.0), "maximum global gradient norm; 0 = no clipping")
+  X(double, grad_clip, 1.0, AtLeast(0.0), "maximum global gradient norm; 0 = no clipping")        \
+  X(bool, fused, true, AnyValue(),                                                                 \
+    "AdamW in LibTorch's fused kernel (one pass per tensor); false = torch::optim::AdamW's "      \
+    "op-by-op step, the reference (the two agree to fp32 rounding)")
 
 #define GBMOE_TRAIN_FIELDS(X)                                                                      \
   X(int64_t, steps, 300, AtLeast(1), "optimizer steps")                                            \
@@ -147,6 +150,11 @@ class ConfigError : public std::invalid_argument {
   X(bool, activation_checkpointing, false, AnyValue(),                                             \
     "recompute each block's activations in the backward pass to save memory")                      \
   X(int64_t, threads, 1, Between(1, 1024), "intra-op CPU threads per rank")                        \
+  X(int64_t, profile_steps, 0, AtLeast(0),                                                         \
+    "profile this many steps from train.profile_start on: where the time goes, by region, into "   \
+    "train.run_dir/profile/rank<r>.txt, and a Chrome trace beside it; 0 = off")                  \
+  X(int64_t, profile_start, 5, AtLeast(0),                                                         \
+    "steps done before the first profiled one (warm-up left out of train.profile_steps)")         \
   X(int64_t, cpu_buffer_cache_mib, 2048, AtLeast(0),                                               \
     "MiB of freed CPU buffers (2 MiB and more, on huge pages) each rank keeps for reuse; "         \
     "0 = off (glibc malloc)")                                                                  \

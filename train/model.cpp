@@ -4,6 +4,8 @@
 #include <cmath>
 
 #include "moe/checkpoint.h"
+#include "moe/profile_region.h"
+#include "train/model_kernels_cpu.h"
 
 namespace gbmoe {
 
@@ -60,6 +62,8 @@ RMSNormImpl::RMSNormImpl(int64_t dim_, double eps_) : dim(dim_), eps(eps_) { res
 void RMSNormImpl::reset() { weight = register_parameter("weight", torch::ones({dim})); }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+  GBMOE_PROFILE_REGION("norm");
+  if (rms_norm_cpu_applies(x, weight)) return rms_norm_cpu(x, weight, eps);
   // At least fp32 (bf16 activations are normalized in fp32; fp64 stays fp64).
   const auto dtype = x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
   auto xf = x.to(dtype);
@@ -95,13 +99,19 @@ void AttentionImpl::reset() {
 
 namespace {
 
+// cos and sin (S, Dh/2) of the angles pos * theta^(-2i/Dh) of gbmoe's rotary embedding.
+std::pair<torch::Tensor, torch::Tensor> rope_tables(int64_t S, int64_t Dh, double theta,
+                                                    const torch::Device& device) {
+  auto opts = torch::TensorOptions().dtype(torch::kFloat).device(device);
+  auto inv_freq = torch::pow(theta, -torch::arange(0, Dh, 2, opts) / static_cast<double>(Dh));
+  auto angles = torch::outer(torch::arange(S, opts), inv_freq);  // (S, Dh/2)
+  return {angles.cos(), angles.sin()};
+}
+
 // Rotates pairs (x[2i], x[2i+1]) of each head by angle pos * theta^(-2i/Dh). x: (B, H, S, Dh).
 torch::Tensor apply_rope(const torch::Tensor& x, double theta) {
   const int64_t S = x.size(2), Dh = x.size(3);
-  auto opts = torch::TensorOptions().dtype(torch::kFloat).device(x.device());
-  auto inv_freq = torch::pow(theta, -torch::arange(0, Dh, 2, opts) / static_cast<double>(Dh));
-  auto angles = torch::outer(torch::arange(S, opts), inv_freq);  // (S, Dh/2)
-  auto cos = angles.cos(), sin = angles.sin();
+  const auto [cos, sin] = rope_tables(S, Dh, theta, x.device());
   auto xf = x.to(torch::kFloat).unflatten(-1, {Dh / 2, 2});
   auto x0 = xf.select(-1, 0), x1 = xf.select(-1, 1);
   auto rotated = torch::stack({x0 * cos - x1 * sin, x0 * sin + x1 * cos}, -1).flatten(-2);
@@ -151,11 +161,30 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x) {
     auto y = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
     return out->forward(y.transpose(1, 2).reshape({B, S, num_heads * Dh}));
   }
-  auto qkv_BS3HD = qkv->forward(x).view({B, S, 3, num_heads, Dh});
-  auto q = apply_rope(qkv_BS3HD.select(2, 0).transpose(1, 2), rope_theta);
-  auto k = apply_rope(qkv_BS3HD.select(2, 1).transpose(1, 2), rope_theta);
-  auto v = qkv_BS3HD.select(2, 2).transpose(1, 2);
-  auto y = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+  torch::Tensor qkv_BS3HD, q, k, v, y;
+  {
+    GBMOE_PROFILE_REGION("attention.qkv");
+    qkv_BS3HD = qkv->forward(x).view({B, S, 3, num_heads, Dh});
+  }
+  {
+    GBMOE_PROFILE_REGION("attention.rope");
+    if (qkv_heads_cpu_applies(qkv_BS3HD)) {  // the fused pass; the reference below
+      if (!rope_cos_.defined() || rope_cos_.size(0) != S) {
+        std::tie(rope_cos_, rope_sin_) = rope_tables(S, Dh, rope_theta, x.device());
+      }
+      auto heads = qkv_heads_rope_cpu(qkv_BS3HD, rope_cos_, rope_sin_);
+      q = heads[0], k = heads[1], v = heads[2];
+    } else {
+      q = apply_rope(qkv_BS3HD.select(2, 0).transpose(1, 2), rope_theta);
+      k = apply_rope(qkv_BS3HD.select(2, 1).transpose(1, 2), rope_theta);
+      v = qkv_BS3HD.select(2, 2).transpose(1, 2);
+    }
+  }
+  {
+    GBMOE_PROFILE_REGION("attention.sdpa");
+    y = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+  }
+  GBMOE_PROFILE_REGION("attention.out");
   return out->forward(y.transpose(1, 2).reshape({B, S, dim}));
 }
 
@@ -177,9 +206,23 @@ void BlockImpl::reset() {
 
 torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& mask,
                                  RoutingContext* routing) {
-  auto h = x + attn->forward(attn_norm->forward(x));
+  GBMOE_PROFILE_REGION("block");  // the residual adds; the rest has regions of its own
+  torch::Tensor a;
+  {
+    GBMOE_PROFILE_REGION("attention");
+    a = attn->forward(attn_norm->forward(x));
+  }
+  auto h = x + a;
   auto n = ffn_norm->forward(h);
-  return h + (is_moe ? moe->forward(n, mask, routing) : dense->forward(n));
+  torch::Tensor f;
+  if (is_moe) {
+    GBMOE_PROFILE_REGION("moe");
+    f = moe->forward(n, mask, routing);
+  } else {
+    GBMOE_PROFILE_REGION("dense");
+    f = dense->forward(n);
+  }
+  return h + f;
 }
 
 LanguageModelImpl::LanguageModelImpl(LanguageModelOptions options_) : options(std::move(options_)) {
@@ -232,7 +275,11 @@ void LanguageModelImpl::reset_parameters() {
 torch::Tensor LanguageModelImpl::forward(const torch::Tensor& tokens, const torch::Tensor& mask,
                                          RoutingContext* routing) {
   TORCH_CHECK(tokens.dim() == 2, "tokens must be (B, S), got ", tokens.sizes());
-  auto x = embed->forward(tokens);
+  torch::Tensor x;
+  {
+    GBMOE_PROFILE_REGION("embed");
+    x = embed->forward(tokens);
+  }
   const bool recompute =
       options.activation_checkpointing() && is_training() && torch::GradMode::is_enabled();
   for (const auto& module : *blocks) {
@@ -246,6 +293,7 @@ torch::Tensor LanguageModelImpl::forward(const torch::Tensor& tokens, const torc
                    x, routing);
   }
   x = final_norm->forward(x);
+  GBMOE_PROFILE_REGION("head");
   auto logits = head ? head->forward(x) : torch::nn::functional::linear(x, embed->weight);
   // fp32 logits under autocast; an fp64 model (tests) keeps fp64.
   return logits.scalar_type() == torch::kDouble ? logits : logits.to(torch::kFloat);

@@ -93,6 +93,9 @@ class AttentionImpl : public torch::nn::Cloneable<AttentionImpl> {
   torch::nn::Linear qkv{nullptr};            // D -> (H + 2G) Dh
   torch::nn::Linear out{nullptr};            // H Dh -> D
   RMSNorm q_norm{nullptr}, k_norm{nullptr};  // Qwen3MoE: (Dh,) each; OLMoE: (H Dh,), (G Dh,)
+
+ private:
+  torch::Tensor rope_cos_, rope_sin_;  // (S, Dh / 2) of the last sequence length (fused path)
 };
 TORCH_MODULE(Attention);
 

@@ -22,8 +22,10 @@
 #include "parallel/runtime.h"
 #include "train/analysis.h"
 #include "train/checkpoint.h"
+#include "train/fused_adamw.h"
 #include "train/hf_model.h"
 #include "train/json.h"
+#include "train/profile.h"
 #include "train/routing_monitor.h"
 #include "train/run_control.h"
 #include "train/run_dir.h"
@@ -167,10 +169,15 @@ StepLosses forward_backward(LanguageModel& model, TrainingObjective& objective,
       AutocastScope autocast(autocast_bf16);
       auto logits = model->forward(b.inputs.to(device), b.mask.to(device), &routing);
       // Padding targets are -100 (ignored): the sum runs over exactly the valid tokens.
+      GBMOE_PROFILE_REGION("cross_entropy");
       task = torch::nn::functional::cross_entropy(logits.flatten(0, 1),
                                                   b.targets.to(device).flatten(), ce_sum);
     }
-    if (hooks.after_forward) hooks.after_forward(static_cast<int64_t>(m), b, routing);
+    if (hooks.after_forward) {
+      GBMOE_PROFILE_REGION("routing_monitor");
+      hooks.after_forward(static_cast<int64_t>(m), b, routing);
+    }
+    GBMOE_PROFILE_REGION("objective.backward");  // the terms and the engine's own work
     objective.micro_batch_backward(routing, task);
   }
   StepLosses out;
@@ -350,7 +357,11 @@ void Trainer::build_optimizer() {
       decay, std::make_unique<torch::optim::AdamWOptions>(adamw.weight_decay(o.weight_decay)));
   param_groups.emplace_back(no_decay,
                             std::make_unique<torch::optim::AdamWOptions>(adamw.weight_decay(0.0)));
-  optimizer_ = std::make_unique<torch::optim::AdamW>(param_groups, adamw);
+  if (o.fused) {
+    optimizer_ = std::make_unique<FusedAdamW>(param_groups, adamw);
+  } else {
+    optimizer_ = std::make_unique<torch::optim::AdamW>(param_groups, adamw);
+  }
 }
 
 int64_t Trainer::resume() {
@@ -434,13 +445,17 @@ void Trainer::save_on_stop() {
 
 bool Trainer::train_step(int64_t step, int64_t stop_after) {
   auto t0 = std::chrono::steady_clock::now();
+  GBMOE_PROFILE_REGION("step");  // what no region below holds: the trainer's own work
   const double lr = learning_rate(config_.optim, step, config_.train.steps);
   for (auto& group : optimizer_->param_groups()) {
     static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
   }
   optimizer_->zero_grad();
   std::vector<Batch> micro(config_.data.grad_accum);
-  for (auto& b : micro) b = sampler_->next_batch();
+  {
+    GBMOE_PROFILE_REGION("data");
+    for (auto& b : micro) b = sampler_->next_batch();
+  }
   MicroBatchHooks hooks;
   hooks.before_forward = [&](int64_t m, const Batch& b) {
     monitor_->before_forward(step + 1, m, b);
@@ -454,14 +469,21 @@ bool Trainer::train_step(int64_t step, int64_t stop_after) {
   auto flags = torch::tensor(
       {losses.finite ? 0.0 : 1.0, stop_requested() ? 1.0 : 0.0, stop_after_here ? 1.0 : 0.0},
       torch::kDouble);
-  world_.all_reduce(flags, ReduceOp::Max);
+  {
+    GBMOE_PROFILE_REGION("step_flags.all_reduce");
+    world_.all_reduce(flags, ReduceOp::Max);
+  }
   if (flags[1].item<double>() != 0.0) request_stop();  // a signal to one rank: save_on_stop on all
   // A step whose loss or gradient norm is not finite is never applied.
   bool apply = nonfinite_->accept_loss(step + 1, flags[0].item<double>() == 0.0,
                                        losses.finite ? "on another rank" : losses.bad_term);
   double grad_norm = std::numeric_limits<double>::quiet_NaN();
   if (apply) {
-    dp_->average_gradients();
+    {
+      GBMOE_PROFILE_REGION("gradients.all_reduce");
+      dp_->average_gradients();
+    }
+    GBMOE_PROFILE_REGION("gradients.clip");
     // With clipping off the call only measures the norm (an unreachable bound).
     const double clip = config_.optim.grad_clip > 0 ? config_.optim.grad_clip : 1e30;
     grad_norm = expert_parallel_ ? clip_grad_norm(*model_, clip, *groups_.expert_parallel)
@@ -471,12 +493,19 @@ bool Trainer::train_step(int64_t step, int64_t stop_after) {
   std::vector<LayerStepStats> layers;
   {
     std::lock_guard<std::mutex> changing(state_mutex_);  // not while save_on_stop copies the state
-    if (apply) optimizer_->step();
+    if (apply) {
+      GBMOE_PROFILE_REGION("optimizer");
+      optimizer_->step();
+    }
+    GBMOE_PROFILE_REGION("objective.end_step");
     layers = objective_->end_step();  // updates the router biases (loss-free balancing)
     completed_step_ = step + 1;
     completed_sampler_ = sampler_->state();
   }
-  record_step(step + 1, lr, grad_norm, losses, layers, seconds_since(t0));
+  {
+    GBMOE_PROFILE_REGION("metrics");
+    record_step(step + 1, lr, grad_norm, losses, layers, seconds_since(t0));
+  }
   return flags[1].item<double>() == 0.0 && flags[2].item<double>() == 0.0;
 }
 
@@ -586,9 +615,17 @@ TrainSummary Trainer::run(int64_t stop_after) {
        model_->moe_layers().size(), " MoE layers x ", config_.model.num_experts, " experts (top-",
        config_.model.top_k, "), scope ", config_.balance.scope, ", ", train_data_->num_tokens(),
        " training tokens in ", domains_.size(), " domains");
+  StepProfiler profiler(config_.train.run_dir + "/profile", world_.rank(),
+                        config_.train.profile_start, config_.train.profile_steps);
   for (int64_t step = start_step; step < config_.train.steps; ++step) {
     use_balance_for(step);
+    profiler.before_step(step);
     const bool go_on = train_step(step, stop_after);
+    if (profiler.after_step(step)) {
+      log0("profile of steps ", config_.train.profile_start + 1, "-", step + 1,
+           " (rank 0): ", config_.train.run_dir, "/profile/rank0.txt\n",
+           StepProfiler::format(profiler.summary()));
+    }
     const int64_t done = step + 1;
     log_progress(done);
     evaluate_now(done);

@@ -8,6 +8,7 @@
 #include <random>
 #include <sstream>
 
+#include "moe/kernels.h"
 #include "parallel/balance_sync.h"
 #include "parallel/expert_parallel.h"
 #include "parallel/runtime.h"
@@ -561,6 +562,51 @@ TEST_F(TrainerTest, CheckpointEveryZeroWritesOnlyWhenStopped) {
   EXPECT_EQ(list_checkpoints(config.train.run_dir).size(), 1u);
 }
 
+// train.profile_steps writes each rank's table of where the steps' time went, by region, with
+// the backward of each region beside its forward, and a Chrome trace; profiling leaves the
+// training as it was.
+TEST_F(TrainerTest, ProfiledStepsWriteWhereTheTimeWentAndTrainTheSame) {
+  auto plain = tiny("unprofiled");
+  const auto expected = train(plain, *world_).losses;
+  auto config = tiny("profiled");
+  config.train.profile_start = 2;
+  config.train.profile_steps = 3;
+  EXPECT_EQ(train(config, *world_).losses, expected);
+  const auto dir = fs::path(config.train.run_dir) / "profile";
+  const auto r = std::to_string(world_->world->rank());
+  const std::string table = slurp(dir / ("rank" + r + ".txt"));
+  EXPECT_NE(table.find("profile of 3 steps"), std::string::npos) << table;
+  for (const char* region :
+       {"moe.experts", "moe.experts (backward)", "moe.router", "head", "head (backward)",
+        "attention.sdpa (backward)", "norm (backward)", "attention.rope (backward)",
+        "cross_entropy", "optimizer", "gradients.clip", "data"}) {
+    EXPECT_NE(table.find("\n" + std::string(region) + " "), std::string::npos) << region;
+  }
+  EXPECT_NE(table.find("\nBalanceTieFunction (backward) "), std::string::npos) << table;
+  const std::string trace = slurp(dir / ("rank" + r + ".trace.json"));
+  EXPECT_NE(trace.find("gbmoe::attention.sdpa"), std::string::npos);
+}
+
+// The fused CPU passes (norms, rotary q/k/v heads, AdamW) train as the plain LibTorch reference
+// does: identical first step, then within fp32 rounding.
+TEST_F(TrainerTest, FusedKernelsAndOptimizerTrainAsTheReference) {
+  auto fused = tiny("fused");
+  fused.train.steps = 4;
+  const auto with_fused = train(fused, *world_).losses;
+  auto reference = tiny("reference");
+  reference.train.steps = 4;
+  reference.optim.fused = false;
+  const auto saved = kernel_mode();
+  set_kernel_mode(KernelMode::Reference);
+  const auto with_reference = train(reference, *world_).losses;
+  set_kernel_mode(saved);
+  ASSERT_EQ(with_fused.size(), with_reference.size());
+  EXPECT_NEAR(with_fused[0], with_reference[0], 1e-6 * std::abs(with_reference[0]));
+  for (size_t i = 0; i < with_fused.size(); ++i) {
+    EXPECT_NEAR(with_fused[i], with_reference[i], 1e-4 * std::abs(with_reference[i])) << i;
+  }
+}
+
 TEST_F(TrainerTest, BadSettingsNameTheSettingAndValue) {
   auto config = tiny("bad");
   config.data.dir = (root_ / "no-such-corpus").string();
@@ -571,6 +617,13 @@ TEST_F(TrainerTest, BadSettingsNameTheSettingAndValue) {
   config = tiny("bad");
   config.train.resume = (root_ / "nowhere").string();
   expect_throw_with([&] { train(config, *world_); }, "train.resume (");
+  config = tiny("bad");
+  config.train.profile_start = config.train.steps;
+  config.train.profile_steps = 1;
+  expect_throw_with([&] { config.validate(); },
+                    "train.profile_start (" + std::to_string(config.train.steps) +
+                        ") + train.profile_steps (1) must be <= train.steps (" +
+                        std::to_string(config.train.steps) + ")");
 }
 
 // Routing traces of every rank (with and without expert parallelism) hold exactly the selections

@@ -1,0 +1,215 @@
+// The fused fp32 CPU passes of the model (RMSNorm, q/k/v heads with the rotary embedding) against
+// the plain LibTorch reference in model.cpp (kernel mode Reference), over shapes and strides,
+// through the modules; and FusedAdamW against torch::optim::AdamW, including a state handed from
+// one to the other.
+#include "train/model_kernels_cpu.h"
+
+#include <gtest/gtest.h>
+
+#include "moe/kernels.h"
+#include "train/fused_adamw.h"
+#include "train/model.h"
+
+namespace gbmoe {
+namespace {
+
+class ModeGuard {
+ public:
+  explicit ModeGuard(KernelMode m) : saved_(kernel_mode()) { set_kernel_mode(m); }
+  ~ModeGuard() { set_kernel_mode(saved_); }
+
+ private:
+  KernelMode saved_;
+};
+
+// max |a - b| <= tol max(1, |b|_max), with a message naming what differs.
+void expect_close(const torch::Tensor& a, const torch::Tensor& b, double tol,
+                  const std::string& what) {
+  ASSERT_TRUE(a.defined() && b.defined()) << what;
+  ASSERT_EQ(a.sizes(), b.sizes()) << what;
+  const double scale = std::max(1.0, b.abs().max().item<double>());
+  EXPECT_LE((a - b).abs().max().item<double>(), tol * scale) << what;
+}
+
+struct NormRun {
+  torch::Tensor y, dx, dw;
+};
+
+NormRun run_norm(KernelMode mode, RMSNorm& norm, const torch::Tensor& x, const torch::Tensor& g) {
+  ModeGuard guard(mode);
+  auto xv = x.detach().requires_grad_();  // x's own strides
+  norm->zero_grad();
+  auto y = norm->forward(xv);
+  (y * g).sum().backward();
+  return {y.detach(), xv.grad().clone(), norm->weight.grad().clone()};
+}
+
+TEST(ModelKernelsCpu, RMSNormMatchesTheReference) {
+  torch::manual_seed(0);
+  for (auto shape : std::vector<std::vector<int64_t>>{{512, 128}, {3, 5, 7}, {2, 9, 33}, {1, 1}}) {
+    RMSNorm norm(shape.back(), 1e-5);
+    {
+      torch::NoGradGuard no_grad;
+      norm->weight.uniform_(0.5, 1.5);
+    }
+    auto x = torch::randn(shape) * 3;
+    auto g = torch::randn(shape);
+    ASSERT_TRUE(rms_norm_cpu_applies(x, norm->weight));
+    const auto ref = run_norm(KernelMode::Reference, norm, x, g);
+    const auto fused = run_norm(KernelMode::Fused, norm, x, g);
+    const std::string at = "shape " + c10::str(torch::IntArrayRef(shape));
+    expect_close(fused.y, ref.y, 2e-6, "y, " + at);
+    expect_close(fused.dx, ref.dx, 2e-6, "dx, " + at);
+    expect_close(fused.dw, ref.dw, 2e-5, "dweight, " + at);  // a sum over up to 512 rows
+  }
+}
+
+TEST(ModelKernelsCpu, RMSNormTakesStridedRowsAndLeavesOtherDtypesToTheReference) {
+  torch::manual_seed(1);
+  RMSNorm norm(16, 1e-6);
+  auto x = torch::randn({16, 10}).transpose(0, 1);  // (10, 16), column stride 10: not unit
+  EXPECT_FALSE(rms_norm_cpu_applies(x, norm->weight));
+  auto rows = torch::randn({10, 40}).narrow(1, 3, 16);  // rows of stride 40, unit in D
+  auto g = torch::randn({10, 16});
+  ASSERT_TRUE(rms_norm_cpu_applies(rows, norm->weight));
+  const auto ref = run_norm(KernelMode::Reference, norm, rows, g);
+  const auto fused = run_norm(KernelMode::Fused, norm, rows, g);
+  expect_close(fused.y, ref.y, 2e-6, "y of strided rows");
+  expect_close(fused.dx, ref.dx, 2e-6, "dx of strided rows");
+  EXPECT_FALSE(rms_norm_cpu_applies(rows.to(torch::kDouble), norm->weight));
+  EXPECT_FALSE(rms_norm_cpu_applies(rows.to(torch::kBFloat16), norm->weight));
+  ModeGuard reference(KernelMode::Reference);
+  EXPECT_FALSE(rms_norm_cpu_applies(rows, norm->weight));
+}
+
+struct AttentionRun {
+  torch::Tensor y, dx, dqkv, dout;
+};
+
+AttentionRun run_attention(KernelMode mode, Attention& attn, const torch::Tensor& x,
+                           const torch::Tensor& g) {
+  ModeGuard guard(mode);
+  attn->zero_grad();
+  auto xr = x.detach().clone().requires_grad_();
+  auto y = attn->forward(xr);
+  (y * g).sum().backward();
+  return {y.detach(), xr.grad().clone(), attn->qkv->weight.grad().clone(),
+          attn->out->weight.grad().clone()};
+}
+
+TEST(ModelKernelsCpu, AttentionWithFusedHeadsAndRopeMatchesTheReference) {
+  torch::manual_seed(2);
+  for (auto [B, S, D, H] : std::vector<std::array<int64_t, 4>>{{4, 128, 128, 4}, {2, 7, 24, 3}}) {
+    auto options = LanguageModelOptions(16, D, 1, H);
+    Attention attn(options);
+    auto x = torch::randn({B, S, D});
+    auto g = torch::randn({B, S, D});
+    const auto ref = run_attention(KernelMode::Reference, attn, x, g);
+    const auto fused = run_attention(KernelMode::Fused, attn, x, g);
+    const std::string at = "B " + std::to_string(B) + " S " + std::to_string(S);
+    expect_close(fused.y, ref.y, 1e-6, "y, " + at);
+    expect_close(fused.dx, ref.dx, 1e-6, "dx, " + at);
+    expect_close(fused.dqkv, ref.dqkv, 1e-6, "dqkv weight, " + at);
+    expect_close(fused.dout, ref.dout, 1e-6, "dout weight, " + at);
+  }
+}
+
+// The rotation itself, exactly as the reference's ops compute it (same products, same order),
+// from a strided qkv; only q's output feeds the loss, so k's and v's gradients are zero.
+TEST(ModelKernelsCpu, QkvHeadsRopeIsTheReferenceRotationAndGradient) {
+  torch::manual_seed(3);
+  const int64_t B = 2, S = 5, H = 3, Dh = 6, P = Dh / 2;
+  auto base = torch::randn({B, S, 3, H, Dh + 2});
+  auto angles = torch::rand({S, P}) * 6;
+  auto cos = angles.cos(), sin = angles.sin();
+  auto qkv = base.narrow(4, 1, Dh).detach().requires_grad_();  // stride 8 per head
+  ASSERT_TRUE(qkv_heads_cpu_applies(qkv));
+  auto heads = qkv_heads_rope_cpu(qkv, cos, sin);
+  auto x = qkv.detach().unflatten(-1, {P, 2});  // (B, S, 3, H, P, 2)
+  auto c = cos.view({1, S, 1, P}), s = sin.view({1, S, 1, P});
+  for (int64_t part = 0; part < 2; ++part) {
+    auto x0 = x.select(2, part).select(-1, 0), x1 = x.select(2, part).select(-1, 1);  // (B,S,H,P)
+    auto want = torch::stack({x0 * c - x1 * s, x0 * s + x1 * c}, -1).flatten(-2).transpose(1, 2);
+    EXPECT_TRUE(torch::equal(heads[part], want)) << "part " << part;
+    EXPECT_TRUE(heads[part].is_contiguous());
+  }
+  EXPECT_TRUE(torch::equal(heads[2], qkv.detach().select(2, 2).transpose(1, 2)));
+  auto g = torch::randn({B, H, S, Dh});
+  (heads[0] * g).sum().backward();
+  auto g_BSHP2 = g.transpose(1, 2).unflatten(-1, {P, 2});
+  auto g0 = g_BSHP2.select(-1, 0), g1 = g_BSHP2.select(-1, 1);
+  auto want_dq = torch::stack({g0 * c + g1 * s, g1 * c - g0 * s}, -1).flatten(-2);
+  EXPECT_TRUE(torch::equal(qkv.grad().select(2, 0), want_dq));
+  EXPECT_EQ(qkv.grad().select(2, 1).abs().max().item<float>(), 0.f);
+  EXPECT_EQ(qkv.grad().select(2, 2).abs().max().item<float>(), 0.f);
+}
+
+TEST(ModelKernelsCpu, QkvHeadsRopeRefusesTablesOfTheWrongShape) {
+  auto qkv = torch::randn({1, 4, 3, 2, 8});
+  auto wrong = torch::ones({4, 3});
+  try {
+    qkv_heads_rope_cpu(qkv, wrong, wrong);
+    ADD_FAILURE() << "no error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("(4, 4)"), std::string::npos) << e.what();
+  }
+}
+
+// Parameters of two groups (with and without weight decay), gradients given per step.
+std::vector<torch::Tensor> adam_params() {
+  torch::manual_seed(4);
+  return {torch::randn({64, 32}), torch::randn({32}), torch::randn({7, 3, 5})};
+}
+
+std::vector<torch::optim::OptimizerParamGroup> adam_groups(std::vector<torch::Tensor>& p) {
+  auto o = torch::optim::AdamWOptions(3e-3).betas({0.9, 0.95}).eps(1e-8);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(std::vector<torch::Tensor>{p[0], p[2]},
+                      std::make_unique<torch::optim::AdamWOptions>(o.weight_decay(0.1)));
+  groups.emplace_back(std::vector<torch::Tensor>{p[1]},
+                      std::make_unique<torch::optim::AdamWOptions>(o.weight_decay(0.0)));
+  return groups;
+}
+
+void take_steps(torch::optim::AdamW& opt, std::vector<torch::Tensor>& p, int64_t first, int64_t n) {
+  for (int64_t step = first; step < first + n; ++step) {
+    torch::manual_seed(100 + step);
+    for (auto& t : p) t.mutable_grad() = torch::randn_like(t) * (step % 3 + 0.5);
+    opt.step();
+  }
+}
+
+TEST(FusedAdamW, StepsAsAdamWDoesAndSharesItsState) {
+  auto ref_p = adam_params(), fused_p = adam_params();
+  torch::optim::AdamW ref(adam_groups(ref_p));
+  FusedAdamW fused(adam_groups(fused_p));
+  take_steps(ref, ref_p, 0, 12);
+  take_steps(fused, fused_p, 0, 12);
+  for (size_t i = 0; i < ref_p.size(); ++i) {
+    expect_close(fused_p[i], ref_p[i], 1e-6, "parameter " + std::to_string(i));
+  }
+  EXPECT_GT((fused_p[0] - adam_params()[0]).abs().max().item<double>(), 1e-3);  // it moved
+  // The fused state (step counts, moments) loads into the reference optimizer and on.
+  std::stringstream saved;
+  {
+    torch::serialize::OutputArchive archive;
+    fused.save(archive);
+    archive.save_to(saved);
+  }
+  auto handed = fused_p;
+  for (auto& t : handed) t = t.detach().clone();
+  torch::optim::AdamW continued(adam_groups(handed));
+  {
+    torch::serialize::InputArchive archive;
+    archive.load_from(saved);
+    continued.load(archive);
+  }
+  take_steps(continued, handed, 12, 5);
+  take_steps(ref, ref_p, 12, 5);
+  for (size_t i = 0; i < ref_p.size(); ++i) {
+    expect_close(handed[i], ref_p[i], 1e-6, "after hand-over, parameter " + std::to_string(i));
+  }
+}
+
+}  // namespace
+}  // namespace gbmoe
