@@ -3,6 +3,7 @@
 
 #include "moe/kernels.h"
 #include "moe/recompute.h"
+#include "moe/router_cpu.h"
 
 namespace gbmoe {
 
@@ -184,9 +185,11 @@ RoutingResult RouterImpl::forward(const torch::Tensor& x, const torch::Tensor& m
   RoutedScores routed;
   if (replay_mode_ == RoutingReplayMode::Off) {
     const auto* kernels = gate_dtype == torch::kFloat ? fused_kernels(r.logits) : nullptr;
-    routed = (kernels ? kernels->route : route_logits_reference)(
-        r.logits, expert_bias.to(r.logits.device()), r.valid, options.top_k(),
-        options.score_function(), options.renormalize());
+    const auto route = kernels                              ? kernels->route
+                       : route_logits_cpu_applies(r.logits) ? route_logits_cpu
+                                                            : route_logits_reference;
+    routed = route(r.logits, expert_bias.to(r.logits.device()), r.valid, options.top_k(),
+                   options.score_function(), options.renormalize());
   } else {
     routed = replayed(r.logits, r.valid);
   }
