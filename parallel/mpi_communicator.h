@@ -43,13 +43,8 @@ class MpiCommunicator : public Communicator {
  public:
   /// The tag of sum_one_round_async's messages (no other point-to-point traffic uses it).
   static constexpr int kOneRoundSumTag = 0x6b6d;
-  /// sum_one_round_async makes passes of MPI progress to send its buffer before it returns: at
-  /// least this many, and for a buffer of at most kOneRoundSumEagerBytes (Open MPI's shared-memory
-  /// eager limit: such a send needs no receiver) on until sent or kOneRoundSumPushSeconds of wall
-  /// time have passed (a descheduled rank on an oversubscribed machine makes its passes late).
+  /// Passes of MPI progress sum_one_round_async makes to send its buffer before it returns.
   static constexpr int kOneRoundSumPushPasses = 1000;
-  static constexpr double kOneRoundSumPushSeconds = 0.05;
-  static constexpr int64_t kOneRoundSumEagerBytes = 4096;
   /// Wraps comm. With take_ownership the communicator is freed (MPI_Comm_free) on
   /// destruction, unless MPI is already finalized.
   explicit MpiCommunicator(MPI_Comm comm, bool take_ownership = false);

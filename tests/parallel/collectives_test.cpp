@@ -109,6 +109,9 @@ TEST(Collectives, OneRoundSumEqualsTheAllReduceInOrderOfPosting) {
 
 // What the balance counts rely on: a rank's wait needs the others only to have posted their
 // sum. The last rank posts, then stays out of MPI for 3 s; the others' waits return long before.
+// Timed only when every rank has a core of its own: on an oversubscribed machine the sleeping
+// rank's sends may not have left when its push passes end (seen once at 4 ranks on 2 cores
+// under ctest -j2).
 TEST(Collectives, OneRoundSumCompletesWhileAnotherRankComputes) {
   auto world = test_world();
   const int R = world->size();
@@ -122,7 +125,8 @@ TEST(Collectives, OneRoundSumCompletesWhileAnotherRankComputes) {
   const double waited =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   EXPECT_TRUE(torch::equal(x, torch::full({40}, R * (R + 1) / 2.0, torch::kDouble)));
-  if (world->rank() < R - 1) EXPECT_LT(waited, 2.0) << "rank " << world->rank();
+  const bool own_cores = R <= static_cast<int>(std::thread::hardware_concurrency());
+  if (own_cores && world->rank() < R - 1) EXPECT_LT(waited, 2.0) << "rank " << world->rank();
   world->barrier();
 }
 
