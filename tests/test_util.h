@@ -1,4 +1,4 @@
-// Helpers shared by the tests: exception-message checks and gradient comparison.
+// Helpers shared by the tests: exception-message checks, gradient comparison, kernel mode.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -9,7 +9,21 @@
 #include <sstream>
 #include <string>
 
+#include "moe/kernels.h"
+
 namespace gbmoe {
+
+/// Sets the kernel mode (moe/kernels.h) for a scope and restores the one before.
+class KernelModeGuard {
+ public:
+  explicit KernelModeGuard(KernelMode mode) : saved_(kernel_mode()) { set_kernel_mode(mode); }
+  ~KernelModeGuard() { set_kernel_mode(saved_); }
+  KernelModeGuard(const KernelModeGuard&) = delete;
+  KernelModeGuard& operator=(const KernelModeGuard&) = delete;
+
+ private:
+  KernelMode saved_;
+};
 
 /// The bytes of a file ("" when it cannot be read).
 inline std::string slurp(const std::filesystem::path& p) {

@@ -51,7 +51,7 @@ std::vector<ProfileSummary::Row> sorted_rows(const std::map<std::string, double>
   std::vector<ProfileSummary::Row> rows;
   for (const auto& [name, s] : seconds) rows.push_back({name, s});
   std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) {
-    return a.seconds != b.seconds ? a.seconds > b.seconds : a.region < b.region;
+    return a.seconds != b.seconds ? a.seconds > b.seconds : a.name < b.name;
   });
   return rows;
 }
@@ -168,7 +168,7 @@ std::string StepProfiler::format(const ProfileSummary& s) {
     o << std::left << std::setw(48) << title << std::right << std::setw(12) << "ms/step"
       << std::setw(9) << "share\n";
     for (size_t i = 0; i < rows.size() && i < most; ++i) {
-      o << std::left << std::setw(48) << rows[i].region << std::right << std::setw(12)
+      o << std::left << std::setw(48) << rows[i].name << std::right << std::setw(12)
         << 1e3 * rows[i].seconds / s.steps << std::setw(7) << 100 * rows[i].seconds / charged
         << " %\n";
     }

@@ -17,7 +17,7 @@ namespace gbmoe {
 /// Time per region of the profiled steps, from the events of one thread.
 struct ProfileSummary {
   struct Row {
-    std::string region;  // "attention.sdpa", "attention.sdpa (backward)", "optimizer", ...
+    std::string name;    // a region ("attention.sdpa (backward)", "optimizer") or an op name
     double seconds = 0;  // self time charged to it, summed over the profiled steps
   };
   std::vector<Row> regions;  // largest first

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include "moe/kernels.h"
+#include "tests/test_util.h"
 
 namespace gbmoe {
 namespace {
@@ -63,12 +64,10 @@ TEST(RouterCpu, TheRouterModuleRoutesAsTheReferenceMode) {
   auto x = torch::randn({40, 32});
   auto mask = torch::rand({40}) > 0.3;
   auto route = [&](KernelMode mode) {
-    const auto saved = kernel_mode();
-    set_kernel_mode(mode);
+    KernelModeGuard guard(mode);
     router->zero_grad();
     auto r = router->forward(x, mask);
     ((r.weights * torch::arange(80).view({40, 2})).sum() + r.scores.square().sum()).backward();
-    set_kernel_mode(saved);
     return std::make_pair(r, router->weight.grad().clone());
   };
   auto [fused, fused_dw] = route(KernelMode::Fused);
@@ -83,15 +82,12 @@ TEST(RouterCpu, TheRouterModuleRoutesAsTheReferenceMode) {
 TEST(RouterCpu, RefusesWhatItCannotTake) {
   auto logits = torch::randn({4, 3});
   EXPECT_FALSE(route_logits_cpu_applies(logits.to(torch::kDouble)));
-  try {
-    route_logits_cpu(logits, torch::zeros({3}), torch::ones({4}, torch::kBool), 4,
-                     ScoreFunction::Softmax, true);
-    ADD_FAILURE() << "no error";
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("top_k (4) must be in [1, num_experts (3)]"),
-              std::string::npos)
-        << e.what();
-  }
+  expect_throw_with(
+      [&] {
+        route_logits_cpu(logits, torch::zeros({3}), torch::ones({4}, torch::kBool), 4,
+                         ScoreFunction::Softmax, true);
+      },
+      "top_k (4) must be in [1, num_experts (3)]");
 }
 
 }  // namespace

@@ -7,20 +7,12 @@
 #include <gtest/gtest.h>
 
 #include "moe/kernels.h"
+#include "tests/test_util.h"
 #include "train/fused_adamw.h"
 #include "train/model.h"
 
 namespace gbmoe {
 namespace {
-
-class ModeGuard {
- public:
-  explicit ModeGuard(KernelMode m) : saved_(kernel_mode()) { set_kernel_mode(m); }
-  ~ModeGuard() { set_kernel_mode(saved_); }
-
- private:
-  KernelMode saved_;
-};
 
 // max |a - b| <= tol max(1, |b|_max), with a message naming what differs.
 void expect_close(const torch::Tensor& a, const torch::Tensor& b, double tol,
@@ -36,7 +28,7 @@ struct NormRun {
 };
 
 NormRun run_norm(KernelMode mode, RMSNorm& norm, const torch::Tensor& x, const torch::Tensor& g) {
-  ModeGuard guard(mode);
+  KernelModeGuard guard(mode);
   auto xv = x.detach().requires_grad_();  // x's own strides
   norm->zero_grad();
   auto y = norm->forward(xv);
@@ -78,7 +70,7 @@ TEST(ModelKernelsCpu, RMSNormTakesStridedRowsAndLeavesOtherDtypesToTheReference)
   expect_close(fused.dx, ref.dx, 2e-6, "dx of strided rows");
   EXPECT_FALSE(rms_norm_cpu_applies(rows.to(torch::kDouble), norm->weight));
   EXPECT_FALSE(rms_norm_cpu_applies(rows.to(torch::kBFloat16), norm->weight));
-  ModeGuard reference(KernelMode::Reference);
+  KernelModeGuard reference(KernelMode::Reference);
   EXPECT_FALSE(rms_norm_cpu_applies(rows, norm->weight));
 }
 
@@ -88,7 +80,7 @@ struct AttentionRun {
 
 AttentionRun run_attention(KernelMode mode, Attention& attn, const torch::Tensor& x,
                            const torch::Tensor& g) {
-  ModeGuard guard(mode);
+  KernelModeGuard guard(mode);
   attn->zero_grad();
   auto xr = x.detach().clone().requires_grad_();
   auto y = attn->forward(xr);
@@ -147,12 +139,7 @@ TEST(ModelKernelsCpu, QkvHeadsRopeIsTheReferenceRotationAndGradient) {
 TEST(ModelKernelsCpu, QkvHeadsRopeRefusesTablesOfTheWrongShape) {
   auto qkv = torch::randn({1, 4, 3, 2, 8});
   auto wrong = torch::ones({4, 3});
-  try {
-    qkv_heads_rope_cpu(qkv, wrong, wrong);
-    ADD_FAILURE() << "no error";
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("(4, 4)"), std::string::npos) << e.what();
-  }
+  expect_throw_with([&] { qkv_heads_rope_cpu(qkv, wrong, wrong); }, "(4, 4)");
 }
 
 // Parameters of two groups (with and without weight decay), gradients given per step.

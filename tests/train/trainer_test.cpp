@@ -596,10 +596,11 @@ TEST_F(TrainerTest, FusedKernelsAndOptimizerTrainAsTheReference) {
   auto reference = tiny("reference");
   reference.train.steps = 4;
   reference.optim.fused = false;
-  const auto saved = kernel_mode();
-  set_kernel_mode(KernelMode::Reference);
-  const auto with_reference = train(reference, *world_).losses;
-  set_kernel_mode(saved);
+  std::vector<double> with_reference;
+  {
+    KernelModeGuard plain(KernelMode::Reference);
+    with_reference = train(reference, *world_).losses;
+  }
   ASSERT_EQ(with_fused.size(), with_reference.size());
   EXPECT_NEAR(with_fused[0], with_reference[0], 1e-6 * std::abs(with_reference[0]));
   for (size_t i = 0; i < with_fused.size(); ++i) {
