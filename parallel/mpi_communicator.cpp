@@ -2,6 +2,7 @@
 // fp32.
 #include "parallel/mpi_communicator.h"
 
+#include "parallel/node_shared_sum.h"
 #include "parallel/runtime.h"
 
 #include <climits>
@@ -34,7 +35,8 @@ bool mpi_finalized() {
   return finalized != 0;
 }
 
-// The request of one non-blocking MPI collective and what must outlive it.
+// The requests of one non-blocking MPI operation (none for a node-shared sum, whose finish
+// collects it) and what must outlive them.
 class MpiWork : public Work {
  public:
   MpiWork(std::vector<MPI_Request> requests, torch::Tensor result,
@@ -59,7 +61,7 @@ class MpiWork : public Work {
   void wait() override {
     if (done_) return;
     done_ = true;
-    {
+    if (!requests_.empty()) {
       CollectiveWatch watch("MPI_Waitall (a non-blocking all-reduce or all-to-all)", 0);
       GBMOE_MPI_CHECK(
           MPI_Waitall(static_cast<int>(requests_.size()), requests_.data(), MPI_STATUSES_IGNORE));
@@ -131,6 +133,7 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm, bool take_ownership)
 }
 
 MpiCommunicator::~MpiCommunicator() {
+  shared_sums_.reset();  // its window goes before the communicator (unless a Work still holds it)
   if (owned_ && !mpi_finalized()) MPI_Comm_free(&comm_);
 }
 
@@ -230,10 +233,38 @@ std::shared_ptr<Work> MpiCommunicator::all_reduce_async(const torch::Tensor& t, 
                                    [t, buffer, op, size] { finish_reduce(t, buffer, op, size); });
 }
 
-// One round of messages: every rank's buffer goes to every other rank, and each adds the R rows
-// in rank order, so every rank holds the same sum.
+void MpiCommunicator::use_node_shared_sums(bool allowed) {
+  TORCH_CHECK(!shared_sums_set_up_ || allowed == static_cast<bool>(shared_sums_),
+              "use_node_shared_sums(", allowed, ") after the first sum_one_round_async, which ",
+              shared_sums_ ? "set up" : "did not use", " node shared memory");
+  shared_sums_allowed_ = allowed;
+}
+
+// Every rank's buffer reaches every other rank, and each adds the R rows in rank order, so
+// every rank holds the same sum.
 std::shared_ptr<Work> MpiCommunicator::sum_one_round_async(const torch::Tensor& t) {
   check_cpu(t, "sum_one_round_async");
+  if (!shared_sums_set_up_) {
+    if (size_ > 1 && shared_sums_allowed_) {
+      shared_sums_ = detail::NodeSharedSum::create(comm_, rank_, size_);
+    }
+    shared_sums_set_up_ = true;
+  }
+  const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
+  if (!shared_sums_ || !shared_sums_->fits(bytes)) return sum_by_messages(t);
+  auto rows = torch::empty({size_, t.numel()}, t.options());
+  rows[rank_].copy_(t.reshape(-1));
+  const int64_t number = shared_sums_->post(rows, bytes);
+  // No request: the wait collects the peers' rows from shared memory and adds them.
+  return std::make_shared<MpiWork>(std::vector<MPI_Request>{}, t,
+                                   std::vector<torch::Tensor>{t, rows}, nullptr,
+                                   [area = shared_sums_, number, t, rows] {
+                                     area->collect(number);
+                                     t.copy_(rows.sum(0).view(t.sizes()));
+                                   });
+}
+
+std::shared_ptr<Work> MpiCommunicator::sum_by_messages(const torch::Tensor& t) {
   const int count = checked_count(t.numel(), "sum_one_round_async");
   const auto type = mpi_datatype(t.scalar_type());
   auto rows = torch::empty({size_, t.numel()}, t.options());

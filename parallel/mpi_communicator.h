@@ -3,6 +3,7 @@
 
 #include <mpi.h>
 
+#include <memory>
 #include <string>
 
 #include "parallel/communicator.h"
@@ -10,6 +11,7 @@
 namespace gbmoe {
 namespace detail {
 [[noreturn]] void throw_mpi_error(int code, const char* expr, const char* file, int line);
+class NodeSharedSum;
 }  // namespace detail
 
 /// Throws std::runtime_error with the file, line, call and MPI_Error_string when an MPI call
@@ -59,11 +61,22 @@ class MpiCommunicator : public Communicator {
   void all_reduce(const torch::Tensor& t, ReduceOp op = ReduceOp::Sum) override;
   std::shared_ptr<Work> all_reduce_async(const torch::Tensor& t,
                                          ReduceOp op = ReduceOp::Sum) override;
-  /// Point-to-point messages (MPI_Isend / MPI_Irecv, tag kOneRoundSumTag): small buffers travel
-  /// eagerly (Open MPI's shared-memory eager limit is btl_vader_eager_limit, 4 KiB), so a wait
-  /// needs the other ranks only to have started their sum, not to be inside MPI at the time:
-  /// MPI_Iallreduce (libnbc) takes its later rounds only while every rank calls into MPI.
+  /// When every rank of the group is on one node: through an MPI-3 shared-memory window
+  /// (detail::NodeSharedSum, buffers up to 32 KiB), so that neither posting nor waiting makes an
+  /// MPI call. An MPI call in the middle of a step is not free: with more ranks than cores Open
+  /// MPI yields the core in every call (mpi_yield_when_idle). Otherwise, and for larger
+  /// buffers, point-to-point messages (MPI_Isend / MPI_Irecv, tag kOneRoundSumTag): small
+  /// buffers travel eagerly (btl_vader_eager_limit, 4 KiB), so a wait needs the other ranks
+  /// only to have started their sum, not to be inside MPI at the time, as MPI_Iallreduce
+  /// (libnbc) would. Both add the rows in rank order and give the same bits. The first call
+  /// sets up the window (collective); GBMOE_NODE_SHARED_SUM=0 (read on rank 0) or
+  /// use_node_shared_sums(false) before it keeps to messages.
   std::shared_ptr<Work> sum_one_round_async(const torch::Tensor& t) override;
+  /// Whether sum_one_round_async may use node shared memory; every rank must pass the same
+  /// value before the first sum. Default true.
+  void use_node_shared_sums(bool allowed);
+  /// Whether the sums so far went through node shared memory (false before the first).
+  bool uses_node_shared_sums() const { return shared_sums_ != nullptr; }
   torch::Tensor all_gather(const torch::Tensor& t) override;
   torch::Tensor all_to_all(const torch::Tensor& input, const std::vector<int64_t>& send_splits,
                            const std::vector<int64_t>& recv_splits) override;
@@ -76,10 +89,15 @@ class MpiCommunicator : public Communicator {
   MPI_Comm comm() const { return comm_; }
 
  private:
+  std::shared_ptr<Work> sum_by_messages(const torch::Tensor& t);
+
   MPI_Comm comm_;
   bool owned_;
   int rank_ = 0;
   int size_ = 1;
+  bool shared_sums_allowed_ = true;
+  bool shared_sums_set_up_ = false;
+  std::shared_ptr<detail::NodeSharedSum> shared_sums_;  // null: messages
 };
 
 }  // namespace gbmoe

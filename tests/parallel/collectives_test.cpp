@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cmath>
 #include <thread>
 
 #include "parallel/mpi_communicator.h"
@@ -107,26 +108,87 @@ TEST(Collectives, OneRoundSumEqualsTheAllReduceInOrderOfPosting) {
   }
 }
 
+// A new MpiCommunicator over a duplicate of MPI_COMM_WORLD, with or without node shared sums.
+std::shared_ptr<MpiCommunicator> world_copy(bool shared_sums) {
+  MPI_Comm comm;
+  GBMOE_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &comm));
+  auto world = std::make_shared<MpiCommunicator>(comm, /*take_ownership=*/true);
+  world->use_node_shared_sums(shared_sums);
+  return world;
+}
+
 // What the balance counts rely on: a rank's wait needs the others only to have posted their
 // sum. The last rank posts, then stays out of MPI for 3 s; the others' waits return long before.
-// Timed only when every rank has a core of its own: on an oversubscribed machine the sleeping
-// rank's sends may not have left when its push passes end (seen once at 4 ranks on 2 cores
-// under ctest -j2).
+// Through node shared memory this holds on any machine. By messages it is timed only when every
+// rank has a core of its own: on an oversubscribed machine the sleeping rank's sends may not
+// have left when its push passes end (seen once at 4 ranks on 2 cores under ctest -j2).
 TEST(Collectives, OneRoundSumCompletesWhileAnotherRankComputes) {
-  auto world = test_world();
-  const int R = world->size();
+  const int R = test_world()->size();
   if (R == 1) GTEST_SKIP() << "needs two ranks";
-  auto x = torch::full({40}, world->rank() + 1.0, torch::kDouble);
-  world->barrier();
-  const auto start = std::chrono::steady_clock::now();
-  auto work = world->sum_one_round_async(x);
-  if (world->rank() == R - 1) std::this_thread::sleep_for(std::chrono::seconds(3));
-  work->wait();
-  const double waited =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  EXPECT_TRUE(torch::equal(x, torch::full({40}, R * (R + 1) / 2.0, torch::kDouble)));
-  const bool own_cores = R <= static_cast<int>(std::thread::hardware_concurrency());
-  if (own_cores && world->rank() < R - 1) EXPECT_LT(waited, 2.0) << "rank " << world->rank();
+  for (bool shared : {true, false}) {
+    auto world = world_copy(shared);
+    auto x = torch::full({40}, world->rank() + 1.0, torch::kDouble);
+    world->barrier();
+    const auto start = std::chrono::steady_clock::now();
+    auto work = world->sum_one_round_async(x);
+    if (world->rank() == R - 1) std::this_thread::sleep_for(std::chrono::seconds(3));
+    work->wait();
+    const double waited =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    EXPECT_EQ(world->uses_node_shared_sums(), shared);  // the test job runs on one node
+    EXPECT_TRUE(torch::equal(x, torch::full({40}, R * (R + 1) / 2.0, torch::kDouble)));
+    const bool own_cores = R <= static_cast<int>(std::thread::hardware_concurrency());
+    if ((shared || own_cores) && world->rank() < R - 1) {
+      EXPECT_LT(waited, 2.0) << "rank " << world->rank() << (shared ? ", shared memory" : "");
+    }
+    world->barrier();
+  }
+}
+
+// Rank r's i-th buffer: values whose sum depends on the order of addition in fp32 and fp64.
+torch::Tensor uneven_contribution(int r, int i, int64_t n, torch::ScalarType dtype) {
+  torch::manual_seed(1000 * i + r);
+  return (torch::randn({n}, torch::kDouble) * std::pow(10.0, r % 3 * 4)).to(dtype);
+}
+
+// Both paths add the rows in rank order: the same bits, for more sums in flight than the shared
+// memory has slots, waited newest first, buffers up to a full slot, and larger ones (which go
+// by messages) among them.
+TEST(Collectives, OneRoundSumThroughSharedMemoryEqualsTheMessages) {
+  const int R = test_world()->size();
+  auto shared = world_copy(true), messages = world_copy(false);
+  const int64_t slot_doubles = 32 << 10 >> 3;  // NodeSharedSum::kSlotBytes of doubles
+  const std::vector<int64_t> sizes = {1, 3, 40, 257, slot_doubles, slot_doubles + 1};
+  for (auto dtype : {torch::kDouble, torch::kFloat}) {
+    std::vector<torch::Tensor> a, b;
+    std::vector<std::shared_ptr<Work>> works;
+    const int n_sums = 3 * 16 + 5;  // three times NodeSharedSum::kSlots, and some
+    for (int i = 0; i < n_sums; ++i) {
+      const int64_t n = sizes[i % sizes.size()];
+      a.push_back(uneven_contribution(shared->rank(), i, n, dtype));
+      b.push_back(a.back().clone());
+      works.push_back(shared->sum_one_round_async(a.back()));
+      messages->sum_one_round_async(b.back())->wait();
+    }
+    for (int i = n_sums - 1; i >= 0; --i) works[i]->wait();
+    for (int i = 0; i < n_sums; ++i) {
+      EXPECT_TRUE(torch::equal(a[i], b[i])) << dtype << " sum " << i;
+      auto expected = torch::zeros_like(a[i]);
+      for (int r = 0; r < R; ++r) expected += uneven_contribution(r, i, a[i].numel(), dtype);
+      EXPECT_TRUE(torch::equal(a[i], expected)) << dtype << " sum " << i << " in rank order";
+    }
+  }
+  EXPECT_EQ(shared->uses_node_shared_sums(), R > 1);
+  EXPECT_FALSE(messages->uses_node_shared_sums());
+}
+
+TEST(Collectives, OneRoundSumNamesAPeerThatPostedAnotherSize) {
+  const int R = test_world()->size();
+  if (R == 1) GTEST_SKIP() << "needs two ranks";
+  auto world = world_copy(true);
+  auto x = torch::ones({world->rank() == 0 ? 4 : 5}, torch::kDouble);
+  expect_throw_with([&] { world->sum_one_round_async(x)->wait(); },
+                    "every rank must sum buffers of the same shape and dtype");
   world->barrier();
 }
 
