@@ -1,7 +1,9 @@
 // Communication benchmark, run under mpirun: latency of a small all-reduce (E = 64 floats, the
 // size of one layer's expert counts), time and bus bandwidth of a 16 MiB all-reduce, and bus
 // bandwidth of DataParallel's bucketed gradient averaging. Rank 0 prints one line per figure.
-//   mpirun -np 4 build/gbmoe_bench_comm
+// Large all-reduces of ranks on one node go through node shared memory; GBMOE_NODE_SHARED_MEMORY=0
+// measures Open MPI's MPI_Allreduce instead.
+//   mpirun -np 4 build/parallel/gbmoe_bench_comm
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -11,6 +13,7 @@
 #include <vector>
 
 #include "parallel/data_parallel.h"
+#include "parallel/mpi_communicator.h"
 #include "parallel/process_groups.h"
 #include "parallel/runtime.h"
 
@@ -55,19 +58,22 @@ int run() {
   std::string version(library);
   version = version.substr(0, version.find(','));
   gbmoe::log0("bench_comm: ", R, " ranks, backend ", world.backend(), " (", version,
-              ", MPI_Allreduce, coll/tuned algorithm choice), torch threads ",
-              torch::get_num_threads());
+              "), torch threads ", torch::get_num_threads());
 
   auto counts = torch::ones({64});
   const double t_small = median_seconds(world, 200, 2000, [&] { world.all_reduce(counts); });
-  gbmoe::log0("all_reduce 64 x fp32 (256 B): ", t_small * 1e6, " us (median of 2000)");
+  gbmoe::log0("all_reduce 64 x fp32 (256 B, MPI_Allreduce): ", t_small * 1e6,
+              " us (median of 2000)");
 
   const int64_t bucket_bytes = int64_t{16} << 20;
   auto bucket = torch::ones({bucket_bytes / 4});
   const double t_bucket =
       median_seconds(world, 3, 20, [&] { world.all_reduce(bucket, ReduceOp::Avg); });
-  gbmoe::log0("all_reduce 16 MiB fp32 bucket (avg): ", t_bucket * 1e3, " ms, busbw ",
-              bus_bandwidth_gbs(bucket_bytes, t_bucket, R), " GB/s");
+  const auto* mpi = dynamic_cast<const gbmoe::MpiCommunicator*>(&world);
+  const bool shared = mpi && mpi->uses_node_shared_all_reduce();
+  gbmoe::log0("all_reduce 16 MiB fp32 bucket (avg, ",
+              shared ? "node shared memory" : "MPI_Allreduce, coll/tuned", "): ", t_bucket * 1e3,
+              " ms, busbw ", bus_bandwidth_gbs(bucket_bytes, t_bucket, R), " GB/s");
 
   // A model with 8 x (1024 x 1024 + 1024) fp32 parameters: 32 MiB of gradients, 2 buckets.
   torch::nn::Sequential model;

@@ -2,7 +2,7 @@
 // fp32.
 #include "parallel/mpi_communicator.h"
 
-#include "parallel/node_shared_sum.h"
+#include "parallel/node_shared_memory.h"
 #include "parallel/runtime.h"
 
 #include <climits>
@@ -133,7 +133,9 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm, bool take_ownership)
 }
 
 MpiCommunicator::~MpiCommunicator() {
-  shared_sums_.reset();  // its window goes before the communicator (unless a Work still holds it)
+  // The windows go before the communicator (unless a Work still holds the sums').
+  shared_sums_.reset();
+  shared_all_reduce_.reset();
   if (owned_ && !mpi_finalized()) MPI_Comm_free(&comm_);
 }
 
@@ -215,6 +217,19 @@ AllToAllPlan plan_all_to_all(const torch::Tensor& input, const std::vector<int64
 // while the non-blocking ones go through libnbc, which is slower for large buffers.
 void MpiCommunicator::all_reduce(const torch::Tensor& t, ReduceOp op) {
   auto plan = plan_reduce(t, op);
+  if (size_ > 1 && plan.op != MPI_LOR && detail::NodeSharedAllReduce::handles(plan.buffer)) {
+    if (!shared_all_reduce_set_up_) {
+      if (shared_memory_allowed_) {
+        shared_all_reduce_ = detail::NodeSharedAllReduce::create(comm_, rank_, size_);
+      }
+      shared_all_reduce_set_up_ = true;
+    }
+    if (shared_all_reduce_) {
+      shared_all_reduce_->all_reduce(plan.buffer, /*take_max=*/op == ReduceOp::Max);
+      finish_reduce(t, plan.buffer, op, size_);
+      return;
+    }
+  }
   CollectiveWatch watch("MPI_Allreduce", size_);
   GBMOE_MPI_CHECK(
       MPI_Allreduce(MPI_IN_PLACE, plan.buffer.data_ptr(), plan.count, plan.type, plan.op, comm_));
@@ -233,11 +248,11 @@ std::shared_ptr<Work> MpiCommunicator::all_reduce_async(const torch::Tensor& t, 
                                    [t, buffer, op, size] { finish_reduce(t, buffer, op, size); });
 }
 
-void MpiCommunicator::use_node_shared_sums(bool allowed) {
-  TORCH_CHECK(!shared_sums_set_up_ || allowed == static_cast<bool>(shared_sums_),
-              "use_node_shared_sums(", allowed, ") after the first sum_one_round_async, which ",
-              shared_sums_ ? "set up" : "did not use", " node shared memory");
-  shared_sums_allowed_ = allowed;
+void MpiCommunicator::use_node_shared_memory(bool allowed) {
+  TORCH_CHECK(!shared_sums_set_up_ && !shared_all_reduce_set_up_,
+              "use_node_shared_memory(", allowed, ") after the first sum_one_round_async or ",
+              "large all_reduce: call it before them");
+  shared_memory_allowed_ = allowed;
 }
 
 // Every rank's buffer reaches every other rank, and each adds the R rows in rank order, so
@@ -245,7 +260,7 @@ void MpiCommunicator::use_node_shared_sums(bool allowed) {
 std::shared_ptr<Work> MpiCommunicator::sum_one_round_async(const torch::Tensor& t) {
   check_cpu(t, "sum_one_round_async");
   if (!shared_sums_set_up_) {
-    if (size_ > 1 && shared_sums_allowed_) {
+    if (size_ > 1 && shared_memory_allowed_) {
       shared_sums_ = detail::NodeSharedSum::create(comm_, rank_, size_);
     }
     shared_sums_set_up_ = true;

@@ -108,12 +108,12 @@ TEST(Collectives, OneRoundSumEqualsTheAllReduceInOrderOfPosting) {
   }
 }
 
-// A new MpiCommunicator over a duplicate of MPI_COMM_WORLD, with or without node shared sums.
-std::shared_ptr<MpiCommunicator> world_copy(bool shared_sums) {
+// A new MpiCommunicator over a duplicate of MPI_COMM_WORLD, with or without node shared memory.
+std::shared_ptr<MpiCommunicator> world_copy(bool shared_memory) {
   MPI_Comm comm;
   GBMOE_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &comm));
   auto world = std::make_shared<MpiCommunicator>(comm, /*take_ownership=*/true);
-  world->use_node_shared_sums(shared_sums);
+  world->use_node_shared_memory(shared_memory);
   return world;
 }
 
@@ -180,6 +180,51 @@ TEST(Collectives, OneRoundSumThroughSharedMemoryEqualsTheMessages) {
   }
   EXPECT_EQ(shared->uses_node_shared_sums(), R > 1);
   EXPECT_FALSE(messages->uses_node_shared_sums());
+}
+
+// Large all-reduces through node shared memory: each element added in rank order (the same bits
+// as adding the ranks' buffers by hand in that order), over sizes below the shared-memory
+// minimum, within one chunk, and over several chunks with an uneven last one, strided, in 16-bit
+// floats (reduced in fp32), integers, and max.
+TEST(Collectives, LargeAllReduceThroughSharedMemoryAddsInRankOrder) {
+  const int R = test_world()->size();
+  auto world = world_copy(true), messages = world_copy(false);
+  const int64_t chunk_floats = int64_t{4} << 20 >> 2;  // NodeSharedAllReduce::kSegmentBytes
+  const int64_t min_bytes = int64_t{64} << 10;         // NodeSharedAllReduce::kMinBytes
+  const std::vector<int64_t> sizes = {1000, chunk_floats - 7, 2 * chunk_floats + 4099};
+  for (auto dtype : {torch::kFloat, torch::kDouble, torch::kBFloat16, torch::kLong}) {
+    // Rank r's buffer, as the dtype's values in the dtype the reduction adds them in.
+    const auto reduced_in = dtype == torch::kBFloat16 ? torch::kFloat : dtype;
+    for (int64_t n : sizes) {
+      auto of_rank = [&](int r) {
+        auto x = uneven_contribution(r, static_cast<int>(n % 97), n, torch::kDouble);
+        if (dtype == torch::kLong) x = (x * 1000).round();
+        return x.to(dtype).to(reduced_in);
+      };
+      auto sum = of_rank(0), max = of_rank(0);
+      for (int r = 1; r < R; ++r) {
+        sum += of_rank(r);
+        max = torch::maximum(max, of_rank(r));
+      }
+      for (auto op : {ReduceOp::Sum, ReduceOp::Max}) {
+        auto x = of_rank(world->rank()).to(dtype), y = x.clone();
+        world->all_reduce(x, op);
+        messages->all_reduce(y, op);
+        if (n * c10::elementSize(reduced_in) >= min_bytes) {
+          EXPECT_TRUE(torch::equal(x, (op == ReduceOp::Sum ? sum : max).to(dtype)))
+              << dtype << " n " << n << " " << to_string(op);
+        } else {  // by MPI: its order of addition
+          EXPECT_TRUE(torch::equal(x, y)) << dtype << " n " << n << " " << to_string(op);
+        }
+      }
+    }
+  }
+  auto base = torch::full({1024, 96}, world->rank() + 1.0f);
+  auto strided = base.t();  // 384 KiB, not contiguous
+  world->all_reduce(strided, ReduceOp::Avg);
+  EXPECT_TRUE(torch::equal(base, torch::full({1024, 96}, (R + 1) / 2.0f)));
+  EXPECT_EQ(world->uses_node_shared_all_reduce(), R > 1);
+  EXPECT_FALSE(messages->uses_node_shared_all_reduce());
 }
 
 TEST(Collectives, OneRoundSumNamesAPeerThatPostedAnotherSize) {

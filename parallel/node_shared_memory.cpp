@@ -1,0 +1,261 @@
+// The shared-memory window, the slots of the small sums and the chunked all-reduce, synchronized
+// by sequence and phase numbers.
+#include "parallel/node_shared_memory.h"
+
+#include <sched.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+
+#include "parallel/mpi_communicator.h"
+#include "parallel/runtime.h"
+
+namespace gbmoe {
+namespace detail {
+namespace {
+
+constexpr int64_t kAlign = 64;
+
+int64_t round_up(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
+// Spins briefly, then yields the core, then sleeps (see NodeSharedWindow). A wait that starts at
+// all is a collective wait for the watchdog.
+template <typename Ready>
+void wait_until(const Ready& ready, const char* what, int size) {
+  if (ready()) return;
+  CollectiveWatch watch(what, size);
+  const auto start = std::chrono::steady_clock::now();
+  for (int pass = 0; !ready(); ++pass) {
+    if (pass < 64) continue;
+    if (std::chrono::steady_clock::now() - start < std::chrono::microseconds(200)) {
+      sched_yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
+  }
+}
+
+bool enabled_by_environment() {
+  const char* value = std::getenv("GBMOE_NODE_SHARED_MEMORY");
+  return value == nullptr || std::string(value) != "0";
+}
+
+}  // namespace
+
+std::unique_ptr<NodeSharedWindow> NodeSharedWindow::create(MPI_Comm comm, int rank, int size,
+                                                           int64_t bytes) {
+  // Every rank takes rank 0's choice, and shared memory only if every rank is on its node.
+  int enabled = rank == 0 ? static_cast<int>(enabled_by_environment()) : 0;
+  GBMOE_MPI_CHECK(MPI_Bcast(&enabled, 1, MPI_INT, 0, comm));
+  MPI_Comm node = MPI_COMM_NULL;
+  GBMOE_MPI_CHECK(MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node));
+  int node_size = 0;
+  GBMOE_MPI_CHECK(MPI_Comm_size(node, &node_size));
+  GBMOE_MPI_CHECK(MPI_Comm_free(&node));
+  int use = enabled && node_size == size ? 1 : 0;
+  GBMOE_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &use, 1, MPI_INT, MPI_MIN, comm));
+  if (!use) return nullptr;
+
+  char* own = nullptr;
+  MPI_Win win = MPI_WIN_NULL;
+  GBMOE_MPI_CHECK(
+      MPI_Win_allocate_shared(bytes, 1, MPI_INFO_NULL, comm, static_cast<void*>(&own), &win));
+  std::vector<char*> bases(size);
+  for (int r = 0; r < size; ++r) {
+    MPI_Aint segment = 0;
+    int unit = 0;
+    GBMOE_MPI_CHECK(MPI_Win_shared_query(win, r, &segment, &unit, static_cast<void*>(&bases[r])));
+    TORCH_CHECK(segment >= bytes, "MPI_Win_shared_query gave rank ", r, " a segment of ", segment,
+                " bytes, fewer than the ", bytes, " allocated");
+  }
+  std::memset(own, 0, static_cast<size_t>(bytes));
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  GBMOE_MPI_CHECK(MPI_Win_lock_all(MPI_MODE_NOCHECK, win));
+  GBMOE_MPI_CHECK(MPI_Barrier(comm));  // every segment is zero before any rank uses one
+  return std::unique_ptr<NodeSharedWindow>(
+      new NodeSharedWindow(win, rank, size, std::move(bases)));
+}
+
+NodeSharedWindow::~NodeSharedWindow() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (finalized) return;
+  MPI_Win_unlock_all(win_);
+  MPI_Win_free(&win_);
+}
+
+// ---- NodeSharedSum: per segment, kSlots sequence words, kSlots byte counts, size x kSlots
+// acknowledgements (of each writer's slots, by this reader), then kSlots slots of data.
+
+namespace {
+
+int64_t sum_header_bytes(int size) {
+  return round_up(NodeSharedSum::kSlots * (2 + size) * static_cast<int64_t>(sizeof(int64_t)));
+}
+
+}  // namespace
+
+std::shared_ptr<NodeSharedSum> NodeSharedSum::create(MPI_Comm comm, int rank, int size) {
+  auto window = NodeSharedWindow::create(comm, rank, size,
+                                         sum_header_bytes(size) + kSlots * kSlotBytes);
+  if (!window) return nullptr;
+  return std::shared_ptr<NodeSharedSum>(new NodeSharedSum(std::move(window)));
+}
+
+NodeSharedSum::NodeSharedSum(std::unique_ptr<NodeSharedWindow> window)
+    : window_(std::move(window)),
+      rank_(window_->rank()),
+      size_(window_->size()),
+      pending_(kSlots) {}
+
+std::atomic<int64_t>* NodeSharedSum::sequence(int r, int64_t slot) const {
+  return window_->word(r, slot * 8);
+}
+
+std::atomic<int64_t>* NodeSharedSum::posted_bytes(int r, int64_t slot) const {
+  return window_->word(r, (kSlots + slot) * 8);
+}
+
+// In the reader's segment: the last sum it collected from writer's slot.
+std::atomic<int64_t>* NodeSharedSum::acknowledged(int reader, int writer, int64_t slot) const {
+  return window_->word(reader, (2 * kSlots + writer * kSlots + slot) * 8);
+}
+
+char* NodeSharedSum::data(int r, int64_t slot) const {
+  return window_->segment(r) + sum_header_bytes(size_) + slot * kSlotBytes;
+}
+
+int64_t NodeSharedSum::post(const torch::Tensor& rows_RN, int64_t bytes) {
+  TORCH_CHECK(fits(bytes), "NodeSharedSum::post of ", bytes, " bytes, more than a slot's ",
+              kSlotBytes);
+  TORCH_CHECK(rows_RN.is_contiguous() && rows_RN.dim() == 2 && rows_RN.size(0) == size_ &&
+                  rows_RN.size(1) * rows_RN.element_size() == bytes,
+              "NodeSharedSum::post needs contiguous (", size_, ", n) rows of ", bytes,
+              " bytes each, got shape ", rows_RN.sizes(), " of ", rows_RN.dtype());
+  const int64_t s = next_++;
+  const int64_t slot = s % kSlots;
+  // The slot's previous sum: collect this rank's share first, so that peers waiting in their
+  // own post() for this rank's acknowledgement get it.
+  if (pending_[slot].number != 0) collect(pending_[slot].number);
+  wait_until(
+      [&] {
+        for (int r = 0; r < size_; ++r) {
+          if (r != rank_ &&
+              acknowledged(r, rank_, slot)->load(std::memory_order_acquire) < s - kSlots) {
+            return false;
+          }
+        }
+        return true;
+      },
+      "a node-shared sum (a peer has not collected an earlier one)", size_);
+  const char* own = static_cast<const char*>(rows_RN.data_ptr()) + rank_ * bytes;
+  std::memcpy(data(rank_, slot), own, static_cast<size_t>(bytes));
+  posted_bytes(rank_, slot)->store(bytes, std::memory_order_relaxed);
+  sequence(rank_, slot)->store(s, std::memory_order_release);
+  pending_[slot] = Pending{s, bytes, rows_RN};
+  return s;
+}
+
+void NodeSharedSum::collect(int64_t s) {
+  const int64_t slot = s % kSlots;
+  if (pending_[slot].number != s) return;  // collected already (post() may have done it)
+  const Pending pending = std::move(pending_[slot]);
+  pending_[slot] = Pending();
+  char* rows = static_cast<char*>(pending.rows_RN.data_ptr());
+  for (int j = 0; j < size_; ++j) {
+    if (j == rank_) continue;
+    const auto* published = sequence(j, slot);
+    wait_until([&] { return published->load(std::memory_order_acquire) >= s; },
+               "a node-shared sum (waiting for a peer's counts)", size_);
+    const int64_t posted = posted_bytes(j, slot)->load(std::memory_order_relaxed);
+    TORCH_CHECK(posted == pending.bytes, "sum_one_round_async number ", s, ": rank ", j,
+                " posted ", posted, " bytes and rank ", rank_, " ", pending.bytes,
+                "; every rank must sum buffers of the same shape and dtype");
+    std::memcpy(rows + j * pending.bytes, data(j, slot), static_cast<size_t>(pending.bytes));
+    acknowledged(rank_, j, slot)->store(s, std::memory_order_release);
+  }
+}
+
+// ---- NodeSharedAllReduce: per segment, the phase word, then kSegmentBytes of data.
+
+std::shared_ptr<NodeSharedAllReduce> NodeSharedAllReduce::create(MPI_Comm comm, int rank,
+                                                                 int size) {
+  auto window = NodeSharedWindow::create(comm, rank, size, kAlign + kSegmentBytes);
+  if (!window) return nullptr;
+  return std::shared_ptr<NodeSharedAllReduce>(new NodeSharedAllReduce(std::move(window)));
+}
+
+NodeSharedAllReduce::NodeSharedAllReduce(std::unique_ptr<NodeSharedWindow> window)
+    : window_(std::move(window)), rank_(window_->rank()), size_(window_->size()) {}
+
+bool NodeSharedAllReduce::handles(const torch::Tensor& buffer) {
+  return buffer.is_contiguous() && buffer.numel() * buffer.element_size() >= kMinBytes &&
+         buffer.scalar_type() != torch::kBool &&
+         (torch::isFloatingType(buffer.scalar_type()) ||
+          torch::isIntegralType(buffer.scalar_type(), /*includeBool=*/false));
+}
+
+void NodeSharedAllReduce::advance(bool wait) {
+  window_->word(rank_, 0)->store(++phase_, std::memory_order_release);
+  if (wait) wait_for_peers(phase_, "a node-shared all-reduce (waiting for a peer's chunk)");
+}
+
+void NodeSharedAllReduce::wait_for_peers(int64_t phase, const char* what) {
+  wait_until(
+      [&] {
+        for (int r = 0; r < size_; ++r) {
+          if (window_->word(r, 0)->load(std::memory_order_acquire) < phase) return false;
+        }
+        return true;
+      },
+      what, size_);
+}
+
+torch::Tensor NodeSharedAllReduce::data(int r, int64_t n, torch::ScalarType dtype) const {
+  return torch::from_blob(window_->segment(r) + kAlign, {n}, torch::TensorOptions().dtype(dtype));
+}
+
+void NodeSharedAllReduce::all_reduce(const torch::Tensor& buffer, bool take_max) {
+  TORCH_CHECK(handles(buffer), "NodeSharedAllReduce::all_reduce cannot take a buffer of shape ",
+              buffer.sizes(), " and dtype ", buffer.dtype());
+  const auto dtype = buffer.scalar_type();
+  const int64_t chunk = kSegmentBytes / buffer.element_size();
+  auto flat = buffer.view({-1});
+  for (int64_t offset = 0; offset < flat.numel(); offset += chunk) {
+    const int64_t n = std::min(chunk, flat.numel() - offset);
+    auto x = flat.narrow(0, offset, n);
+    auto share = [&](int j, const torch::Tensor& t) {
+      const int64_t lo = n * j / size_, hi = n * (j + 1) / size_;
+      return t.narrow(0, lo, hi - lo);
+    };
+    // Phase 1: this rank's chunk into its segment, once every peer has read the last one.
+    wait_for_peers(phase_, "a node-shared all-reduce (a peer still reads the last chunk)");
+    auto own = data(rank_, n, dtype);
+    own.copy_(x);
+    advance(/*wait=*/true);
+    // Phase 2: this rank's share over every segment, in rank order.
+    auto out = share(rank_, x);
+    if (out.numel() > 0) {
+      auto first = share(rank_, data(0, n, dtype)), second = share(rank_, data(1, n, dtype));
+      take_max ? torch::maximum_out(out, first, second) : torch::add_out(out, first, second);
+      for (int r = 2; r < size_; ++r) {
+        auto next = share(rank_, data(r, n, dtype));
+        take_max ? torch::maximum_out(out, out, next) : out.add_(next);
+      }
+      share(rank_, own).copy_(out);
+    }
+    advance(/*wait=*/true);
+    // Phase 3: the other shares from their owners.
+    for (int r = 0; r < size_; ++r) {
+      if (r != rank_) share(r, x).copy_(share(r, data(r, n, dtype)));
+    }
+    advance(/*wait=*/false);
+  }
+}
+
+}  // namespace detail
+}  // namespace gbmoe
