@@ -61,8 +61,8 @@ class MpiCommunicator : public Communicator {
 
   /// Large buffers (64 KiB and more, not bool) of a group on one node go through an MPI-3
   /// shared-memory window in 4 MiB chunks (detail::NodeSharedAllReduce: each rank reduces
-  /// 1/size of every chunk, in rank order), 3-4x faster than Open MPI's shared-memory
-  /// all-reduce here and the same on every rank; the rest through MPI_Allreduce.
+  /// 1/size of every chunk, in rank order; 16 MiB at 2 ranks in 4.9-6.9 ms against 7.6-8.3 ms
+  /// for MPI_Allreduce here), the same bits on every rank; the rest through MPI_Allreduce.
   void all_reduce(const torch::Tensor& t, ReduceOp op = ReduceOp::Sum) override;
   std::shared_ptr<Work> all_reduce_async(const torch::Tensor& t,
                                          ReduceOp op = ReduceOp::Sum) override;

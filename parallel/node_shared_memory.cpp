@@ -3,6 +3,7 @@
 #include "parallel/node_shared_memory.h"
 
 #include <sched.h>
+#include <sys/statvfs.h>
 
 #include <algorithm>
 #include <chrono>
@@ -44,6 +45,29 @@ bool enabled_by_environment() {
   return value == nullptr || std::string(value) != "0";
 }
 
+// Open MPI backs shared windows with files in osc_sm_backing_directory (/dev/shm by default). A
+// full one would end the job with SIGBUS at the first write, so a window that would take more
+// than half of the free space is not made (a container's /dev/shm is often 64 MiB), nor one in a
+// directory that cannot be read.
+bool backing_has_room(int64_t bytes_per_rank, int ranks_on_node, int rank) {
+  const char* setting = std::getenv("OMPI_MCA_osc_sm_backing_directory");
+  const std::string dir = setting && *setting ? setting : "/dev/shm";
+  struct statvfs fs;
+  const bool readable = ::statvfs(dir.c_str(), &fs) == 0;
+  const double free_bytes =
+      readable ? static_cast<double>(fs.f_bavail) * static_cast<double>(fs.f_frsize) : 0.0;
+  const double need = static_cast<double>(bytes_per_rank) * ranks_on_node;
+  if (readable && 2 * need <= free_bytes) return true;
+  if (rank == 0) {
+    write_log_line(c10::str(
+        "node shared memory not used: a window of ", need / (1 << 20), " MiB in ", dir,
+        readable ? c10::str(", which has ", free_bytes / (1 << 20), " MiB free")
+                 : std::string(", which cannot be read (osc_sm_backing_directory)"),
+        "; the collectives go by MPI"));
+  }
+  return false;
+}
+
 }  // namespace
 
 std::unique_ptr<NodeSharedWindow> NodeSharedWindow::create(MPI_Comm comm, int rank, int size,
@@ -56,7 +80,7 @@ std::unique_ptr<NodeSharedWindow> NodeSharedWindow::create(MPI_Comm comm, int ra
   int node_size = 0;
   GBMOE_MPI_CHECK(MPI_Comm_size(node, &node_size));
   GBMOE_MPI_CHECK(MPI_Comm_free(&node));
-  int use = enabled && node_size == size ? 1 : 0;
+  int use = enabled && node_size == size && backing_has_room(bytes, size, rank) ? 1 : 0;
   GBMOE_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &use, 1, MPI_INT, MPI_MIN, comm));
   if (!use) return nullptr;
 
