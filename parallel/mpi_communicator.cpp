@@ -6,6 +6,7 @@
 #include "parallel/runtime.h"
 
 #include <climits>
+#include <exception>
 #include <functional>
 #include <sstream>
 #include <stdexcept>
@@ -133,7 +134,12 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm, bool take_ownership)
 }
 
 MpiCommunicator::~MpiCommunicator() {
-  // The windows go before the communicator (unless a Work still holds the sums').
+  // The windows go before the communicator, in the same order on every rank; the sums still in
+  // flight are collected first, so their Works (which hold the sums' window weakly) can finish.
+  // Not while unwinding from an exception, when the peers may never post them.
+  if (!mpi_finalized() && std::uncaught_exceptions() == 0 && shared_sums_) {
+    shared_sums_->collect_all();
+  }
   shared_sums_.reset();
   shared_all_reduce_.reset();
   if (owned_ && !mpi_finalized()) MPI_Comm_free(&comm_);
@@ -219,9 +225,8 @@ void MpiCommunicator::all_reduce(const torch::Tensor& t, ReduceOp op) {
   auto plan = plan_reduce(t, op);
   if (size_ > 1 && plan.op != MPI_LOR && detail::NodeSharedAllReduce::handles(plan.buffer)) {
     if (!shared_all_reduce_set_up_) {
-      if (shared_memory_allowed_) {
-        shared_all_reduce_ = detail::NodeSharedAllReduce::create(comm_, rank_, size_);
-      }
+      shared_all_reduce_ =
+          detail::NodeSharedAllReduce::create(comm_, rank_, size_, shared_memory_allowed_);
       shared_all_reduce_set_up_ = true;
     }
     if (shared_all_reduce_) {
@@ -260,8 +265,8 @@ void MpiCommunicator::use_node_shared_memory(bool allowed) {
 std::shared_ptr<Work> MpiCommunicator::sum_one_round_async(const torch::Tensor& t) {
   check_cpu(t, "sum_one_round_async");
   if (!shared_sums_set_up_) {
-    if (size_ > 1 && shared_memory_allowed_) {
-      shared_sums_ = detail::NodeSharedSum::create(comm_, rank_, size_);
+    if (size_ > 1) {
+      shared_sums_ = detail::NodeSharedSum::create(comm_, rank_, size_, shared_memory_allowed_);
     }
     shared_sums_set_up_ = true;
   }
@@ -273,8 +278,10 @@ std::shared_ptr<Work> MpiCommunicator::sum_one_round_async(const torch::Tensor& 
   // No request: the wait collects the peers' rows from shared memory and adds them.
   return std::make_shared<MpiWork>(std::vector<MPI_Request>{}, t,
                                    std::vector<torch::Tensor>{t, rows}, nullptr,
-                                   [area = shared_sums_, number, t, rows] {
-                                     area->collect(number);
+                                   [area = std::weak_ptr<detail::NodeSharedSum>(shared_sums_),
+                                    number, t, rows] {
+                                     // Gone: the communicator collected it when destroyed.
+                                     if (auto live = area.lock()) live->collect(number);
                                      t.copy_(rows.sum(0).view(t.sizes()));
                                    });
 }

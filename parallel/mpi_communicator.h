@@ -33,7 +33,9 @@ MPI_Datatype mpi_datatype(torch::ScalarType dtype);
 /// double, bfloat16, half, int8/16/32/64, uint8 and bool. MPI has no 16-bit float reductions,
 /// so bfloat16 and half are reduced in fp32 and rounded back once. Sum and Max on bool are
 /// logical or. Asynchronous calls use non-blocking MPI collectives (MPI_Iallreduce,
-/// MPI_Ialltoallv); a Work owns the request and the buffers.
+/// MPI_Ialltoallv); a Work owns the request and the buffers. Ranks on one node share some
+/// collectives through MPI-3 shared memory (all_reduce, sum_one_round_async): a Work of those
+/// holds no request, and its wait reads the peers' shared segments.
 ///
 /// Example:
 ///   MpiRuntime mpi(&argc, &argv);
@@ -61,8 +63,8 @@ class MpiCommunicator : public Communicator {
 
   /// Large buffers (64 KiB and more, not bool) of a group on one node go through an MPI-3
   /// shared-memory window in 4 MiB chunks (detail::NodeSharedAllReduce: each rank reduces
-  /// 1/size of every chunk, in rank order; 16 MiB at 2 ranks in 4.9-6.9 ms against 7.6-8.3 ms
-  /// for MPI_Allreduce here), the same bits on every rank; the rest through MPI_Allreduce.
+  /// 1/size of every chunk, in rank order), the same bits on every rank; the rest through
+  /// MPI_Allreduce. Max there is torch::maximum's: a NaN anywhere gives NaN.
   void all_reduce(const torch::Tensor& t, ReduceOp op = ReduceOp::Sum) override;
   std::shared_ptr<Work> all_reduce_async(const torch::Tensor& t,
                                          ReduceOp op = ReduceOp::Sum) override;
@@ -80,10 +82,11 @@ class MpiCommunicator : public Communicator {
   /// pass the same value before the first of them. Default true; GBMOE_NODE_SHARED_MEMORY=0
   /// (read on rank 0) turns it off for the whole job.
   void use_node_shared_memory(bool allowed);
-  /// Whether the small sums so far went through node shared memory (false before the first).
+  /// Whether sum_one_round_async has set up node shared memory, which then takes every buffer
+  /// of up to 32 KiB (false before the first call).
   bool uses_node_shared_sums() const { return shared_sums_ != nullptr; }
-  /// Whether the large all-reduces so far went through node shared memory (false before the
-  /// first).
+  /// Whether all_reduce has set up node shared memory for large buffers (false before the first
+  /// large one).
   bool uses_node_shared_all_reduce() const { return shared_all_reduce_ != nullptr; }
   torch::Tensor all_gather(const torch::Tensor& t) override;
   torch::Tensor all_to_all(const torch::Tensor& input, const std::vector<int64_t>& send_splits,

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <string>
 #include <thread>
 
@@ -23,12 +24,12 @@ constexpr int64_t kAlign = 64;
 
 int64_t round_up(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
-// Spins briefly, then yields the core, then sleeps (see NodeSharedWindow). A wait that starts at
-// all is a collective wait for the watchdog.
+// Spins briefly, then yields the core, then sleeps (see NodeSharedWindow). The callers hold a
+// CollectiveWatch over each operation, made whether or not it waits, so that every rank counts
+// the same collectives for the watchdog's message.
 template <typename Ready>
-void wait_until(const Ready& ready, const char* what, int size) {
+void wait_until(const Ready& ready) {
   if (ready()) return;
-  CollectiveWatch watch(what, size);
   const auto start = std::chrono::steady_clock::now();
   for (int pass = 0; !ready(); ++pass) {
     if (pass < 64) continue;
@@ -71,10 +72,12 @@ bool backing_has_room(int64_t bytes_per_rank, int ranks_on_node, int rank) {
 }  // namespace
 
 std::unique_ptr<NodeSharedWindow> NodeSharedWindow::create(MPI_Comm comm, int rank, int size,
-                                                           int64_t bytes) {
-  // Every rank takes rank 0's choice, and shared memory only if every rank is on its node.
+                                                           int64_t bytes, bool allowed) {
+  // Every rank takes rank 0's environment, and shared memory only if every rank allows it, is
+  // on the node and has room.
   int enabled = rank == 0 ? static_cast<int>(enabled_by_environment()) : 0;
   GBMOE_MPI_CHECK(MPI_Bcast(&enabled, 1, MPI_INT, 0, comm));
+  enabled = enabled && allowed;
   MPI_Comm node = MPI_COMM_NULL;
   GBMOE_MPI_CHECK(MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node));
   int node_size = 0;
@@ -105,9 +108,12 @@ std::unique_ptr<NodeSharedWindow> NodeSharedWindow::create(MPI_Comm comm, int ra
 }
 
 NodeSharedWindow::~NodeSharedWindow() {
+  // MPI_Win_free is collective (Open MPI's ends in a barrier): a rank unwinding from an
+  // exception would wait there for peers that never come, instead of reaching run_distributed's
+  // abort. It leaves the window to the end of the process.
   int finalized = 0;
   MPI_Finalized(&finalized);
-  if (finalized) return;
+  if (finalized || std::uncaught_exceptions() > 0) return;
   MPI_Win_unlock_all(win_);
   MPI_Win_free(&win_);
 }
@@ -123,9 +129,10 @@ int64_t sum_header_bytes(int size) {
 
 }  // namespace
 
-std::shared_ptr<NodeSharedSum> NodeSharedSum::create(MPI_Comm comm, int rank, int size) {
+std::shared_ptr<NodeSharedSum> NodeSharedSum::create(MPI_Comm comm, int rank, int size,
+                                                     bool allowed) {
   auto window = NodeSharedWindow::create(comm, rank, size,
-                                         sum_header_bytes(size) + kSlots * kSlotBytes);
+                                         sum_header_bytes(size) + kSlots * kSlotBytes, allowed);
   if (!window) return nullptr;
   return std::shared_ptr<NodeSharedSum>(new NodeSharedSum(std::move(window)));
 }
@@ -160,6 +167,8 @@ int64_t NodeSharedSum::post(const torch::Tensor& rows_RN, int64_t bytes) {
                   rows_RN.size(1) * rows_RN.element_size() == bytes,
               "NodeSharedSum::post needs contiguous (", size_, ", n) rows of ", bytes,
               " bytes each, got shape ", rows_RN.sizes(), " of ", rows_RN.dtype());
+  CollectiveWatch watch("a node-shared sum (posting; a peer has not collected an earlier one)",
+                        size_);
   const int64_t s = next_++;
   const int64_t slot = s % kSlots;
   // The slot's previous sum: collect this rank's share first, so that peers waiting in their
@@ -174,8 +183,7 @@ int64_t NodeSharedSum::post(const torch::Tensor& rows_RN, int64_t bytes) {
           }
         }
         return true;
-      },
-      "a node-shared sum (a peer has not collected an earlier one)", size_);
+      });
   const char* own = static_cast<const char*>(rows_RN.data_ptr()) + rank_ * bytes;
   std::memcpy(data(rank_, slot), own, static_cast<size_t>(bytes));
   posted_bytes(rank_, slot)->store(bytes, std::memory_order_relaxed);
@@ -187,14 +195,14 @@ int64_t NodeSharedSum::post(const torch::Tensor& rows_RN, int64_t bytes) {
 void NodeSharedSum::collect(int64_t s) {
   const int64_t slot = s % kSlots;
   if (pending_[slot].number != s) return;  // collected already (post() may have done it)
+  CollectiveWatch watch("a node-shared sum (waiting for a peer's buffer)", size_);
   const Pending pending = std::move(pending_[slot]);
   pending_[slot] = Pending();
   char* rows = static_cast<char*>(pending.rows_RN.data_ptr());
   for (int j = 0; j < size_; ++j) {
     if (j == rank_) continue;
     const auto* published = sequence(j, slot);
-    wait_until([&] { return published->load(std::memory_order_acquire) >= s; },
-               "a node-shared sum (waiting for a peer's counts)", size_);
+    wait_until([&] { return published->load(std::memory_order_acquire) >= s; });
     const int64_t posted = posted_bytes(j, slot)->load(std::memory_order_relaxed);
     TORCH_CHECK(posted == pending.bytes, "sum_one_round_async number ", s, ": rank ", j,
                 " posted ", posted, " bytes and rank ", rank_, " ", pending.bytes,
@@ -206,9 +214,19 @@ void NodeSharedSum::collect(int64_t s) {
 
 // ---- NodeSharedAllReduce: per segment, the phase word, then kSegmentBytes of data.
 
+void NodeSharedSum::collect_all() {
+  // In the order posted, as the peers' own waits may be.
+  std::vector<int64_t> numbers;
+  for (const auto& p : pending_) {
+    if (p.number != 0) numbers.push_back(p.number);
+  }
+  std::sort(numbers.begin(), numbers.end());
+  for (int64_t s : numbers) collect(s);
+}
+
 std::shared_ptr<NodeSharedAllReduce> NodeSharedAllReduce::create(MPI_Comm comm, int rank,
-                                                                 int size) {
-  auto window = NodeSharedWindow::create(comm, rank, size, kAlign + kSegmentBytes);
+                                                                 int size, bool allowed) {
+  auto window = NodeSharedWindow::create(comm, rank, size, kAlign + kSegmentBytes, allowed);
   if (!window) return nullptr;
   return std::shared_ptr<NodeSharedAllReduce>(new NodeSharedAllReduce(std::move(window)));
 }
@@ -225,18 +243,16 @@ bool NodeSharedAllReduce::handles(const torch::Tensor& buffer) {
 
 void NodeSharedAllReduce::advance(bool wait) {
   window_->word(rank_, 0)->store(++phase_, std::memory_order_release);
-  if (wait) wait_for_peers(phase_, "a node-shared all-reduce (waiting for a peer's chunk)");
+  if (wait) wait_for_peers(phase_);
 }
 
-void NodeSharedAllReduce::wait_for_peers(int64_t phase, const char* what) {
-  wait_until(
-      [&] {
-        for (int r = 0; r < size_; ++r) {
-          if (window_->word(r, 0)->load(std::memory_order_acquire) < phase) return false;
-        }
-        return true;
-      },
-      what, size_);
+void NodeSharedAllReduce::wait_for_peers(int64_t phase) {
+  wait_until([&] {
+    for (int r = 0; r < size_; ++r) {
+      if (window_->word(r, 0)->load(std::memory_order_acquire) < phase) return false;
+    }
+    return true;
+  });
 }
 
 torch::Tensor NodeSharedAllReduce::data(int r, int64_t n, torch::ScalarType dtype) const {
@@ -246,6 +262,7 @@ torch::Tensor NodeSharedAllReduce::data(int r, int64_t n, torch::ScalarType dtyp
 void NodeSharedAllReduce::all_reduce(const torch::Tensor& buffer, bool take_max) {
   TORCH_CHECK(handles(buffer), "NodeSharedAllReduce::all_reduce cannot take a buffer of shape ",
               buffer.sizes(), " and dtype ", buffer.dtype());
+  CollectiveWatch watch("a node-shared all-reduce", size_);
   const auto dtype = buffer.scalar_type();
   const int64_t chunk = kSegmentBytes / buffer.element_size();
   auto flat = buffer.view({-1});
@@ -257,7 +274,7 @@ void NodeSharedAllReduce::all_reduce(const torch::Tensor& buffer, bool take_max)
       return t.narrow(0, lo, hi - lo);
     };
     // Phase 1: this rank's chunk into its segment, once every peer has read the last one.
-    wait_for_peers(phase_, "a node-shared all-reduce (a peer still reads the last chunk)");
+    wait_for_peers(phase_);
     auto own = data(rank_, n, dtype);
     own.copy_(x);
     advance(/*wait=*/true);

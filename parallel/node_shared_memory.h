@@ -31,10 +31,13 @@ namespace detail {
 ///   char* mine = window->segment(rank);
 class NodeSharedWindow {
  public:
-  /// Collective over comm. Null when comm's ranks are not all on one node, or when
-  /// GBMOE_NODE_SHARED_MEMORY=0 on rank 0 (then every rank keeps to MPI).
+  /// Collective over comm: every rank calls it, with allowed false for a communicator told to
+  /// keep to MPI. Null (on every rank) when some rank passed allowed false, when comm's ranks
+  /// are not all on one node, when GBMOE_NODE_SHARED_MEMORY=0 on rank 0, or when Open MPI's
+  /// backing directory (osc_sm_backing_directory, /dev/shm) cannot be read or has less than
+  /// twice the window's bytes free (said once, by rank 0).
   static std::unique_ptr<NodeSharedWindow> create(MPI_Comm comm, int rank, int size,
-                                                  int64_t bytes);
+                                                  int64_t bytes, bool allowed = true);
   ~NodeSharedWindow();
   NodeSharedWindow(const NodeSharedWindow&) = delete;
   NodeSharedWindow& operator=(const NodeSharedWindow&) = delete;
@@ -62,7 +65,11 @@ class NodeSharedWindow {
 /// row out and acknowledges it in its own segment. A rank reuses a slot once every peer has
 /// acknowledged the sum that used it kSlots sums before; if this rank has not collected that
 /// sum itself yet, post() collects it first (every peer has posted it), so any number of sums
-/// may be in flight and waited in any order.
+/// may be in flight and waited in any order. What this costs: a post() may wait until the
+/// peers have reached their own post() kSlots sums later than a sum they have not collected,
+/// so no rank may block in another collective while holding kSlots sums uncollected that a
+/// peer posts after it. Buffers of different sizes on different ranks are a misuse that is
+/// reported only when both fit a slot; otherwise the ranks take different paths and wait.
 ///
 /// Example:
 ///   auto area = NodeSharedSum::create(comm, rank, size);  // collective; null across nodes
@@ -78,7 +85,8 @@ class NodeSharedSum {
   static constexpr int64_t kSlotBytes = 32 << 10;
 
   /// Collective over comm; null as NodeSharedWindow::create.
-  static std::shared_ptr<NodeSharedSum> create(MPI_Comm comm, int rank, int size);
+  static std::shared_ptr<NodeSharedSum> create(MPI_Comm comm, int rank, int size,
+                                               bool allowed = true);
 
   bool fits(int64_t bytes) const { return bytes <= kSlotBytes; }
   /// Copies row rank of rows_RN (contiguous, (size, n), bytes per row) into this rank's next
@@ -90,6 +98,8 @@ class NodeSharedSum {
   /// that post() took. Throws when a peer posted a different number of bytes. Does nothing
   /// for a sum already collected.
   void collect(int64_t s);
+  /// Collects every sum not collected yet, oldest first (before the window is freed).
+  void collect_all();
 
  private:
   explicit NodeSharedSum(std::unique_ptr<NodeSharedWindow> window);
@@ -130,19 +140,21 @@ class NodeSharedAllReduce {
   static constexpr int64_t kMinBytes = int64_t{64} << 10;
 
   /// Collective over comm; null as NodeSharedWindow::create.
-  static std::shared_ptr<NodeSharedAllReduce> create(MPI_Comm comm, int rank, int size);
+  static std::shared_ptr<NodeSharedAllReduce> create(MPI_Comm comm, int rank, int size,
+                                                     bool allowed = true);
 
   /// Whether all_reduce takes buffer: contiguous, of at least kMinBytes, a floating or
   /// non-bool integral dtype.
   static bool handles(const torch::Tensor& buffer);
-  /// Sum (max when take_max) over the ranks of buffer, in place.
+  /// Sum (max when take_max) over the ranks of buffer, in place. Max is torch::maximum's: a
+  /// NaN on any rank gives NaN.
   void all_reduce(const torch::Tensor& buffer, bool take_max);
 
  private:
   explicit NodeSharedAllReduce(std::unique_ptr<NodeSharedWindow> window);
   // Publishes this rank's next phase and, when wait, waits until every peer has reached it.
   void advance(bool wait);
-  void wait_for_peers(int64_t phase, const char* what);
+  void wait_for_peers(int64_t phase);
   torch::Tensor data(int r, int64_t n, torch::ScalarType dtype) const;
 
   std::unique_ptr<NodeSharedWindow> window_;

@@ -128,6 +128,8 @@ TEST(Collectives, OneRoundSumCompletesWhileAnotherRankComputes) {
   for (bool shared : {true, false}) {
     auto world = world_copy(shared);
     auto x = torch::full({40}, world->rank() + 1.0, torch::kDouble);
+    auto warm_up = x.clone();  // a first sum sets up the window, or MPI's connections
+    world->sum_one_round_async(warm_up)->wait();
     world->barrier();
     const auto start = std::chrono::steady_clock::now();
     auto work = world->sum_one_round_async(x);
@@ -153,24 +155,29 @@ torch::Tensor uneven_contribution(int r, int i, int64_t n, torch::ScalarType dty
 
 // Both paths add the rows in rank order: the same bits, for more sums in flight than the shared
 // memory has slots, waited newest first, buffers up to a full slot, and larger ones (which go
-// by messages) among them.
+// by messages) among them. The ranks post out of step (the last one starts 50 ms late, and rank
+// r sleeps r ms before every seventh sum), so that early ranks reach slots whose earlier sums
+// the late ones have not collected.
 TEST(Collectives, OneRoundSumThroughSharedMemoryEqualsTheMessages) {
   const int R = test_world()->size();
   auto shared = world_copy(true), messages = world_copy(false);
   const int64_t slot_doubles = 32 << 10 >> 3;  // NodeSharedSum::kSlotBytes of doubles
   const std::vector<int64_t> sizes = {1, 3, 40, 257, slot_doubles, slot_doubles + 1};
+  const int rank = shared->rank();
   for (auto dtype : {torch::kDouble, torch::kFloat}) {
     std::vector<torch::Tensor> a, b;
     std::vector<std::shared_ptr<Work>> works;
     const int n_sums = 3 * 16 + 5;  // three times NodeSharedSum::kSlots, and some
+    if (rank == R - 1) std::this_thread::sleep_for(std::chrono::milliseconds(50));
     for (int i = 0; i < n_sums; ++i) {
+      if (i % 7 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(rank));
       const int64_t n = sizes[i % sizes.size()];
-      a.push_back(uneven_contribution(shared->rank(), i, n, dtype));
+      a.push_back(uneven_contribution(rank, i, n, dtype));
       b.push_back(a.back().clone());
       works.push_back(shared->sum_one_round_async(a.back()));
-      messages->sum_one_round_async(b.back())->wait();
     }
     for (int i = n_sums - 1; i >= 0; --i) works[i]->wait();
+    for (int i = 0; i < n_sums; ++i) messages->sum_one_round_async(b[i])->wait();
     for (int i = 0; i < n_sums; ++i) {
       EXPECT_TRUE(torch::equal(a[i], b[i])) << dtype << " sum " << i;
       auto expected = torch::zeros_like(a[i]);
@@ -180,6 +187,21 @@ TEST(Collectives, OneRoundSumThroughSharedMemoryEqualsTheMessages) {
   }
   EXPECT_EQ(shared->uses_node_shared_sums(), R > 1);
   EXPECT_FALSE(messages->uses_node_shared_sums());
+}
+
+// A Work dropped unwaited finishes in its destructor; one that outlives its communicator was
+// collected when the communicator went, and its wait still gives the sum.
+TEST(Collectives, OneRoundSumsDroppedOrOutlivingTheirCommunicatorComplete) {
+  const int R = test_world()->size();
+  auto world = world_copy(true);
+  auto dropped = torch::full({5}, world->rank() + 1.0, torch::kDouble);
+  world->sum_one_round_async(dropped);  // the Work is destroyed at once
+  EXPECT_TRUE(torch::equal(dropped, torch::full({5}, R * (R + 1) / 2.0, torch::kDouble)));
+  auto x = torch::full({7}, world->rank() + 1.0, torch::kDouble);
+  auto work = world->sum_one_round_async(x);
+  world.reset();  // the last reference: the communicator and its windows go
+  work->wait();
+  EXPECT_TRUE(torch::equal(x, torch::full({7}, R * (R + 1) / 2.0, torch::kDouble)));
 }
 
 // Large all-reduces through node shared memory: each element added in rank order (the same bits
@@ -208,6 +230,8 @@ TEST(Collectives, LargeAllReduceThroughSharedMemoryAddsInRankOrder) {
       }
       for (auto op : {ReduceOp::Sum, ReduceOp::Max}) {
         auto x = of_rank(world->rank()).to(dtype), y = x.clone();
+        // Out of step: a late rank keeps the others waiting in a phase.
+        std::this_thread::sleep_for(std::chrono::milliseconds((world->rank() * 3 + n) % 5));
         world->all_reduce(x, op);
         messages->all_reduce(y, op);
         if (n * c10::elementSize(reduced_in) >= min_bytes) {

@@ -2,6 +2,8 @@
 // end the whole job with a tagged message instead of leaving rank 0 hanging.
 #include <stdexcept>
 
+#include <torch/torch.h>
+
 #include "parallel/mpi_communicator.h"
 #include "parallel/runtime.h"
 
@@ -11,6 +13,11 @@ int main(int argc, char** argv) {
     gbmoe::MpiCommunicator world(MPI_COMM_WORLD);
     auto x = torch::ones({4});
     world.all_reduce(x);
+    // Node shared memory set up too: the throwing rank must not wait in freeing it.
+    auto counts = torch::ones({8});
+    world.sum_one_round_async(counts)->wait();
+    auto bucket = torch::ones({1 << 20});
+    world.all_reduce(bucket);
     if (mpi.rank() == 1) throw std::runtime_error("deliberate failure on rank 1");
     world.all_reduce(x);  // rank 1 never joins: without the abort this waits forever
     return 0;

@@ -205,7 +205,8 @@ stuck_rank)
   [ $rc != 0 ] || fail "the job exited 0"
   # Which ranks are named as behind depends on where the stopped rank was caught (both ranks can
   # be inside the collective already); the rank, the collective and the limit are always named.
-  grep -q "\[rank [01]\] error: MPI_[A-Za-z_ ()-]* (collective [0-9]* of this rank.*) has waited [0-9.]* s, more than the limit of 3 s (train.collective_timeout_s): another rank is stopped, stuck or dead" "$work/stuck.log" \
+  # The collective: an MPI call, or one through node shared memory ("a node-shared ...").
+  grep -Eq "\[rank [01]\] error: (MPI_[A-Za-z_ ()-]*|a node-shared [a-z ();'-]*) \(collective [0-9]* of this rank.*\) has waited [0-9.]* s, more than the limit of 3 s \(train.collective_timeout_s\): another rank is stopped, stuck or dead" "$work/stuck.log" \
     || fail "no message naming the collective and the limit"
   echo "PASS: stuck rank ended the job after $(( $(date +%s) - start )) s"
   ;;
