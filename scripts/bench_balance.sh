@@ -7,7 +7,7 @@
 # micro block's (the first --skip steps of each block left out: the objective is rebuilt at a
 # switch). Per setting (every rank count and data.grad_accum given): the median ratio over the
 # rounds with its 95% interval (distribution-free, from the order statistics), their spread
-# (min-max) and every round.
+# (min-max) and every round; then the same with each block's median step instead of its mean.
 # Why not separate runs: on this machine the speed of a whole run drifts by 5-25% between runs
 # minutes apart, far more than the effect measured; adjacent blocks of one run see the same
 # machine.
@@ -74,26 +74,37 @@ for line in open(path):
     assert scope[b] == row["balance_scope"], f"block {b} mixes scopes"
     if i >= skip:
         seconds[b].append(1.0 / row["tokens_per_s"])
-mean = {b: statistics.fmean(v) for b, v in seconds.items()}
-ratios, micro = [], []
-for r in range(len(mean) // 2):
-    pair = {scope[2 * r]: mean[2 * r], scope[2 * r + 1]: mean[2 * r + 1]}
-    assert set(pair) == {"micro", "global"}, f"round {r}: scopes {sorted(pair)}"
-    ratios.append(pair["global"] / pair["micro"])
-    micro.append(pair["micro"])
-med = statistics.median(ratios)
-# A distribution-free 95% interval of the median: the order statistics j and n + 1 - j with
-# j the largest such that P(Binomial(n, 1/2) < j) <= 2.5%; none for fewer than 6 rounds.
-n, j, below = len(ratios), 0, 0.0
-while below + math.comb(n, j) / 2 ** n <= 0.025:
-    below += math.comb(n, j) / 2 ** n
-    j += 1
-s = sorted(ratios)
-interval = f"95% interval {s[j - 1]:.4f}-{s[n - j]:.4f}, " if j >= 1 else ""
-print(f"bench_balance ranks={ranks} grad_accum={accum} rounds={n} block={block} "
+def round_ratios(per_block):
+    ratios, micro = [], []
+    for r in range(len(per_block) // 2):
+        pair = {scope[2 * r]: per_block[2 * r], scope[2 * r + 1]: per_block[2 * r + 1]}
+        assert set(pair) == {"micro", "global"}, f"round {r}: scopes {sorted(pair)}"
+        ratios.append(pair["global"] / pair["micro"])
+        micro.append(pair["micro"])
+    return ratios, micro
+
+def median_interval(ratios):
+    # A distribution-free 95% interval of the median: the order statistics j and n + 1 - j
+    # with j the largest such that P(Binomial(n, 1/2) < j) <= 2.5%; none for fewer than 6.
+    n, j, below = len(ratios), 0, 0.0
+    while below + math.comb(n, j) / 2 ** n <= 0.025:
+        below += math.comb(n, j) / 2 ** n
+        j += 1
+    s = sorted(ratios)
+    return statistics.median(ratios), f"95% interval {s[j - 1]:.4f}-{s[n - j]:.4f}, " if j >= 1 else ""
+
+# Per block: the mean time per token (what a run pays), and the median step's (robust to the
+# single slow steps of a machine that is shared with others).
+ratios, micro = round_ratios({b: statistics.fmean(v) for b, v in seconds.items()})
+med, interval = median_interval(ratios)
+print(f"bench_balance ranks={ranks} grad_accum={accum} rounds={len(ratios)} block={block} "
       f"(skip {skip}): global/micro median {med:.4f} ({(med - 1) * 100:+.2f}%), {interval}"
       f"spread {min(ratios):.4f}-{max(ratios):.4f}, micro {1 / statistics.median(micro):,.0f} "
       f"tokens/s; rounds: {' '.join(f'{x:.4f}' for x in ratios)}", flush=True)
+robust, _ = round_ratios({b: statistics.median(v) for b, v in seconds.items()})
+med, interval = median_interval(robust)
+print(f"  by each block's median step: global/micro median {med:.4f} ({(med - 1) * 100:+.2f}%), "
+      f"{interval}spread {min(robust):.4f}-{max(robust):.4f}", flush=True)
 PY
   done
 done
