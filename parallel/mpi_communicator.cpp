@@ -254,8 +254,8 @@ std::shared_ptr<Work> MpiCommunicator::all_reduce_async(const torch::Tensor& t, 
 }
 
 void MpiCommunicator::use_node_shared_memory(bool allowed) {
-  TORCH_CHECK(!shared_sums_set_up_ && !shared_all_reduce_set_up_,
-              "use_node_shared_memory(", allowed, ") after the first sum_one_round_async or ",
+  TORCH_CHECK(!shared_sums_set_up_ && !shared_all_reduce_set_up_, "use_node_shared_memory(",
+              allowed, ") after the first sum_one_round_async or ",
               "large all_reduce: call it before them");
   shared_memory_allowed_ = allowed;
 }
@@ -276,14 +276,13 @@ std::shared_ptr<Work> MpiCommunicator::sum_one_round_async(const torch::Tensor& 
   rows[rank_].copy_(t.reshape(-1));
   const int64_t number = shared_sums_->post(rows, bytes);
   // No request: the wait collects the peers' rows from shared memory and adds them.
-  return std::make_shared<MpiWork>(std::vector<MPI_Request>{}, t,
-                                   std::vector<torch::Tensor>{t, rows}, nullptr,
-                                   [area = std::weak_ptr<detail::NodeSharedSum>(shared_sums_),
-                                    number, t, rows] {
-                                     // Gone: the communicator collected it when destroyed.
-                                     if (auto live = area.lock()) live->collect(number);
-                                     t.copy_(rows.sum(0).view(t.sizes()));
-                                   });
+  return std::make_shared<MpiWork>(
+      std::vector<MPI_Request>{}, t, std::vector<torch::Tensor>{t, rows}, nullptr,
+      [area = std::weak_ptr<detail::NodeSharedSum>(shared_sums_), number, t, rows] {
+        // Gone: the communicator collected it when destroyed.
+        if (auto live = area.lock()) live->collect(number);
+        t.copy_(rows.sum(0).view(t.sizes()));
+      });
 }
 
 std::shared_ptr<Work> MpiCommunicator::sum_by_messages(const torch::Tensor& t) {

@@ -109,7 +109,7 @@ class MpiCommunicator : public Communicator {
   bool shared_memory_allowed_ = true;
   bool shared_sums_set_up_ = false;
   bool shared_all_reduce_set_up_ = false;
-  std::shared_ptr<detail::NodeSharedSum> shared_sums_;               // null: messages
+  std::shared_ptr<detail::NodeSharedSum> shared_sums_;              // null: messages
   std::shared_ptr<detail::NodeSharedAllReduce> shared_all_reduce_;  // null: MPI_Allreduce
 };
 

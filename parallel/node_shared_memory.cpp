@@ -60,11 +60,11 @@ bool backing_has_room(int64_t bytes_per_rank, int ranks_on_node, int rank) {
   const double need = static_cast<double>(bytes_per_rank) * ranks_on_node;
   if (readable && 2 * need <= free_bytes) return true;
   if (rank == 0) {
-    write_log_line(c10::str(
-        "node shared memory not used: a window of ", need / (1 << 20), " MiB in ", dir,
-        readable ? c10::str(", which has ", free_bytes / (1 << 20), " MiB free")
-                 : std::string(", which cannot be read (osc_sm_backing_directory)"),
-        "; the collectives go by MPI"));
+    write_log_line(
+        c10::str("node shared memory not used: a window of ", need / (1 << 20), " MiB in ", dir,
+                 readable ? c10::str(", which has ", free_bytes / (1 << 20), " MiB free")
+                          : std::string(", which cannot be read (osc_sm_backing_directory)"),
+                 "; the collectives go by MPI"));
   }
   return false;
 }
@@ -103,8 +103,7 @@ std::unique_ptr<NodeSharedWindow> NodeSharedWindow::create(MPI_Comm comm, int ra
   std::atomic_thread_fence(std::memory_order_seq_cst);
   GBMOE_MPI_CHECK(MPI_Win_lock_all(MPI_MODE_NOCHECK, win));
   GBMOE_MPI_CHECK(MPI_Barrier(comm));  // every segment is zero before any rank uses one
-  return std::unique_ptr<NodeSharedWindow>(
-      new NodeSharedWindow(win, rank, size, std::move(bases)));
+  return std::unique_ptr<NodeSharedWindow>(new NodeSharedWindow(win, rank, size, std::move(bases)));
 }
 
 NodeSharedWindow::~NodeSharedWindow() {
@@ -174,16 +173,15 @@ int64_t NodeSharedSum::post(const torch::Tensor& rows_RN, int64_t bytes) {
   // The slot's previous sum: collect this rank's share first, so that peers waiting in their
   // own post() for this rank's acknowledgement get it.
   if (pending_[slot].number != 0) collect(pending_[slot].number);
-  wait_until(
-      [&] {
-        for (int r = 0; r < size_; ++r) {
-          if (r != rank_ &&
-              acknowledged(r, rank_, slot)->load(std::memory_order_acquire) < s - kSlots) {
-            return false;
-          }
-        }
-        return true;
-      });
+  wait_until([&] {
+    for (int r = 0; r < size_; ++r) {
+      if (r != rank_ &&
+          acknowledged(r, rank_, slot)->load(std::memory_order_acquire) < s - kSlots) {
+        return false;
+      }
+    }
+    return true;
+  });
   const char* own = static_cast<const char*>(rows_RN.data_ptr()) + rank_ * bytes;
   std::memcpy(data(rank_, slot), own, static_cast<size_t>(bytes));
   posted_bytes(rank_, slot)->store(bytes, std::memory_order_relaxed);
@@ -204,8 +202,8 @@ void NodeSharedSum::collect(int64_t s) {
     const auto* published = sequence(j, slot);
     wait_until([&] { return published->load(std::memory_order_acquire) >= s; });
     const int64_t posted = posted_bytes(j, slot)->load(std::memory_order_relaxed);
-    TORCH_CHECK(posted == pending.bytes, "sum_one_round_async number ", s, ": rank ", j,
-                " posted ", posted, " bytes and rank ", rank_, " ", pending.bytes,
+    TORCH_CHECK(posted == pending.bytes, "sum_one_round_async number ", s, ": rank ", j, " posted ",
+                posted, " bytes and rank ", rank_, " ", pending.bytes,
                 "; every rank must sum buffers of the same shape and dtype");
     std::memcpy(rows + j * pending.bytes, data(j, slot), static_cast<size_t>(pending.bytes));
     acknowledged(rank_, j, slot)->store(s, std::memory_order_release);
@@ -224,8 +222,8 @@ void NodeSharedSum::collect_all() {
   for (int64_t s : numbers) collect(s);
 }
 
-std::shared_ptr<NodeSharedAllReduce> NodeSharedAllReduce::create(MPI_Comm comm, int rank,
-                                                                 int size, bool allowed) {
+std::shared_ptr<NodeSharedAllReduce> NodeSharedAllReduce::create(MPI_Comm comm, int rank, int size,
+                                                                 bool allowed) {
   auto window = NodeSharedWindow::create(comm, rank, size, kAlign + kSegmentBytes, allowed);
   if (!window) return nullptr;
   return std::shared_ptr<NodeSharedAllReduce>(new NodeSharedAllReduce(std::move(window)));

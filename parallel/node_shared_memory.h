@@ -36,8 +36,8 @@ class NodeSharedWindow {
   /// are not all on one node, when GBMOE_NODE_SHARED_MEMORY=0 on rank 0, or when Open MPI's
   /// backing directory (osc_sm_backing_directory, /dev/shm) cannot be read or has less than
   /// twice the window's bytes free (said once, by rank 0).
-  static std::unique_ptr<NodeSharedWindow> create(MPI_Comm comm, int rank, int size,
-                                                  int64_t bytes, bool allowed = true);
+  static std::unique_ptr<NodeSharedWindow> create(MPI_Comm comm, int rank, int size, int64_t bytes,
+                                                  bool allowed = true);
   ~NodeSharedWindow();
   NodeSharedWindow(const NodeSharedWindow&) = delete;
   NodeSharedWindow& operator=(const NodeSharedWindow&) = delete;
