@@ -270,11 +270,10 @@ std::shared_ptr<Work> MpiCommunicator::sum_one_round_async(const torch::Tensor& 
     }
     shared_sums_set_up_ = true;
   }
-  const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
-  if (!shared_sums_ || !shared_sums_->fits(bytes)) return sum_by_messages(t);
-  auto rows = torch::empty({size_, t.numel()}, t.options());
+  auto rows = torch::empty({size_, t.numel()}, t.options());  // row j: rank j's buffer
   rows[rank_].copy_(t.reshape(-1));
-  const int64_t number = shared_sums_->post(rows, bytes);
+  if (!shared_sums_ || !shared_sums_->fits(t.nbytes())) return sum_by_messages(t, rows);
+  const int64_t number = shared_sums_->post(rows);
   // No request: the wait collects the peers' rows from shared memory and adds them.
   return std::make_shared<MpiWork>(
       std::vector<MPI_Request>{}, t, std::vector<torch::Tensor>{t, rows}, nullptr,
@@ -285,11 +284,10 @@ std::shared_ptr<Work> MpiCommunicator::sum_one_round_async(const torch::Tensor& 
       });
 }
 
-std::shared_ptr<Work> MpiCommunicator::sum_by_messages(const torch::Tensor& t) {
+std::shared_ptr<Work> MpiCommunicator::sum_by_messages(const torch::Tensor& t,
+                                                       const torch::Tensor& rows) {
   const int count = checked_count(t.numel(), "sum_one_round_async");
   const auto type = mpi_datatype(t.scalar_type());
-  auto rows = torch::empty({size_, t.numel()}, t.options());
-  rows[rank_].copy_(t.reshape(-1));
   // Receives first, then the sends (requests[R - 1 ...]).
   std::vector<MPI_Request> requests;
   for (int j = 0; j < size_; ++j) {

@@ -100,7 +100,8 @@ class MpiCommunicator : public Communicator {
   MPI_Comm comm() const { return comm_; }
 
  private:
-  std::shared_ptr<Work> sum_by_messages(const torch::Tensor& t);
+  // rows: (size, numel), this rank's buffer in row rank.
+  std::shared_ptr<Work> sum_by_messages(const torch::Tensor& t, const torch::Tensor& rows);
 
   MPI_Comm comm_;
   bool owned_;

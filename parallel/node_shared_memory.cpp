@@ -159,13 +159,13 @@ char* NodeSharedSum::data(int r, int64_t slot) const {
   return window_->segment(r) + sum_header_bytes(size_) + slot * kSlotBytes;
 }
 
-int64_t NodeSharedSum::post(const torch::Tensor& rows_RN, int64_t bytes) {
+int64_t NodeSharedSum::post(const torch::Tensor& rows_RN) {
+  TORCH_CHECK(rows_RN.is_contiguous() && rows_RN.dim() == 2 && rows_RN.size(0) == size_,
+              "NodeSharedSum::post needs contiguous (", size_, ", n) rows, got shape ",
+              rows_RN.sizes());
+  const int64_t bytes = rows_RN.size(1) * static_cast<int64_t>(rows_RN.element_size());
   TORCH_CHECK(fits(bytes), "NodeSharedSum::post of ", bytes, " bytes, more than a slot's ",
               kSlotBytes);
-  TORCH_CHECK(rows_RN.is_contiguous() && rows_RN.dim() == 2 && rows_RN.size(0) == size_ &&
-                  rows_RN.size(1) * rows_RN.element_size() == bytes,
-              "NodeSharedSum::post needs contiguous (", size_, ", n) rows of ", bytes,
-              " bytes each, got shape ", rows_RN.sizes(), " of ", rows_RN.dtype());
   CollectiveWatch watch("a node-shared sum (posting; a peer has not collected an earlier one)",
                         size_);
   const int64_t s = next_++;

@@ -75,7 +75,7 @@ class NodeSharedWindow {
 ///   auto area = NodeSharedSum::create(comm, rank, size);  // collective; null across nodes
 ///   if (area && area->fits(bytes)) {
 ///     auto rows_RN = torch::empty({size, n});  // row rank: this rank's buffer
-///     const int64_t s = area->post(rows_RN, bytes);
+///     const int64_t s = area->post(rows_RN);
 ///     ...;                // compute
 ///     area->collect(s);  // rows_RN[j] holds rank j's buffer
 ///   }
@@ -89,11 +89,11 @@ class NodeSharedSum {
                                                bool allowed = true);
 
   bool fits(int64_t bytes) const { return bytes <= kSlotBytes; }
-  /// Copies row rank of rows_RN (contiguous, (size, n), bytes per row) into this rank's next
-  /// slot and publishes it; returns the sum's number. rows_RN stays referenced until the sum
+  /// Copies row rank of rows_RN (contiguous, (size, n), at most kSlotBytes a row) into this rank's
+  /// next slot and publishes it; returns the sum's number. rows_RN stays referenced until the sum
   /// is collected, into its other rows. Waits only until the peers have collected the sum kSlots
   /// before.
-  int64_t post(const torch::Tensor& rows_RN, int64_t bytes);
+  int64_t post(const torch::Tensor& rows_RN);
   /// Waits until every peer has posted sum s and copies peer j's bytes into row j of the rows
   /// that post() took. Throws when a peer posted a different number of bytes. Does nothing
   /// for a sum already collected.
