@@ -73,6 +73,70 @@ inline __attribute__((always_inline)) void backward_row(
   }
 }
 
+constexpr int64_t kLanes = 8;
+
+// Maximum and sum of a[0 .. n - 1] (n >= 1), in kLanes partial results so that they vectorize.
+inline __attribute__((always_inline)) float lane_max(const float* __restrict a, int64_t n) {
+  float lane[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lane[l] = a[0];
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] = a[j + l] > lane[l] ? a[j + l] : lane[l];
+  }
+  float m = lane[0];
+  for (int64_t l = 1; l < kLanes; ++l) m = lane[l] > m ? lane[l] : m;
+  for (; j < n; ++j) m = a[j] > m ? a[j] : m;
+  return m;
+}
+
+inline __attribute__((always_inline)) float lane_sum(const float* __restrict a, int64_t n) {
+  float lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] += a[j + l];
+  }
+  float s = 0.f;
+  for (int64_t l = 0; l < kLanes; ++l) s += lane[l];
+  for (; j < n; ++j) s += a[j];
+  return s;
+}
+
+// Row i of the causal softmax: n = i + 1 scores, S - n zeros after them. The max skips NaNs
+// (comparisons are false), the exp keeps them (exp_approx would turn NaN into e^-87).
+inline __attribute__((always_inline)) void causal_softmax_row(float* __restrict row, int64_t n,
+                                                              int64_t S, float scale) {
+  const float m = lane_max(row, n);
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = (row[j] - m) * scale;
+    row[j] = x == x ? exp_approx(x) : x;
+  }
+  const float inv = 1.f / lane_sum(row, n);
+  for (int64_t j = 0; j < n; ++j) row[j] *= inv;
+  for (int64_t j = n; j < S; ++j) row[j] = 0.f;
+}
+
+inline __attribute__((always_inline)) float lane_dot(const float* __restrict a,
+                                                     const float* __restrict b, int64_t n) {
+  float lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] += a[j + l] * b[j + l];
+  }
+  float s = 0.f;
+  for (int64_t l = 0; l < kLanes; ++l) s += lane[l];
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+inline __attribute__((always_inline)) void causal_softmax_backward_row(const float* __restrict p,
+                                                                       float* __restrict d,
+                                                                       int64_t n, int64_t S,
+                                                                       float scale) {
+  const float delta = lane_dot(p, d, n);
+  for (int64_t j = 0; j < n; ++j) d[j] = scale * p[j] * (d[j] - delta);
+  for (int64_t j = n; j < S; ++j) d[j] = 0.f;
+}
+
 // Each instruction-set variant is the same loop compiled for that target.
 #define GBMOE_SWIGLU_VARIANT(suffix, target_attr)                                             \
   target_attr void forward_##suffix(const float* h, int64_t ld_h, float* act, int64_t ld_act, \
@@ -88,6 +152,19 @@ inline __attribute__((always_inline)) void backward_row(
       backward_row(h + i * ld_h, h + i * ld_h + F, dact + i * ld_dact, dh + i * ld_dh,        \
                    dh + i * ld_dh + F, act + i * ld_act, F);                                  \
     }                                                                                         \
+  }                                                                                           \
+  target_attr void softmax_##suffix(float* P, int64_t ld, int64_t first_row, int64_t rows,    \
+                                    int64_t S, float scale) {                                 \
+    for (int64_t i = first_row; i < first_row + rows; ++i) {                                  \
+      causal_softmax_row(P + i * ld, i + 1, S, scale);                                        \
+    }                                                                                         \
+  }                                                                                           \
+  target_attr void softmax_backward_##suffix(const float* P, float* dS, int64_t ld,           \
+                                             int64_t first_row, int64_t rows, int64_t S,      \
+                                             float scale) {                                   \
+    for (int64_t i = first_row; i < first_row + rows; ++i) {                                  \
+      causal_softmax_backward_row(P + i * ld, dS + i * ld, i + 1, S, scale);                  \
+    }                                                                                         \
   }
 
 GBMOE_SWIGLU_VARIANT(baseline, )
@@ -98,11 +175,15 @@ GBMOE_SWIGLU_VARIANT(avx512, __attribute__((target("avx512f,avx2,fma"))))
 
 using ForwardFn = decltype(&forward_baseline);
 using BackwardFn = decltype(&backward_baseline);
+using SoftmaxFn = decltype(&softmax_baseline);
+using SoftmaxBackwardFn = decltype(&softmax_backward_baseline);
 
 struct Variant {
   const char* name;
   ForwardFn forward;
   BackwardFn backward;
+  SoftmaxFn softmax;
+  SoftmaxBackwardFn softmax_backward;
   bool (*supported)();
 };
 
@@ -111,18 +192,19 @@ struct Variant {
 // then always pick the baseline).
 const Variant kVariants[] = {
 #ifdef GBMOE_X86_VARIANTS
-    {"avx512", forward_avx512, backward_avx512,
+    {"avx512", forward_avx512, backward_avx512, softmax_avx512, softmax_backward_avx512,
      [] {
        __builtin_cpu_init();
        return __builtin_cpu_supports("avx512f") != 0;
      }},
-    {"avx2", forward_avx2, backward_avx2,
+    {"avx2", forward_avx2, backward_avx2, softmax_avx2, softmax_backward_avx2,
      [] {
        __builtin_cpu_init();
        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
      }},
 #endif
-    {"baseline", forward_baseline, backward_baseline, [] { return true; }},
+    {"baseline", forward_baseline, backward_baseline, softmax_baseline, softmax_backward_baseline,
+     [] { return true; }},
 };
 
 const Variant* best_variant() {
@@ -160,6 +242,16 @@ void swiglu_backward_rows(const float* h, int64_t ld_h, const float* dact, int64
                           float* dh, int64_t ld_dh, float* act, int64_t ld_act, int64_t rows,
                           int64_t F) {
   current().load()->backward(h, ld_h, dact, ld_dact, dh, ld_dh, act, ld_act, rows, F);
+}
+
+void causal_softmax_rows(float* P, int64_t ld, int64_t first_row, int64_t rows, int64_t S,
+                         float scale) {
+  current().load()->softmax(P, ld, first_row, rows, S, scale);
+}
+
+void causal_softmax_backward_rows(const float* P, float* dS, int64_t ld, int64_t first_row,
+                                  int64_t rows, int64_t S, float scale) {
+  current().load()->softmax_backward(P, dS, ld, first_row, rows, S, scale);
 }
 
 }  // namespace detail

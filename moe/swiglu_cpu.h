@@ -1,5 +1,6 @@
 // The SwiGLU element-wise work of the grouped experts for fp32 rows on the CPU, each direction in
-// one vectorized pass (LibTorch's ops take two passes forward and five backward). Raw pointers,
+// one vectorized pass, and (beside it, for the same exp and variants) the causal softmax rows of
+// the model's attention (LibTorch's ops take two passes forward and five backward). Raw pointers,
 // no LibTorch: experts.cpp slices the tensors, splits the rows over threads and keeps the
 // LibTorch ops as the reference these are tested against (tests/moe/swiglu_cpu_test.cpp).
 // Letters: F expert hidden dim. A row of h holds [gate | up], 2F entries; ld_* are row strides.
@@ -25,6 +26,20 @@ void swiglu_forward_rows(const float* h, int64_t ld_h, float* act, int64_t ld_ac
 void swiglu_backward_rows(const float* h, int64_t ld_h, const float* dact, int64_t ld_dact,
                           float* dh, int64_t ld_dh, float* act, int64_t ld_act, int64_t rows,
                           int64_t F);
+
+/// The causal softmax of attention scores, in place: rows first_row .. first_row + rows - 1 of a
+/// (S, S) block with row stride ld, where row i holds raw scores in columns 0 .. i. Afterwards
+/// row i holds exp(scale (x_j - max)) / sum for j <= i and 0 for i < j < S (scale > 0). A NaN
+/// score makes its row NaN. The attention of train/attention_cpu.h uses it: it shares this
+/// file's exp and instruction-set variants.
+void causal_softmax_rows(float* P, int64_t ld, int64_t first_row, int64_t rows, int64_t S,
+                         float scale);
+
+/// Its backward, in place: dS holds dP = dL/dP (rows as above, columns 0 .. i), P the softmax's
+/// output; afterwards row i of dS holds scale P_j (dP_j - sum_k P_k dP_k) for j <= i (the gradient
+/// of the raw scores) and 0 for i < j < S.
+void causal_softmax_backward_rows(const float* P, float* dS, int64_t ld, int64_t first_row,
+                                  int64_t rows, int64_t S, float scale);
 
 /// The instruction-set variant these run: "avx512", "avx2" or "baseline", at first the best one
 /// this CPU supports.

@@ -5,6 +5,7 @@
 
 #include "moe/checkpoint.h"
 #include "moe/profile_region.h"
+#include "train/attention_cpu.h"
 #include "train/model_kernels_cpu.h"
 
 namespace gbmoe {
@@ -182,10 +183,14 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x) {
   }
   {
     GBMOE_PROFILE_REGION("attention.sdpa");
-    y = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+    if (causal_attention_cpu_applies(q, k, v)) {  // the fused kernel writes (B, S, H, Dh)
+      y = causal_attention_cpu(q, k, v);
+    } else {
+      y = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true).transpose(1, 2);
+    }
   }
   GBMOE_PROFILE_REGION("attention.out");
-  return out->forward(y.transpose(1, 2).reshape({B, S, dim}));
+  return out->forward(y.reshape({B, S, dim}));
 }
 
 BlockImpl::BlockImpl(const LanguageModelOptions& options_, bool is_moe_)

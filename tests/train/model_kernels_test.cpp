@@ -1,13 +1,17 @@
-// The fused fp32 CPU passes of the model (RMSNorm, q/k/v heads with the rotary embedding) against
-// the plain LibTorch reference in model.cpp (kernel mode Reference), over shapes and strides,
-// through the modules; and FusedAdamW against torch::optim::AdamW, including a state handed from
-// one to the other.
+// The fused fp32 CPU passes of the model (RMSNorm, q/k/v heads with the rotary embedding, causal
+// attention) against the plain LibTorch reference in model.cpp (kernel mode Reference) or
+// LibTorch's attention in fp64, over shapes and strides, through the modules; and FusedAdamW
+// against torch::optim::AdamW, including a state handed from one to the other.
 #include "train/model_kernels_cpu.h"
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include "moe/kernels.h"
+#include "moe/swiglu_cpu.h"
 #include "tests/test_util.h"
+#include "train/attention_cpu.h"
 #include "train/fused_adamw.h"
 #include "train/model.h"
 
@@ -140,6 +144,93 @@ TEST(ModelKernelsCpu, QkvHeadsRopeRefusesTablesOfTheWrongShape) {
   auto qkv = torch::randn({1, 4, 3, 2, 8});
   auto wrong = torch::ones({4, 3});
   expect_throw_with([&] { qkv_heads_rope_cpu(qkv, wrong, wrong); }, "(4, 4)");
+}
+
+struct CausalAttentionRun {
+  torch::Tensor y_BSHD, dq, dk, dv;
+};
+
+// y and the gradients of sum(y * g) in q, k, v: the fused kernel, or (reference) LibTorch's
+// attention in fp64 on the same values.
+CausalAttentionRun run_causal_attention(bool fused, const std::vector<torch::Tensor>& qkv,
+                                        const torch::Tensor& g_BSHD) {
+  std::vector<torch::Tensor> in;
+  for (const auto& t : qkv) {
+    in.push_back((fused ? t : t.to(torch::kDouble)).detach().requires_grad_());
+  }
+  auto y =
+      fused ? causal_attention_cpu(in[0], in[1], in[2])
+            : at::scaled_dot_product_attention(in[0], in[1], in[2], {}, 0.0, true).transpose(1, 2);
+  (y * g_BSHD.to(y.scalar_type())).sum().backward();
+  auto f = [](const torch::Tensor& t) { return t.to(torch::kFloat); };
+  return {f(y.detach()), f(in[0].grad()), f(in[1].grad()), f(in[2].grad())};
+}
+
+TEST(ModelKernelsCpu, CausalAttentionMatchesTheReference) {
+  torch::manual_seed(5);
+  const std::string saved = detail::swiglu_cpu_variant();  // the softmax's exp variants
+  for (const std::string variant : {"avx512", "avx2", "baseline"}) {
+    if (!detail::set_swiglu_cpu_variant(variant)) continue;
+    // Shapes around the 32-row tiles: one position, within one tile, a tile and one more, the
+    // training shape, the longest S taken, odd sizes.
+    for (auto [B, H, S, Dh] :
+         std::vector<std::array<int64_t, 4>>{{1, 1, 1, 4},
+                                             {2, 3, 7, 8},
+                                             {1, 2, 33, 16},
+                                             {4, 4, 128, 32},
+                                             {2, 2, 100, 64},
+                                             {1, 1, kCausalAttentionCpuMaxPositions, 8},
+                                             {3, 1, 65, 5}}) {
+      std::vector<torch::Tensor> qkv;
+      for (int i = 0; i < 3; ++i) qkv.push_back(torch::randn({B, H, S, Dh}) * (i == 0 ? 2 : 1));
+      ASSERT_TRUE(causal_attention_cpu_applies(qkv[0], qkv[1], qkv[2]));
+      auto g = torch::randn({B, S, H, Dh});
+      const auto fused = run_causal_attention(true, qkv, g);
+      const auto ref = run_causal_attention(false, qkv, g);
+      const std::string at = variant + ", B " + std::to_string(B) + " H " + std::to_string(H) +
+                             " S " + std::to_string(S) + " Dh " + std::to_string(Dh);
+      EXPECT_TRUE(fused.y_BSHD.is_contiguous()) << at;
+      expect_close(fused.y_BSHD, ref.y_BSHD, 2e-6, "y, " + at);
+      expect_close(fused.dq, ref.dq, 1e-5, "dq, " + at);
+      expect_close(fused.dk, ref.dk, 1e-5, "dk, " + at);
+      expect_close(fused.dv, ref.dv, 1e-5, "dv, " + at);
+    }
+  }
+  ASSERT_TRUE(detail::set_swiglu_cpu_variant(saved));
+}
+
+// A query row sees only the keys up to its own position: changing later keys and values leaves
+// earlier outputs bit for bit, and a NaN in a key reaches exactly the rows at and after it.
+TEST(ModelKernelsCpu, CausalAttentionIsCausal) {
+  torch::manual_seed(6);
+  const int64_t S = 70, at_pos = 40;
+  auto q = torch::randn({1, 2, S, 16}), k = torch::randn({1, 2, S, 16});
+  auto v = torch::randn({1, 2, S, 16});
+  auto y = causal_attention_cpu(q, k, v);
+  auto k2 = k.clone(), v2 = v.clone();
+  k2.narrow(2, at_pos, S - at_pos).fill_(std::nanf(""));
+  v2.narrow(2, at_pos, S - at_pos).normal_();
+  auto y2 = causal_attention_cpu(q, k2, v2);
+  EXPECT_TRUE(torch::equal(y2.narrow(1, 0, at_pos), y.narrow(1, 0, at_pos)));
+  EXPECT_TRUE(y2.narrow(1, at_pos, S - at_pos).isnan().all().item<bool>());
+}
+
+TEST(ModelKernelsCpu, CausalAttentionLeavesOtherInputsToTheReference) {
+  auto q = torch::randn({2, 2, 8, 4});
+  EXPECT_TRUE(causal_attention_cpu_applies(q, q, q));
+  const int64_t too_long = kCausalAttentionCpuMaxPositions + 1;
+  auto long_q = torch::randn({1, 1, too_long, 4});
+  EXPECT_FALSE(causal_attention_cpu_applies(long_q, long_q, long_q));
+  auto strided = torch::randn({2, 8, 2, 4}).transpose(1, 2);  // (B, H, S, Dh), not contiguous
+  EXPECT_FALSE(causal_attention_cpu_applies(strided, strided, strided));
+  EXPECT_FALSE(causal_attention_cpu_applies(q, q, torch::randn({2, 2, 8, 5})));
+  auto qd = q.to(torch::kDouble);
+  EXPECT_FALSE(causal_attention_cpu_applies(qd, qd, qd));
+  {
+    KernelModeGuard reference(KernelMode::Reference);
+    EXPECT_FALSE(causal_attention_cpu_applies(q, q, q));
+  }
+  expect_throw_with([&] { causal_attention_cpu(long_q, long_q, long_q); }, "S <= 512");
 }
 
 // Parameters of two groups (with and without weight decay), gradients given per step.
