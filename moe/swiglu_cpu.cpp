@@ -137,34 +137,52 @@ inline __attribute__((always_inline)) void causal_softmax_backward_row(const flo
   for (int64_t j = n; j < S; ++j) d[j] = 0.f;
 }
 
+inline __attribute__((always_inline)) void softmax_exp_row(const float* __restrict x,
+                                                           float* __restrict e, int64_t V,
+                                                           float* max_out, float* sum_out) {
+  const float m = lane_max(x, V);
+  for (int64_t j = 0; j < V; ++j) {
+    const float d = x[j] - m;
+    e[j] = d == d ? exp_approx(d) : d;
+  }
+  *max_out = m;
+  *sum_out = lane_sum(e, V);
+}
+
 // Each instruction-set variant is the same loop compiled for that target.
-#define GBMOE_SWIGLU_VARIANT(suffix, target_attr)                                             \
-  target_attr void forward_##suffix(const float* h, int64_t ld_h, float* act, int64_t ld_act, \
-                                    int64_t rows, int64_t F) {                                \
-    for (int64_t i = 0; i < rows; ++i) {                                                      \
-      forward_row(h + i * ld_h, h + i * ld_h + F, act + i * ld_act, F);                       \
-    }                                                                                         \
-  }                                                                                           \
-  target_attr void backward_##suffix(const float* h, int64_t ld_h, const float* dact,         \
-                                     int64_t ld_dact, float* dh, int64_t ld_dh, float* act,   \
-                                     int64_t ld_act, int64_t rows, int64_t F) {               \
-    for (int64_t i = 0; i < rows; ++i) {                                                      \
-      backward_row(h + i * ld_h, h + i * ld_h + F, dact + i * ld_dact, dh + i * ld_dh,        \
-                   dh + i * ld_dh + F, act + i * ld_act, F);                                  \
-    }                                                                                         \
-  }                                                                                           \
-  target_attr void softmax_##suffix(float* P, int64_t ld, int64_t first_row, int64_t rows,    \
-                                    int64_t S, float scale) {                                 \
-    for (int64_t i = first_row; i < first_row + rows; ++i) {                                  \
-      causal_softmax_row(P + i * ld, i + 1, S, scale);                                        \
-    }                                                                                         \
-  }                                                                                           \
-  target_attr void softmax_backward_##suffix(const float* P, float* dS, int64_t ld,           \
-                                             int64_t first_row, int64_t rows, int64_t S,      \
-                                             float scale) {                                   \
-    for (int64_t i = first_row; i < first_row + rows; ++i) {                                  \
-      causal_softmax_backward_row(P + i * ld, dS + i * ld, i + 1, S, scale);                  \
-    }                                                                                         \
+#define GBMOE_SWIGLU_VARIANT(suffix, target_attr)                                                  \
+  target_attr void forward_##suffix(const float* h, int64_t ld_h, float* act, int64_t ld_act,      \
+                                    int64_t rows, int64_t F) {                                     \
+    for (int64_t i = 0; i < rows; ++i) {                                                           \
+      forward_row(h + i * ld_h, h + i * ld_h + F, act + i * ld_act, F);                            \
+    }                                                                                              \
+  }                                                                                                \
+  target_attr void backward_##suffix(const float* h, int64_t ld_h, const float* dact,              \
+                                     int64_t ld_dact, float* dh, int64_t ld_dh, float* act,        \
+                                     int64_t ld_act, int64_t rows, int64_t F) {                    \
+    for (int64_t i = 0; i < rows; ++i) {                                                           \
+      backward_row(h + i * ld_h, h + i * ld_h + F, dact + i * ld_dact, dh + i * ld_dh,             \
+                   dh + i * ld_dh + F, act + i * ld_act, F);                                       \
+    }                                                                                              \
+  }                                                                                                \
+  target_attr void softmax_##suffix(float* P, int64_t ld, int64_t first_row, int64_t rows,         \
+                                    int64_t S, float scale) {                                      \
+    for (int64_t i = first_row; i < first_row + rows; ++i) {                                       \
+      causal_softmax_row(P + i * ld, i + 1, S, scale);                                             \
+    }                                                                                              \
+  }                                                                                                \
+  target_attr void softmax_backward_##suffix(const float* P, float* dS, int64_t ld,                \
+                                             int64_t first_row, int64_t rows, int64_t S,           \
+                                             float scale) {                                        \
+    for (int64_t i = first_row; i < first_row + rows; ++i) {                                       \
+      causal_softmax_backward_row(P + i * ld, dS + i * ld, i + 1, S, scale);                       \
+    }                                                                                              \
+  }                                                                                                \
+  target_attr void softmax_exp_##suffix(const float* x, int64_t ld_x, float* e, int64_t ld_e,      \
+                                        int64_t rows, int64_t V, float* max_out, float* sum_out) { \
+    for (int64_t i = 0; i < rows; ++i) {                                                           \
+      softmax_exp_row(x + i * ld_x, e + i * ld_e, V, max_out + i, sum_out + i);                    \
+    }                                                                                              \
   }
 
 GBMOE_SWIGLU_VARIANT(baseline, )
@@ -177,6 +195,7 @@ using ForwardFn = decltype(&forward_baseline);
 using BackwardFn = decltype(&backward_baseline);
 using SoftmaxFn = decltype(&softmax_baseline);
 using SoftmaxBackwardFn = decltype(&softmax_backward_baseline);
+using SoftmaxExpFn = decltype(&softmax_exp_baseline);
 
 struct Variant {
   const char* name;
@@ -184,6 +203,7 @@ struct Variant {
   BackwardFn backward;
   SoftmaxFn softmax;
   SoftmaxBackwardFn softmax_backward;
+  SoftmaxExpFn softmax_exp;
   bool (*supported)();
 };
 
@@ -193,18 +213,19 @@ struct Variant {
 const Variant kVariants[] = {
 #ifdef GBMOE_X86_VARIANTS
     {"avx512", forward_avx512, backward_avx512, softmax_avx512, softmax_backward_avx512,
+     softmax_exp_avx512,
      [] {
        __builtin_cpu_init();
        return __builtin_cpu_supports("avx512f") != 0;
      }},
-    {"avx2", forward_avx2, backward_avx2, softmax_avx2, softmax_backward_avx2,
+    {"avx2", forward_avx2, backward_avx2, softmax_avx2, softmax_backward_avx2, softmax_exp_avx2,
      [] {
        __builtin_cpu_init();
        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
      }},
 #endif
     {"baseline", forward_baseline, backward_baseline, softmax_baseline, softmax_backward_baseline,
-     [] { return true; }},
+     softmax_exp_baseline, [] { return true; }},
 };
 
 const Variant* best_variant() {
@@ -252,6 +273,11 @@ void causal_softmax_rows(float* P, int64_t ld, int64_t first_row, int64_t rows, 
 void causal_softmax_backward_rows(const float* P, float* dS, int64_t ld, int64_t first_row,
                                   int64_t rows, int64_t S, float scale) {
   current().load()->softmax_backward(P, dS, ld, first_row, rows, S, scale);
+}
+
+void softmax_exp_rows(const float* x, int64_t ld_x, float* e, int64_t ld_e, int64_t rows, int64_t V,
+                      float* max_out, float* sum_out) {
+  current().load()->softmax_exp(x, ld_x, e, ld_e, rows, V, max_out, sum_out);
 }
 
 }  // namespace detail

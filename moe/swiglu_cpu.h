@@ -41,6 +41,13 @@ void causal_softmax_rows(float* P, int64_t ld, int64_t first_row, int64_t rows, 
 void causal_softmax_backward_rows(const float* P, float* dS, int64_t ld, int64_t first_row,
                                   int64_t rows, int64_t S, float scale);
 
+/// The exponentials of a softmax, row by row: for each of rows rows of V entries (row stride ld_x),
+/// e = exp(x - max) into e (row stride ld_e), and the row's max and sum of e into max_out[i],
+/// sum_out[i]. A NaN entry makes e and the sum NaN. The fused cross-entropy of
+/// train/model_kernels_cpu.h uses it.
+void softmax_exp_rows(const float* x, int64_t ld_x, float* e, int64_t ld_e, int64_t rows, int64_t V,
+                      float* max_out, float* sum_out);
+
 /// The instruction-set variant these run: "avx512", "avx2" or "baseline", at first the best one
 /// this CPU supports.
 const char* swiglu_cpu_variant();

@@ -7,6 +7,7 @@
 
 #include "moe/kernels.h"
 #include "moe/profile_region.h"
+#include "moe/swiglu_cpu.h"
 
 namespace gbmoe {
 
@@ -188,6 +189,69 @@ class QkvHeadsRopeFunction : public torch::autograd::Function<QkvHeadsRopeFuncti
   }
 };
 
+constexpr int64_t kIgnoreIndex = -100;  // LibTorch's default ignore_index
+
+class CrossEntropySumFunction : public torch::autograd::Function<CrossEntropySumFunction> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& logits_NV,
+                               const torch::Tensor& targets_N) {
+    const int64_t N = logits_NV.size(0), V = logits_NV.size(1);
+    auto e_NV = torch::empty({N, V}, logits_NV.options());
+    auto sum_N = torch::empty({N}, logits_NV.options());
+    auto max_N = torch::empty({N}, logits_NV.options());
+    const float* x = logits_NV.data_ptr<float>();
+    const int64_t* t = targets_N.data_ptr<int64_t>();
+    for (int64_t n = 0; n < N; ++n) {
+      TORCH_CHECK(t[n] == kIgnoreIndex || (t[n] >= 0 && t[n] < V), "cross_entropy_sum_cpu: target ",
+                  t[n], " at row ", n, " is outside [0, ", V, ") and not the ignore index -100");
+    }
+    float* sp = sum_N.data_ptr<float>();
+    float* mp = max_N.data_ptr<float>();
+    detail::softmax_exp_rows(x, V, e_NV.data_ptr<float>(), V, N, V, mp, sp);
+    double loss = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      if (t[n] == kIgnoreIndex) continue;
+      loss += static_cast<double>(mp[n]) + std::log(static_cast<double>(sp[n])) -
+              static_cast<double>(x[n * V + t[n]]);
+    }
+    ctx->saved_data["e"] = e_NV;
+    ctx->saved_data["sum"] = sum_N;
+    ctx->saved_data["targets"] = targets_N;
+    ctx->saved_data["used"] = false;
+    return torch::tensor(static_cast<float>(loss), logits_NV.options());
+  }
+
+  // d/dx_j = g (e_j / sum - [j = target]) on the rows with a target, 0 on the others, written over
+  // e.
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    GBMOE_PROFILE_REGION("cross_entropy (backward)");
+    TORCH_CHECK(!ctx->saved_data["used"].toBool(),
+                "cross_entropy_sum_cpu was backpropagated twice; its backward reuses the forward's "
+                "buffer (retain_graph is not supported)");
+    ctx->saved_data["used"] = true;
+    auto e_NV = ctx->saved_data["e"].toTensor();
+    const auto sum_N = ctx->saved_data["sum"].toTensor();
+    const auto targets_N = ctx->saved_data["targets"].toTensor();
+    const int64_t N = e_NV.size(0), V = e_NV.size(1);
+    const float g = grads[0].item<float>();
+    float* e = e_NV.data_ptr<float>();
+    const float* sp = sum_N.data_ptr<float>();
+    const int64_t* t = targets_N.data_ptr<int64_t>();
+    for (int64_t n = 0; n < N; ++n) {
+      float* __restrict row = e + n * V;
+      if (t[n] == kIgnoreIndex) {
+        for (int64_t j = 0; j < V; ++j) row[j] = 0.f;
+        continue;
+      }
+      const float scale = g / sp[n];
+      for (int64_t j = 0; j < V; ++j) row[j] *= scale;
+      row[t[n]] -= g;
+    }
+    ctx->saved_data.erase("e");
+    return {e_NV, torch::Tensor()};
+  }
+};
+
 bool fused_mode() { return kernel_mode() == KernelMode::Fused; }
 
 }  // namespace
@@ -225,6 +289,23 @@ std::vector<torch::Tensor> qkv_heads_rope_cpu(const torch::Tensor& qkv_BS3HD,
                 "), got ", t->sizes(), " ", t->scalar_type());
   }
   return QkvHeadsRopeFunction::apply(qkv_BS3HD, cos_SP, sin_SP);
+}
+
+bool cross_entropy_sum_cpu_applies(const torch::Tensor& logits_NV, const torch::Tensor& targets_N) {
+  return fused_mode() && logits_NV.is_cpu() && logits_NV.scalar_type() == torch::kFloat &&
+         logits_NV.dim() == 2 && logits_NV.is_contiguous() && logits_NV.size(1) >= 1 &&
+         targets_N.is_cpu() && targets_N.scalar_type() == torch::kLong && targets_N.dim() == 1 &&
+         targets_N.size(0) == logits_NV.size(0);
+}
+
+torch::Tensor cross_entropy_sum_cpu(const torch::Tensor& logits_NV,
+                                    const torch::Tensor& targets_N) {
+  TORCH_CHECK(cross_entropy_sum_cpu_applies(logits_NV, targets_N), "cross_entropy_sum_cpu: logits ",
+              logits_NV.sizes(), " ", logits_NV.scalar_type(), " and targets ", targets_N.sizes(),
+              " ", targets_N.scalar_type(),
+              " must be contiguous fp32 CPU (N, V) logits and int64 CPU (N,) targets, in kernel "
+              "mode fused");
+  return CrossEntropySumFunction::apply(logits_NV, targets_N.contiguous());
 }
 
 }  // namespace gbmoe

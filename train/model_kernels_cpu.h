@@ -1,7 +1,7 @@
-// Fused fp32 CPU passes of the model's element-wise work outside the experts: RMSNorm and the
-// rotary embedding, each direction one pass over its rows (LibTorch's ops take about six passes
-// forward and ten backward for a norm, and a dozen for the rotary embedding of q and k). The
-// plain LibTorch code in model.cpp stays the reference these are tested against
+// Fused fp32 CPU passes of the model's element-wise work outside the experts: RMSNorm, the
+// rotary embedding and the cross-entropy, each direction one pass over its rows (LibTorch's ops
+// take about six passes forward and ten backward for a norm, and a dozen for the rotary embedding
+// of q and k). The plain LibTorch code in model.cpp stays the reference these are tested against
 // (tests/train/model_kernels_cpu_test.cpp); GBMOE_KERNELS=reference (moe/kernels.h) runs it.
 // Letters: T rows, D features, B batch, S positions, H heads, Dh head size, P = Dh / 2 pairs.
 #pragma once
@@ -38,5 +38,19 @@ bool qkv_heads_cpu_applies(const torch::Tensor& qkv_BS3HD);
 std::vector<torch::Tensor> qkv_heads_rope_cpu(const torch::Tensor& qkv_BS3HD,
                                               const torch::Tensor& cos_SP,
                                               const torch::Tensor& sin_SP);
+
+/// True when the fused cross-entropy takes (logits, targets): logits fp32 CPU (N, V) contiguous,
+/// targets int64 CPU (N,), and the kernel mode is Fused.
+bool cross_entropy_sum_cpu_applies(const torch::Tensor& logits_NV, const torch::Tensor& targets_N);
+
+/// sum over the rows with targets[n] != -100 of logsumexp(logits[n]) - logits[n, targets[n]]:
+/// torch::nn::functional::cross_entropy with reduction sum and the default ignore_index -100, as
+/// an fp32 0-dim tensor (summed in fp64). The forward keeps exp(logits - max) per row, which the
+/// backward turns in place into the gradient (softmax - one-hot, times the incoming gradient);
+/// so it may be backpropagated once. A target outside [0, V) other than -100 is an error.
+///
+/// Example:
+///   auto task = cross_entropy_sum_cpu(logits.flatten(0, 1), targets.flatten());
+torch::Tensor cross_entropy_sum_cpu(const torch::Tensor& logits_NV, const torch::Tensor& targets_N);
 
 }  // namespace gbmoe

@@ -25,6 +25,7 @@
 #include "train/fused_adamw.h"
 #include "train/hf_model.h"
 #include "train/json.h"
+#include "train/model_kernels_cpu.h"
 #include "train/profile.h"
 #include "train/routing_monitor.h"
 #include "train/run_control.h"
@@ -170,8 +171,11 @@ StepLosses forward_backward(LanguageModel& model, TrainingObjective& objective,
       auto logits = model->forward(b.inputs.to(device), b.mask.to(device), &routing);
       // Padding targets are -100 (ignored): the sum runs over exactly the valid tokens.
       GBMOE_PROFILE_REGION("cross_entropy");
-      task = torch::nn::functional::cross_entropy(logits.flatten(0, 1),
-                                                  b.targets.to(device).flatten(), ce_sum);
+      auto logits_NV = logits.flatten(0, 1);
+      auto targets_N = b.targets.to(device).flatten();
+      task = cross_entropy_sum_cpu_applies(logits_NV, targets_N)
+                 ? cross_entropy_sum_cpu(logits_NV, targets_N)
+                 : torch::nn::functional::cross_entropy(logits_NV, targets_N, ce_sum);
     }
     if (hooks.after_forward) {
       GBMOE_PROFILE_REGION("routing_monitor");

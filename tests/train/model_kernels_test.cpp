@@ -233,6 +233,59 @@ TEST(ModelKernelsCpu, CausalAttentionLeavesOtherInputsToTheReference) {
   expect_throw_with([&] { causal_attention_cpu(long_q, long_q, long_q); }, "S <= 512");
 }
 
+// The fused cross-entropy against LibTorch's in fp64: value and logits gradient (for an incoming
+// gradient other than 1), with ignored rows, over the exp variants and row lengths around the
+// vector widths.
+TEST(ModelKernelsCpu, CrossEntropySumMatchesTheReference) {
+  torch::manual_seed(7);
+  const std::string saved = detail::swiglu_cpu_variant();
+  for (const std::string variant : {"avx512", "avx2", "baseline"}) {
+    if (!detail::set_swiglu_cpu_variant(variant)) continue;
+    for (auto [N, V] : std::vector<std::array<int64_t, 2>>{{1, 1}, {5, 7}, {64, 4096}, {9, 33}}) {
+      auto logits = (torch::randn({N, V}) * 4).requires_grad_();
+      auto targets = torch::randint(V, {N}, torch::kLong);
+      if (N > 1) targets.index_put_({torch::arange(0, N, 3)}, -100);  // every third row ignored
+      ASSERT_TRUE(cross_entropy_sum_cpu_applies(logits, targets));
+      auto loss = cross_entropy_sum_cpu(logits, targets);
+      (loss * 0.37).backward();
+      auto ref_logits = logits.detach().to(torch::kDouble).requires_grad_();
+      auto ref = torch::nn::functional::cross_entropy(
+          ref_logits, targets,
+          torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+      (ref * 0.37).backward();
+      const std::string at = variant + ", N " + std::to_string(N) + " V " + std::to_string(V);
+      EXPECT_EQ(loss.scalar_type(), torch::kFloat) << at;
+      EXPECT_EQ(loss.dim(), 0) << at;
+      expect_close(loss.detach().to(torch::kDouble), ref.detach(), 1e-6, "loss, " + at);
+      expect_close(logits.grad(), ref_logits.grad().to(torch::kFloat), 1e-6, "grad, " + at);
+    }
+  }
+  ASSERT_TRUE(detail::set_swiglu_cpu_variant(saved));
+}
+
+TEST(ModelKernelsCpu, CrossEntropySumRefusesBadTargetsAndASecondBackward) {
+  auto logits = torch::randn({3, 5}, torch::requires_grad());
+  expect_throw_with(
+      [&] {
+        cross_entropy_sum_cpu(logits, torch::tensor({0, 5, 1}));
+      },
+      "target 5 at row 1 is outside [0, 5)");
+  expect_throw_with(
+      [&] {
+        cross_entropy_sum_cpu(logits, torch::tensor({0, -1, 1}));
+      },
+      "target -1 at row 1");
+  auto all_ignored = cross_entropy_sum_cpu(logits, torch::tensor({-100, -100, -100}));
+  EXPECT_EQ(all_ignored.item<float>(), 0.f);
+  all_ignored.backward(torch::ones({}), /*retain_graph=*/true);
+  EXPECT_EQ(logits.grad().abs().max().item<float>(), 0.f);
+  expect_throw_with([&] { all_ignored.backward(); }, "backpropagated twice");
+  EXPECT_FALSE(cross_entropy_sum_cpu_applies(logits.to(torch::kDouble), torch::tensor({0, 1, 2})));
+  EXPECT_FALSE(cross_entropy_sum_cpu_applies(logits.t(), torch::tensor({0, 1, 2, 3, 4})));
+  KernelModeGuard reference(KernelMode::Reference);
+  EXPECT_FALSE(cross_entropy_sum_cpu_applies(logits, torch::tensor({0, 1, 2})));
+}
+
 // Parameters of two groups (with and without weight decay), gradients given per step.
 std::vector<torch::Tensor> adam_params() {
   torch::manual_seed(4);
