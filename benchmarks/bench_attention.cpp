@@ -36,24 +36,30 @@ double median(std::vector<double> v) {
 int main(int argc, char** argv) {
   cxxopts::Options cli("gbmoe_bench_attention",
                        "causal attention forward+backward: fused kernel vs LibTorch's sdpa");
-  cli.add_options()("B", "batch", cxxopts::value<int64_t>()->default_value("4"))(
-      "H", "heads", cxxopts::value<int64_t>()->default_value("4"))(
-      "S", "positions", cxxopts::value<int64_t>()->default_value("128"))(
-      "Dh", "head size", cxxopts::value<int64_t>()->default_value("32"))(
+  cli.add_options()("batch", "B", cxxopts::value<int64_t>()->default_value("4"))(
+      "heads", "H", cxxopts::value<int64_t>()->default_value("4"))(
+      "seq", "S, positions", cxxopts::value<int64_t>()->default_value("128"))(
+      "head-dim", "Dh", cxxopts::value<int64_t>()->default_value("32"))(
       "threads", "intra-op threads", cxxopts::value<int>()->default_value("1"))(
       "rounds", "alternated rounds", cxxopts::value<int>()->default_value("7"))(
       "reps", "calls per round (their mean is the round's figure)",
       cxxopts::value<int>()->default_value("20"))(
       "only", "time only fused or sdpa (for a profiler)", cxxopts::value<std::string>())(
       "h,help", "print help");
-  const auto args = cli.parse(argc, argv);
+  cxxopts::ParseResult args;
+  try {
+    args = cli.parse(argc, argv);
+  } catch (const cxxopts::exceptions::exception& e) {
+    std::fprintf(stderr, "gbmoe_bench_attention: %s (see --help)\n", e.what());
+    return 2;
+  }
   if (args.count("help")) {
     std::printf("%s\n", cli.help().c_str());
     return 0;
   }
   torch::set_num_threads(args["threads"].as<int>());
-  const int64_t B = args["B"].as<int64_t>(), H = args["H"].as<int64_t>();
-  const int64_t S = args["S"].as<int64_t>(), Dh = args["Dh"].as<int64_t>();
+  const int64_t B = args["batch"].as<int64_t>(), H = args["heads"].as<int64_t>();
+  const int64_t S = args["seq"].as<int64_t>(), Dh = args["head-dim"].as<int64_t>();
   const int rounds = args["rounds"].as<int>(), reps = args["reps"].as<int>();
   torch::manual_seed(0);
   std::vector<torch::Tensor> qkv;
