@@ -65,12 +65,23 @@ int main(int argc, char** argv) {
   std::vector<torch::Tensor> qkv;
   for (int i = 0; i < 3; ++i) qkv.push_back(torch::randn({B, H, S, Dh}));
   const auto g = torch::randn({B, S, H, Dh});
+  if (!gbmoe::causal_attention_cpu_available()) {
+    std::fprintf(stderr, "gbmoe_bench_attention: no BLAS sgemm_ in the loaded libraries\n");
+    return 2;
+  }
   if (!gbmoe::causal_attention_cpu_applies(qkv[0], qkv[1], qkv[2])) {
     std::fprintf(stderr, "gbmoe_bench_attention: the fused kernel does not take this shape\n");
     return 2;
   }
   if (args.count("only")) {
-    const bool fused = args["only"].as<std::string>() == "fused";
+    const auto only = args["only"].as<std::string>();
+    if (only != "fused" && only != "sdpa") {
+      std::fprintf(stderr, "gbmoe_bench_attention: --only (%s) must be fused or sdpa\n",
+                   only.c_str());
+      return 2;
+    }
+    const bool fused = only == "fused";
+    time_once(fused, qkv, g);  // warm-up
     double total = 0;
     for (int i = 0; i < rounds * reps; ++i) total += time_once(fused, qkv, g);
     std::printf("%s: %.3f ms per call\n", fused ? "fused" : "sdpa", total / (rounds * reps) * 1e3);

@@ -12,12 +12,22 @@
 
 namespace gbmoe {
 
-/// The longest sequence the fused attention takes: it keeps B H S S fp32 probabilities per call
-/// for the backward (16 MiB per (B H) = 16 at S = 512); longer ones go to LibTorch's flash kernel.
+/// The longest sequence the fused attention takes (its per-head blocks are S x S); longer ones go
+/// to LibTorch's flash kernel.
 constexpr int64_t kCausalAttentionCpuMaxPositions = 512;
 
+/// The most a call keeps for its backward (B H S S fp32 probabilities); calls that would keep
+/// more go to LibTorch's attention. A call without a backward (no grad mode, or no input that
+/// requires grad) keeps nothing: it works in one S x S block per thread.
+constexpr int64_t kCausalAttentionCpuMaxKeptBytes = int64_t{256} << 20;
+
+/// Whether the BLAS product the kernel calls was found (libtorch_cpu's MKL exports it on x86-64
+/// Linux wheels); false elsewhere, and then causal_attention_cpu_applies is always false.
+bool causal_attention_cpu_available();
+
 /// True when causal_attention_cpu takes (q, k, v): fp32 CPU tensors, each (B, H, S, Dh)
-/// contiguous with the same sizes, 1 <= S <= kCausalAttentionCpuMaxPositions, and the kernel
+/// contiguous with the same sizes, 1 <= S <= kCausalAttentionCpuMaxPositions, what a backward
+/// would keep within kCausalAttentionCpuMaxKeptBytes, the BLAS product available, and the kernel
 /// mode (moe/kernels.h) is Fused.
 bool causal_attention_cpu_applies(const torch::Tensor& q_BHSD, const torch::Tensor& k_BHSD,
                                   const torch::Tensor& v_BHSD);

@@ -3,6 +3,8 @@
 // eight independent lanes).
 #include "train/model_kernels_cpu.h"
 
+#include <ATen/Parallel.h>
+
 #include <cmath>
 
 #include "moe/kernels.h"
@@ -207,8 +209,12 @@ class CrossEntropySumFunction : public torch::autograd::Function<CrossEntropySum
     }
     float* sp = sum_N.data_ptr<float>();
     float* mp = max_N.data_ptr<float>();
-    detail::softmax_exp_rows(x, V, e_NV.data_ptr<float>(), V, N, V, mp, sp);
-    double loss = 0;
+    float* e = e_NV.data_ptr<float>();
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      detail::softmax_exp_rows(x + begin * V, V, e + begin * V, V, end - begin, V, mp + begin,
+                               sp + begin);
+    });
+    double loss = 0;  // in row order, whatever the threads: the same bits at any thread count
     for (int64_t n = 0; n < N; ++n) {
       if (t[n] == kIgnoreIndex) continue;
       loss += static_cast<double>(mp[n]) + std::log(static_cast<double>(sp[n])) -
@@ -216,7 +222,7 @@ class CrossEntropySumFunction : public torch::autograd::Function<CrossEntropySum
     }
     ctx->saved_data["e"] = e_NV;
     ctx->saved_data["sum"] = sum_N;
-    ctx->saved_data["targets"] = targets_N;
+    ctx->saved_data["targets"] = targets_N.clone();  // not a view of a batch that may change
     ctx->saved_data["used"] = false;
     return torch::tensor(static_cast<float>(loss), logits_NV.options());
   }
@@ -225,6 +231,9 @@ class CrossEntropySumFunction : public torch::autograd::Function<CrossEntropySum
   // e.
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     GBMOE_PROFILE_REGION("cross_entropy (backward)");
+    TORCH_CHECK(!torch::GradMode::is_enabled(),
+                "cross_entropy_sum_cpu is differentiable once: its backward builds no graph "
+                "(create_graph is not supported)");
     TORCH_CHECK(!ctx->saved_data["used"].toBool(),
                 "cross_entropy_sum_cpu was backpropagated twice; its backward reuses the forward's "
                 "buffer (retain_graph is not supported)");
@@ -237,16 +246,18 @@ class CrossEntropySumFunction : public torch::autograd::Function<CrossEntropySum
     float* e = e_NV.data_ptr<float>();
     const float* sp = sum_N.data_ptr<float>();
     const int64_t* t = targets_N.data_ptr<int64_t>();
-    for (int64_t n = 0; n < N; ++n) {
-      float* __restrict row = e + n * V;
-      if (t[n] == kIgnoreIndex) {
-        for (int64_t j = 0; j < V; ++j) row[j] = 0.f;
-        continue;
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        float* __restrict row = e + n * V;
+        if (t[n] == kIgnoreIndex) {
+          for (int64_t j = 0; j < V; ++j) row[j] = 0.f;
+          continue;
+        }
+        const float scale = g / sp[n];
+        for (int64_t j = 0; j < V; ++j) row[j] *= scale;
+        row[t[n]] -= g;
       }
-      const float scale = g / sp[n];
-      for (int64_t j = 0; j < V; ++j) row[j] *= scale;
-      row[t[n]] -= g;
-    }
+    });
     ctx->saved_data.erase("e");
     return {e_NV, torch::Tensor()};
   }

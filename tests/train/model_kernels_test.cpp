@@ -103,10 +103,12 @@ TEST(ModelKernelsCpu, AttentionWithFusedHeadsAndRopeMatchesTheReference) {
     const auto ref = run_attention(KernelMode::Reference, attn, x, g);
     const auto fused = run_attention(KernelMode::Fused, attn, x, g);
     const std::string at = "B " + std::to_string(B) + " S " + std::to_string(S);
-    expect_close(fused.y, ref.y, 1e-6, "y, " + at);
-    expect_close(fused.dx, ref.dx, 1e-6, "dx, " + at);
-    expect_close(fused.dqkv, ref.dqkv, 1e-6, "dqkv weight, " + at);
-    expect_close(fused.dout, ref.dout, 1e-6, "dout weight, " + at);
+    // The fused attention sums in another order than LibTorch's (fp32 both): 2e-6, about 4x
+    // what this machine shows.
+    expect_close(fused.y, ref.y, 2e-6, "y, " + at);
+    expect_close(fused.dx, ref.dx, 2e-6, "dx, " + at);
+    expect_close(fused.dqkv, ref.dqkv, 2e-6, "dqkv weight, " + at);
+    expect_close(fused.dout, ref.dout, 2e-6, "dout weight, " + at);
   }
 }
 
@@ -166,7 +168,15 @@ CausalAttentionRun run_causal_attention(bool fused, const std::vector<torch::Ten
   return {f(y.detach()), f(in[0].grad()), f(in[1].grad()), f(in[2].grad())};
 }
 
+// The fused attention needs the BLAS product libtorch_cpu exports on x86-64 Linux; elsewhere the
+// model runs LibTorch's and these tests have nothing to check.
+#define SKIP_WITHOUT_FUSED_ATTENTION()                                        \
+  if (!causal_attention_cpu_available()) {                                    \
+    GTEST_SKIP() << "no sgemm_ in the loaded libraries: the model uses sdpa"; \
+  }
+
 TEST(ModelKernelsCpu, CausalAttentionMatchesTheReference) {
+  SKIP_WITHOUT_FUSED_ATTENTION();
   torch::manual_seed(5);
   const std::string saved = detail::swiglu_cpu_variant();  // the softmax's exp variants
   for (const std::string variant : {"avx512", "avx2", "baseline"}) {
@@ -202,6 +212,7 @@ TEST(ModelKernelsCpu, CausalAttentionMatchesTheReference) {
 // A query row sees only the keys up to its own position: changing later keys and values leaves
 // earlier outputs bit for bit, and a NaN in a key reaches exactly the rows at and after it.
 TEST(ModelKernelsCpu, CausalAttentionIsCausal) {
+  SKIP_WITHOUT_FUSED_ATTENTION();
   torch::manual_seed(6);
   const int64_t S = 70, at_pos = 40;
   auto q = torch::randn({1, 2, S, 16}), k = torch::randn({1, 2, S, 16});
@@ -215,7 +226,34 @@ TEST(ModelKernelsCpu, CausalAttentionIsCausal) {
   EXPECT_TRUE(y2.narrow(1, at_pos, S - at_pos).isnan().all().item<bool>());
 }
 
+// Without a backward (evaluation) nothing is kept, and the output is the same bits; a call whose
+// kept probabilities would pass the cap goes to LibTorch when it needs a backward, not otherwise.
+TEST(ModelKernelsCpu, CausalAttentionKeepsProbabilitiesOnlyForABackward) {
+  SKIP_WITHOUT_FUSED_ATTENTION();
+  torch::manual_seed(8);
+  std::vector<torch::Tensor> qkv;
+  for (int i = 0; i < 3; ++i) qkv.push_back(torch::randn({2, 3, 45, 16}).requires_grad_());
+  auto with_grad = causal_attention_cpu(qkv[0], qkv[1], qkv[2]);
+  EXPECT_TRUE(with_grad.requires_grad());
+  torch::Tensor without;
+  {
+    torch::NoGradGuard no_grad;
+    without = causal_attention_cpu(qkv[0], qkv[1], qkv[2]);
+  }
+  EXPECT_FALSE(without.requires_grad());
+  EXPECT_TRUE(torch::equal(without, with_grad.detach()));
+  const int64_t S = kCausalAttentionCpuMaxPositions;
+  const int64_t heads = kCausalAttentionCpuMaxKeptBytes / (S * S * 4) + 1;  // one over the cap
+  auto big = torch::empty({1, heads, S, 1});
+  EXPECT_TRUE(causal_attention_cpu_applies(big, big, big));
+  big.requires_grad_();
+  EXPECT_FALSE(causal_attention_cpu_applies(big, big, big));
+  torch::NoGradGuard no_grad;
+  EXPECT_TRUE(causal_attention_cpu_applies(big, big, big));
+}
+
 TEST(ModelKernelsCpu, CausalAttentionLeavesOtherInputsToTheReference) {
+  SKIP_WITHOUT_FUSED_ATTENTION();
   auto q = torch::randn({2, 2, 8, 4});
   EXPECT_TRUE(causal_attention_cpu_applies(q, q, q));
   const int64_t too_long = kCausalAttentionCpuMaxPositions + 1;
@@ -261,6 +299,36 @@ TEST(ModelKernelsCpu, CrossEntropySumMatchesTheReference) {
     }
   }
   ASSERT_TRUE(detail::set_swiglu_cpu_variant(saved));
+}
+
+// Rows (cross-entropy) and heads (attention) split over threads: the cross-entropy gives the same
+// bits as one thread; the attention the same values to fp32 rounding (MKL's products need not
+// keep their bits across thread settings).
+TEST(ModelKernelsCpu, FusedAttentionAndCrossEntropyOnThreeThreadsAsOnOne) {
+  SKIP_WITHOUT_FUSED_ATTENTION();
+  torch::manual_seed(9);
+  auto logits = torch::randn({300, 50});
+  auto targets = torch::randint(50, {300}, torch::kLong);
+  std::vector<torch::Tensor> qkv;
+  for (int i = 0; i < 3; ++i) qkv.push_back(torch::randn({3, 5, 40, 8}));
+  auto g = torch::randn({3, 40, 5, 8});
+  auto run = [&] {
+    auto l = logits.detach().requires_grad_();
+    auto loss = cross_entropy_sum_cpu(l, targets);
+    loss.backward();
+    const auto fused = run_causal_attention(true, qkv, g);
+    return std::vector<torch::Tensor>{loss.detach(), l.grad(), fused.y_BSHD,
+                                      fused.dq,      fused.dk, fused.dv};
+  };
+  const int saved = torch::get_num_threads();
+  torch::set_num_threads(1);
+  const auto one = run();
+  torch::set_num_threads(3);
+  const auto three = run();
+  torch::set_num_threads(saved);
+  EXPECT_TRUE(torch::equal(one[0], three[0]));
+  EXPECT_TRUE(torch::equal(one[1], three[1]));
+  for (size_t i = 2; i < one.size(); ++i) expect_close(three[i], one[i], 1e-6, std::to_string(i));
 }
 
 TEST(ModelKernelsCpu, CrossEntropySumRefusesBadTargetsAndASecondBackward) {
