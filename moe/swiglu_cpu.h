@@ -1,6 +1,7 @@
 // The SwiGLU element-wise work of the grouped experts for fp32 rows on the CPU, each direction in
-// one vectorized pass, and (beside it, for the same exp and variants) the causal softmax rows of
-// the model's attention (LibTorch's ops take two passes forward and five backward). Raw pointers,
+// one vectorized pass (LibTorch's ops take two passes forward and five backward); beside it, for
+// the same exp and instruction-set variants, the softmax rows of the model's attention and
+// cross-entropy (train/attention_cpu.h, train/model_kernels_cpu.h, tested there). Raw pointers,
 // no LibTorch: experts.cpp slices the tensors, splits the rows over threads and keeps the
 // LibTorch ops as the reference these are tested against (tests/moe/swiglu_cpu_test.cpp).
 // Letters: F expert hidden dim. A row of h holds [gate | up], 2F entries; ld_* are row strides.

@@ -2,8 +2,8 @@
 // rows against the keys up to the tile's last row), the causal softmax in place (moe/swiglu_cpu.h:
 // its polynomial exp and instruction-set variants, zeros above the diagonal), then the output; the
 // backward forms dP, dS = P (dP - rowsum(P dP)) and the three gradients with the same tiles. The
-// products go to the BLAS LibTorch links (MKL's sgemm_, Fortran interface), found at run time:
-// where it is absent the model keeps LibTorch's attention. libtorch_cpu exports the LP64
+// products go to the BLAS LibTorch links (MKL's sgemm_, Fortran interface); where it
+// is absent the model keeps LibTorch's attention. libtorch_cpu exports the LP64
 // interface (32-bit integers) as sgemm_ and the ILP64 one as sgemm_64_; the weak reference is
 // bound when the program loads, to whichever library on the link line defines it. The products
 // of a tile run over all its keys with zero probabilities above the diagonal, so an infinite or
@@ -38,14 +38,15 @@ using torch::autograd::tensor_list;
 // (1 + 1/tiles) / 2 of the S x S square (0.625 at S = 128) instead of all of it.
 constexpr int64_t kTile = 32;
 
-// Row-major C (m x n, row stride ldc) = alpha op(A) op(B) + beta C, op(X) = X^T when t_x, for
-// row-major A and B. The column-major BLAS computes C^T = op(B)^T op(A)^T from the same memory.
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* A,
-          int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+// Row-major C (m x n, row stride ldc) = op(A) op(B), op(X) = X^T when t_x, for row-major A and
+// B. The column-major BLAS computes C^T = op(B)^T op(A)^T from the same memory.
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float* C, int64_t ldc) {
   const char opa = ta ? 'T' : 'N', opb = tb ? 'T' : 'N';
   const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
   const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-  sgemm_(&opb, &opa, &M, &N, &K, &alpha, B, &la, A, &lb, &beta, C, &lc);
+  const float one = 1.f, zero = 0.f;
+  sgemm_(&opb, &opa, &M, &N, &K, &one, B, &la, A, &lb, &zero, C, &lc);
 }
 
 // One head's forward. q, k, v: (S, Dh) contiguous; y: S rows of Dh, row stride ld_y; P: (S, S)
@@ -55,12 +56,12 @@ void head_forward(const float* q, const float* k, const float* v, float* y, int6
   // Raw scores q k^T; the softmax applies the 1 / sqrt(Dh).
   for (int64_t r0 = 0; r0 < S; r0 += kTile) {
     const int64_t r1 = std::min(S, r0 + kTile);
-    gemm(false, true, r1 - r0, r1, Dh, 1.f, q + r0 * Dh, Dh, k, Dh, 0.f, P + r0 * S, S);
+    gemm(false, true, r1 - r0, r1, Dh, q + r0 * Dh, Dh, k, Dh, P + r0 * S, S);
   }
   detail::causal_softmax_rows(P, S, 0, S, S, scale);
   for (int64_t r0 = 0; r0 < S; r0 += kTile) {
     const int64_t r1 = std::min(S, r0 + kTile);
-    gemm(false, false, r1 - r0, Dh, r1, 1.f, P + r0 * S, S, v, Dh, 0.f, y + r0 * ld_y, ld_y);
+    gemm(false, false, r1 - r0, Dh, r1, P + r0 * S, S, v, Dh, y + r0 * ld_y, ld_y);
   }
 }
 
@@ -71,7 +72,7 @@ void head_backward(const float* q, const float* k, const float* v, const float* 
                    float scale) {
   for (int64_t r0 = 0; r0 < S; r0 += kTile) {  // dP = dy v^T, the tiles of the forward
     const int64_t r1 = std::min(S, r0 + kTile);
-    gemm(false, true, r1 - r0, r1, Dh, 1.f, dy + r0 * ld_dy, ld_dy, v, Dh, 0.f, dS + r0 * S, S);
+    gemm(false, true, r1 - r0, r1, Dh, dy + r0 * ld_dy, ld_dy, v, Dh, dS + r0 * S, S);
   }
   // dS = scale P (dP - sum_j P dP), the gradient of the raw scores q k^T; zero above the diagonal.
   detail::causal_softmax_backward_rows(P, dS, S, 0, S, S, scale);
@@ -79,14 +80,13 @@ void head_backward(const float* q, const float* k, const float* v, const float* 
   // above the diagonal inside the tile).
   for (int64_t c0 = 0; c0 < S; c0 += kTile) {
     const int64_t c1 = std::min(S, c0 + kTile), rows = S - c0;
-    gemm(true, false, c1 - c0, Dh, rows, 1.f, P + c0 * S + c0, S, dy + c0 * ld_dy, ld_dy, 0.f,
-         dv + c0 * Dh, Dh);
-    gemm(true, false, c1 - c0, Dh, rows, 1.f, dS + c0 * S + c0, S, q + c0 * Dh, Dh, 0.f,
-         dk + c0 * Dh, Dh);
+    gemm(true, false, c1 - c0, Dh, rows, P + c0 * S + c0, S, dy + c0 * ld_dy, ld_dy, dv + c0 * Dh,
+         Dh);
+    gemm(true, false, c1 - c0, Dh, rows, dS + c0 * S + c0, S, q + c0 * Dh, Dh, dk + c0 * Dh, Dh);
   }
   for (int64_t r0 = 0; r0 < S; r0 += kTile) {
     const int64_t r1 = std::min(S, r0 + kTile);
-    gemm(false, false, r1 - r0, Dh, r1, 1.f, dS + r0 * S, S, k, Dh, 0.f, dq + r0 * Dh, Dh);
+    gemm(false, false, r1 - r0, Dh, r1, dS + r0 * S, S, k, Dh, dq + r0 * Dh, Dh);
   }
 }
 
