@@ -223,7 +223,6 @@ class CrossEntropySumFunction : public torch::autograd::Function<CrossEntropySum
     ctx->saved_data["e"] = e_NV;
     ctx->saved_data["sum"] = sum_N;
     ctx->saved_data["targets"] = targets_N.clone();  // not a view of a batch that may change
-    ctx->saved_data["used"] = false;
     return torch::tensor(static_cast<float>(loss), logits_NV.options());
   }
 
@@ -234,11 +233,12 @@ class CrossEntropySumFunction : public torch::autograd::Function<CrossEntropySum
     TORCH_CHECK(!torch::GradMode::is_enabled(),
                 "cross_entropy_sum_cpu is differentiable once: its backward builds no graph "
                 "(create_graph is not supported)");
-    TORCH_CHECK(!ctx->saved_data["used"].toBool(),
+    // The first backward takes the buffer: a second finds none.
+    TORCH_CHECK(ctx->saved_data.count("e") == 1,
                 "cross_entropy_sum_cpu was backpropagated twice; its backward reuses the forward's "
                 "buffer (retain_graph is not supported)");
-    ctx->saved_data["used"] = true;
     auto e_NV = ctx->saved_data["e"].toTensor();
+    ctx->saved_data.erase("e");
     const auto sum_N = ctx->saved_data["sum"].toTensor();
     const auto targets_N = ctx->saved_data["targets"].toTensor();
     const int64_t N = e_NV.size(0), V = e_NV.size(1);
@@ -258,7 +258,6 @@ class CrossEntropySumFunction : public torch::autograd::Function<CrossEntropySum
         row[t[n]] -= g;
       }
     });
-    ctx->saved_data.erase("e");
     return {e_NV, torch::Tensor()};
   }
 };
