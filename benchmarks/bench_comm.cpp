@@ -1,6 +1,8 @@
 // Communication benchmark, run under mpirun: latency of a small all-reduce (E = 64 floats, the
 // size of one layer's expert counts), time and bus bandwidth of a 16 MiB all-reduce, and bus
-// bandwidth of DataParallel's bucketed gradient averaging. Rank 0 prints one line per figure.
+// bandwidth of DataParallel's bucketed gradient averaging, and that averaging straight from the
+// gradients against its staged form (through one buffer per bucket). Rank 0 prints one line per
+// figure.
 // Large all-reduces of ranks on one node go through node shared memory; GBMOE_NODE_SHARED_MEMORY=0
 // measures Open MPI's MPI_Allreduce instead.
 //   mpirun -np 4 build/parallel/gbmoe_bench_comm
@@ -10,6 +12,7 @@
 #include <chrono>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "parallel/data_parallel.h"
@@ -84,6 +87,42 @@ int run() {
   gbmoe::log0("DataParallel::average_gradients ", dp.gradient_bytes() / double(1 << 20), " MiB in ",
               dp.buckets().size(), " buckets: ", t_dp * 1e3, " ms, busbw ",
               bus_bandwidth_gbs(static_cast<double>(dp.gradient_bytes()), t_dp, R), " GB/s");
+
+  // The same buckets' gradients straight through the communicator (what average_gradients does)
+  // against the staged default of Communicator::sum_divided (copied into the bucket's flat
+  // buffer, all-reduced, divided back out: DataParallel before), 7 alternated rounds of 5.
+  std::vector<std::vector<torch::Tensor>> grads;
+  for (const auto& b : dp.buckets()) {
+    grads.emplace_back();
+    for (const auto& p : b.params) grads.back().push_back(p.grad());
+  }
+  auto average = [&](bool staged) {
+    for (size_t b = 0; b < grads.size(); ++b) {
+      const auto& flat = dp.buckets()[b].flat;
+      staged ? world.Communicator::sum_divided(grads[b], R, flat)
+             : world.sum_divided(grads[b], R, flat);
+    }
+  };
+  std::vector<double> direct, staged, ratio;
+  for (int round = 0; round < 7; ++round) {
+    double t[2];
+    for (int k = 0; k < 2; ++k) {
+      const bool is_staged = (k + round) % 2 == 1;
+      t[is_staged] = median_seconds(world, 1, 5, [&] { average(is_staged); });
+    }
+    direct.push_back(t[0]), staged.push_back(t[1]), ratio.push_back(t[1] / t[0]);
+  }
+  auto med = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  auto range = [](const std::vector<double>& v) {
+    return std::to_string(*std::min_element(v.begin(), v.end())).substr(0, 5) + "-" +
+           std::to_string(*std::max_element(v.begin(), v.end())).substr(0, 5);
+  };
+  gbmoe::log0("sum_divided of the buckets, ", dp.gradient_bytes() / double(1 << 20),
+              " MiB: direct ", med(direct) * 1e3, " ms, staged ", med(staged) * 1e3,
+              " ms, staged/direct ", med(ratio), " (", range(ratio), ") over 7 rounds");
   return 0;
 }
 

@@ -25,6 +25,28 @@ void Communicator::all_reduce(const torch::Tensor& t, ReduceOp op) {
   all_reduce_async(t, op)->wait();
 }
 
+void Communicator::sum_divided(const std::vector<torch::Tensor>& tensors, double divisor,
+                               const torch::Tensor& staging) {
+  int64_t numel = 0;
+  for (const auto& t : tensors) numel += t.numel();
+  TORCH_CHECK(staging.dim() == 1 && staging.is_contiguous() && staging.numel() >= numel,
+              "sum_divided: staging (shape ", staging.sizes(),
+              ") must be a contiguous 1-dim buffer ", "of at least ", numel, " elements");
+  auto flat = staging.narrow(0, 0, numel);
+  int64_t offset = 0;
+  for (const auto& t : tensors) {
+    flat.narrow(0, offset, t.numel()).view(t.sizes()).copy_(t);
+    offset += t.numel();
+  }
+  all_reduce(flat, ReduceOp::Sum);
+  const auto d = torch::scalar_tensor(divisor, flat.options());
+  offset = 0;
+  for (auto out : tensors) {  // a handle on the same storage
+    torch::div_out(out, flat.narrow(0, offset, out.numel()).view(out.sizes()), d);
+    offset += out.numel();
+  }
+}
+
 torch::Tensor Communicator::all_to_all(const torch::Tensor& input,
                                        const std::vector<int64_t>& send_splits,
                                        const std::vector<int64_t>& recv_splits) {

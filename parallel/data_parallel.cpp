@@ -175,10 +175,23 @@ void DataParallel::average_gradients() {
     return;
   }
   // One bucket at a time with blocking collectives: MPI's blocking all-reduce is its fastest.
+  // The bucket's flat buffer is the staging of a backend that needs one; the node-shared
+  // all-reduce reads and writes the gradients where they are.
+  std::vector<torch::Tensor> grads;
   for (auto& bucket : buckets_) {
-    flatten_gradients(bucket);
-    comm_of(bucket).all_reduce(bucket.flat, ReduceOp::Sum);
-    unflatten_gradients(bucket, data_parallel_->size());
+    grads.clear();
+    for (size_t i = 0; i < bucket.params.size(); ++i) {
+      auto& p = bucket.params[i];
+      auto& grad = p.mutable_grad();
+      if (!grad.defined()) {
+        grad = torch::zeros_like(p);
+      } else {
+        TORCH_CHECK(!grad.is_sparse(), "DataParallel does not support sparse gradients (",
+                    bucket.names[i], ")");
+      }
+      grads.push_back(grad);
+    }
+    comm_of(bucket).sum_divided(grads, data_parallel_->size(), bucket.flat);
   }
 }
 

@@ -224,13 +224,8 @@ AllToAllPlan plan_all_to_all(const torch::Tensor& input, const std::vector<int64
 void MpiCommunicator::all_reduce(const torch::Tensor& t, ReduceOp op) {
   auto plan = plan_reduce(t, op);
   if (size_ > 1 && plan.op != MPI_LOR && detail::NodeSharedAllReduce::handles(plan.buffer)) {
-    if (!shared_all_reduce_set_up_) {
-      shared_all_reduce_ =
-          detail::NodeSharedAllReduce::create(comm_, rank_, size_, shared_memory_allowed_);
-      shared_all_reduce_set_up_ = true;
-    }
-    if (shared_all_reduce_) {
-      shared_all_reduce_->all_reduce(plan.buffer, /*take_max=*/op == ReduceOp::Max);
+    if (auto* shared = node_shared_all_reduce()) {
+      shared->all_reduce(plan.buffer, /*take_max=*/op == ReduceOp::Max);
       finish_reduce(t, plan.buffer, op, size_);
       return;
     }
@@ -239,6 +234,29 @@ void MpiCommunicator::all_reduce(const torch::Tensor& t, ReduceOp op) {
   GBMOE_MPI_CHECK(
       MPI_Allreduce(MPI_IN_PLACE, plan.buffer.data_ptr(), plan.count, plan.type, plan.op, comm_));
   finish_reduce(t, plan.buffer, op, size_);
+}
+
+detail::NodeSharedAllReduce* MpiCommunicator::node_shared_all_reduce() {
+  if (!shared_all_reduce_set_up_) {
+    shared_all_reduce_ =
+        detail::NodeSharedAllReduce::create(comm_, rank_, size_, shared_memory_allowed_);
+    shared_all_reduce_set_up_ = true;
+  }
+  return shared_all_reduce_.get();
+}
+
+void MpiCommunicator::sum_divided(const std::vector<torch::Tensor>& tensors, double divisor,
+                                  const torch::Tensor& staging) {
+  // A rank whose tensors are not contiguous takes the default, whose all_reduce of staging goes
+  // through the same chunks and phases of the window: the ranks need not agree on the path.
+  if (size_ > 1 && detail::NodeSharedAllReduce::handles(tensors)) {
+    if (auto* shared = node_shared_all_reduce()) {
+      shared->sum_divided(
+          tensors, torch::scalar_tensor(divisor, tensors.front().options().device(torch::kCPU)));
+      return;
+    }
+  }
+  Communicator::sum_divided(tensors, divisor, staging);
 }
 
 std::shared_ptr<Work> MpiCommunicator::all_reduce_async(const torch::Tensor& t, ReduceOp op) {

@@ -257,40 +257,99 @@ torch::Tensor NodeSharedAllReduce::data(int r, int64_t n, torch::ScalarType dtyp
   return torch::from_blob(window_->segment(r) + kAlign, {n}, torch::TensorOptions().dtype(dtype));
 }
 
+namespace {
+
+// Calls fn(part, lo, hi) for each piece's part in [begin, end) of the pieces' concatenation
+// (flat views; starts: their offsets in it, then its length): part is the piece's elements there,
+// [lo, hi) their place relative to begin.
+template <typename Fn>
+void for_each_part(const std::vector<torch::Tensor>& pieces, const std::vector<int64_t>& starts,
+                   int64_t begin, int64_t end, const Fn& fn) {
+  auto i = static_cast<size_t>(std::upper_bound(starts.begin(), starts.end() - 1, begin) -
+                               starts.begin() - 1);
+  for (; i < pieces.size() && starts[i] < end; ++i) {
+    const int64_t lo = std::max(begin, starts[i]), hi = std::min(end, starts[i + 1]);
+    if (hi > lo) fn(pieces[i].narrow(0, lo - starts[i], hi - lo), lo - begin, hi - begin);
+  }
+}
+
+}  // namespace
+
 void NodeSharedAllReduce::all_reduce(const torch::Tensor& buffer, bool take_max) {
   TORCH_CHECK(handles(buffer), "NodeSharedAllReduce::all_reduce cannot take a buffer of shape ",
               buffer.sizes(), " and dtype ", buffer.dtype());
+  reduce_pieces({buffer.view({-1})}, take_max, torch::Tensor());
+}
+
+bool NodeSharedAllReduce::handles(const std::vector<torch::Tensor>& pieces) {
+  if (pieces.empty()) return false;
+  const auto dtype = pieces.front().scalar_type();
+  if (dtype != torch::kFloat && dtype != torch::kDouble) return false;
+  int64_t bytes = 0;
+  for (const auto& p : pieces) {
+    if (p.scalar_type() != dtype || !p.is_contiguous() || !p.device().is_cpu()) return false;
+    bytes += p.numel() * p.element_size();
+  }
+  return bytes >= kMinBytes;
+}
+
+void NodeSharedAllReduce::sum_divided(const std::vector<torch::Tensor>& pieces,
+                                      const torch::Tensor& divisor) {
+  TORCH_CHECK(handles(pieces), "NodeSharedAllReduce::sum_divided takes contiguous fp32 or fp64 ",
+              "CPU tensors of one dtype and at least ", kMinBytes, " bytes together");
+  TORCH_CHECK(divisor.defined() && divisor.dim() == 0 &&
+                  divisor.scalar_type() == pieces.front().scalar_type(),
+              "NodeSharedAllReduce::sum_divided needs a 0-dim divisor of the pieces' dtype");
+  std::vector<torch::Tensor> flat;
+  flat.reserve(pieces.size());
+  for (const auto& p : pieces) flat.push_back(p.view({-1}));
+  reduce_pieces(flat, /*take_max=*/false, divisor);
+}
+
+void NodeSharedAllReduce::reduce_pieces(const std::vector<torch::Tensor>& pieces, bool take_max,
+                                        const torch::Tensor& divisor) {
   CollectiveWatch watch("a node-shared all-reduce", size_);
-  const auto dtype = buffer.scalar_type();
-  const int64_t chunk = kSegmentBytes / buffer.element_size();
-  auto flat = buffer.view({-1});
-  for (int64_t offset = 0; offset < flat.numel(); offset += chunk) {
-    const int64_t n = std::min(chunk, flat.numel() - offset);
-    auto x = flat.narrow(0, offset, n);
-    auto share = [&](int j, const torch::Tensor& t) {
-      const int64_t lo = n * j / size_, hi = n * (j + 1) / size_;
-      return t.narrow(0, lo, hi - lo);
-    };
+  const auto dtype = pieces.front().scalar_type();
+  std::vector<int64_t> starts{0};
+  for (const auto& p : pieces) starts.push_back(starts.back() + p.numel());
+  const int64_t total = starts.back();
+  const int64_t chunk = kSegmentBytes / static_cast<int64_t>(c10::elementSize(dtype));
+  for (int64_t offset = 0; offset < total; offset += chunk) {
+    const int64_t n = std::min(chunk, total - offset);
+    auto share_lo = [&](int j) { return n * j / size_; };
     // Phase 1: this rank's chunk into its segment, once every peer has read the last one.
     wait_for_peers(phase_);
     auto own = data(rank_, n, dtype);
-    own.copy_(x);
+    for_each_part(pieces, starts, offset, offset + n,
+                  [&](const torch::Tensor& part, int64_t lo, int64_t hi) {
+                    own.narrow(0, lo, hi - lo).copy_(part);
+                  });
     advance(/*wait=*/true);
-    // Phase 2: this rank's share over every segment, in rank order.
-    auto out = share(rank_, x);
-    if (out.numel() > 0) {
-      auto first = share(rank_, data(0, n, dtype)), second = share(rank_, data(1, n, dtype));
-      take_max ? torch::maximum_out(out, first, second) : torch::add_out(out, first, second);
-      for (int r = 2; r < size_; ++r) {
-        auto next = share(rank_, data(r, n, dtype));
-        take_max ? torch::maximum_out(out, out, next) : out.add_(next);
-      }
-      share(rank_, own).copy_(out);
-    }
+    // Phase 2: this rank's share over every segment, in rank order, into its pieces (which the
+    // sum may overwrite: their values are in its segment) and then into its segment.
+    const int64_t mine = share_lo(rank_);
+    for_each_part(
+        pieces, starts, offset + mine, offset + share_lo(rank_ + 1),
+        [&](torch::Tensor out, int64_t lo, int64_t hi) {
+          auto at = [&](int r) { return data(r, n, dtype).narrow(0, mine + lo, hi - lo); };
+          take_max ? torch::maximum_out(out, at(0), at(1)) : torch::add_out(out, at(0), at(1));
+          for (int r = 2; r < size_; ++r) {
+            take_max ? torch::maximum_out(out, out, at(r)) : out.add_(at(r));
+          }
+          at(rank_).copy_(out);
+        });
     advance(/*wait=*/true);
-    // Phase 3: the other shares from their owners.
+    // Phase 3: the shares from their owners (this rank's own too when dividing).
     for (int r = 0; r < size_; ++r) {
-      if (r != rank_) share(r, x).copy_(share(r, data(r, n, dtype)));
+      if (r == rank_ && !divisor.defined()) continue;
+      const int64_t lo_r = share_lo(r);
+      auto segment = data(r, n, dtype);
+      for_each_part(pieces, starts, offset + lo_r, offset + share_lo(r + 1),
+                    [&](torch::Tensor part, int64_t lo, int64_t hi) {
+                      auto from = segment.narrow(0, lo_r + lo, hi - lo);
+                      divisor.defined() ? (void)torch::div_out(part, from, divisor)
+                                        : (void)part.copy_(from);
+                    });
     }
     advance(/*wait=*/false);
   }

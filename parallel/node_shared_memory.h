@@ -122,17 +122,19 @@ class NodeSharedSum {
   std::vector<Pending> pending_;  // (kSlots,)
 };
 
-/// All-reduce of a large contiguous buffer in chunks of up to kSegmentBytes. Per chunk: every
-/// rank copies its chunk into its segment; rank j adds share j of the chunk (the j-th of size
-/// near-equal ranges) over the segments in rank order, into its buffer and its segment; every
-/// rank copies the other shares from their owners' segments. So each element is reduced once,
-/// in rank order, and every rank holds the same bits. Three phases a chunk, each ended by
-/// publishing a phase number that the next phase waits for on every peer (the last one is
-/// waited for only when the segment is next written).
+/// All-reduce of a large contiguous buffer, or of several taken as their concatenation, in
+/// chunks of up to kSegmentBytes. Per chunk: every rank copies its chunk into its segment; rank j
+/// adds share j of the chunk (the j-th of size near-equal ranges) over the segments in rank
+/// order, into its segment; every rank copies the shares from their owners' segments into its
+/// buffers (dividing on the way where asked). So each element is reduced once, in rank order,
+/// and every rank holds the same bits. Three phases a chunk, each ended by publishing a phase
+/// number that the next phase waits for on every peer (the last one is waited for only when the
+/// segment is next written).
 ///
 /// Example:
 ///   auto reduce = NodeSharedAllReduce::create(comm, rank, size);  // null across nodes
 ///   if (reduce && reduce->handles(buffer)) reduce->all_reduce(buffer, /*take_max=*/false);
+///   if (reduce && reduce->handles(grads)) reduce->sum_divided(grads, divisor);  // in place
 class NodeSharedAllReduce {
  public:
   static constexpr int64_t kSegmentBytes = int64_t{4} << 20;
@@ -150,12 +152,25 @@ class NodeSharedAllReduce {
   /// NaN on any rank gives NaN.
   void all_reduce(const torch::Tensor& buffer, bool take_max);
 
+  /// Whether sum_divided takes pieces: at least one, each contiguous, all fp32 or all fp64, of at
+  /// least kMinBytes together.
+  static bool handles(const std::vector<torch::Tensor>& pieces);
+  /// Sums the pieces over the ranks as one buffer, their concatenation in order (so every rank
+  /// must pass pieces of the same sizes), and writes each sum divided by divisor (a 0-dim tensor
+  /// of their dtype; torch::div_out's rounding) back into the pieces. No staging copy: the
+  /// pieces go straight into the segments and come back out of them.
+  void sum_divided(const std::vector<torch::Tensor>& pieces, const torch::Tensor& divisor);
+
  private:
   explicit NodeSharedAllReduce(std::unique_ptr<NodeSharedWindow> window);
   // Publishes this rank's next phase and, when wait, waits until every peer has reached it.
   void advance(bool wait);
   void wait_for_peers(int64_t phase);
   torch::Tensor data(int r, int64_t n, torch::ScalarType dtype) const;
+  // The three phases over pieces (flat views of one dtype) taken as their concatenation;
+  // divisor undefined: no division.
+  void reduce_pieces(const std::vector<torch::Tensor>& pieces, bool take_max,
+                     const torch::Tensor& divisor);
 
   std::unique_ptr<NodeSharedWindow> window_;
   int rank_;

@@ -12,12 +12,14 @@
 # FLOPs per token = 6 x (active matmul parameters: q/k/v and output projections, router, top-k
 # experts' gate/up and down, output head) + 6 L S D (causal attention: half of the S^2 scores and
 # values, forward and backward). Embedding lookups, norms and element-wise work count nothing.
-# Usage: scripts/bench_train.sh [--shape default|wide|wide-fine] [--rounds 3] [--steps 30]
+# Usage: scripts/bench_train.sh [--shape default|wide|wide-fine|fine] [--rounds 3] [--steps 30]
 #          [--only 1x1|2x2]
 #   default:   configs/default.yaml (dim 128, 4 layers, 8 experts top-2, expert hidden 256)
 #   wide:      dim 512, 8 heads, 8 experts top-2, expert hidden 1024 (default.yaml with --set)
 #   wide-fine: dim 512, 8 heads, 32 experts top-8, expert hidden 256 (the same active expert
 #              parameters as wide, in experts a quarter the size)
+#   fine:      dim 256, 4 heads, 64 experts top-8, expert hidden 128 (fine-grained experts as in
+#              OLMoE and Qwen3-MoE; the MoE layer benchmark's fine shape)
 #   (needs a built tree, $GBMOE_BUILD_DIR or build/, data/corpus and the project venv)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,7 +41,8 @@ case "$shape" in
   default) dim=128 heads=4 hidden=256 ;;
   wide) dim=512 heads=8 hidden=1024 ;;
   wide-fine) dim=512 heads=8 hidden=256 experts=32 topk=8 ;;
-  *) echo "bench_train.sh: --shape ($shape) must be default, wide or wide-fine" >&2; exit 2 ;;
+  fine) dim=256 heads=4 hidden=128 experts=64 topk=8 ;;
+  *) echo "bench_train.sh: --shape ($shape) must be default, wide, wide-fine or fine" >&2; exit 2 ;;
 esac
 layers=4 vocab=4096 seq=128 mb=4 accum=2
 for f in "$build/train/gbmoe-train" "$python" "$root/data/corpus/meta.json"; do

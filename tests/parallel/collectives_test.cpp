@@ -251,6 +251,76 @@ TEST(Collectives, LargeAllReduceThroughSharedMemoryAddsInRankOrder) {
   EXPECT_FALSE(messages->uses_node_shared_all_reduce());
 }
 
+// DataParallel's gradient average: the tensors straight through the shared window give the bits
+// of the staged default (one buffer, all-reduced, divided back out) and of the sum in rank order
+// divided by hand, for pieces straddling the 4 MiB chunks and the ranks' shares (an empty one
+// among them), a divisor other than the group size, and one rank passing a strided tensor (it
+// takes the default path while the others do not). A bf16 set and a set below the minimum stay
+// on the default path.
+TEST(Collectives, SumDividedThroughSharedMemoryEqualsTheStagedPath) {
+  const int R = test_world()->size();
+  auto world = world_copy(true), messages = world_copy(false);
+  const int64_t chunk_floats = int64_t{4} << 20 >> 2;  // NodeSharedAllReduce::kSegmentBytes
+  struct Case {
+    std::vector<int64_t> sizes;
+    torch::ScalarType dtype;
+    bool strided_on_last_rank;
+  };
+  const std::vector<Case> cases = {
+      {{5, chunk_floats - 3, 0, 2 * chunk_floats / 3, 17, chunk_floats + 11}, torch::kFloat, false},
+      {{300000, 7}, torch::kDouble, false},
+      {{40000, 40000}, torch::kFloat, true},
+      {{100000}, torch::kBFloat16, false},
+      {{1000, 24}, torch::kFloat, false},  // 4 KiB: by MPI
+  };
+  const double divisor = 3.0;
+  for (size_t c = 0; c < cases.size(); ++c) {
+    const auto& k = cases[c];
+    auto of_rank = [&](int r) {
+      std::vector<torch::Tensor> out;
+      for (size_t i = 0; i < k.sizes.size(); ++i) {
+        out.push_back(
+            uneven_contribution(r, static_cast<int>(10 * c + i), k.sizes[i], torch::kDouble)
+                .to(k.dtype));
+      }
+      return out;
+    };
+    const auto mine = of_rank(world->rank());
+    std::vector<torch::Tensor> direct, staged, by_mpi;
+    int64_t total = 0;
+    for (const auto& t : mine) {
+      direct.push_back(t.clone()), staged.push_back(t.clone()), by_mpi.push_back(t.clone());
+      total += t.numel();
+    }
+    if (k.strided_on_last_rank && world->rank() == R - 1) {
+      auto wide = torch::zeros({mine[0].numel(), 2}, mine[0].options());
+      direct[0] = wide.select(1, 0);
+      direct[0].copy_(mine[0]);
+    }
+    auto staging = torch::empty({total + 5}, k.dtype);
+    world->sum_divided(direct, divisor, staging);
+    world->Communicator::sum_divided(staged, divisor, staging);
+    messages->sum_divided(by_mpi, divisor, staging);
+    const bool shared =
+        k.dtype != torch::kBFloat16 && total * c10::elementSize(k.dtype) >= 64 << 10;
+    for (size_t i = 0; i < mine.size(); ++i) {
+      EXPECT_TRUE(torch::equal(direct[i], staged[i])) << "case " << c << " piece " << i;
+      if (shared) {
+        auto expected = of_rank(0)[i];
+        for (int r = 1; r < R; ++r) expected = expected + of_rank(r)[i];
+        expected = expected / torch::scalar_tensor(divisor, k.dtype);
+        EXPECT_TRUE(torch::equal(direct[i], expected)) << "case " << c << " piece " << i;
+      } else if (k.dtype != torch::kBFloat16) {  // MPI's order of addition, on both
+        EXPECT_TRUE(torch::equal(direct[i], by_mpi[i])) << "case " << c << " piece " << i;
+      }
+      EXPECT_TRUE(torch::allclose(direct[i].to(torch::kDouble), by_mpi[i].to(torch::kDouble), 1e-2,
+                                  1e-2 * std::pow(10.0, (R - 1) % 3 * 4)))
+          << "case " << c << " piece " << i;
+    }
+  }
+  EXPECT_EQ(world->uses_node_shared_all_reduce(), R > 1);
+}
+
 TEST(Collectives, OneRoundSumNamesAPeerThatPostedAnotherSize) {
   const int R = test_world()->size();
   if (R == 1) GTEST_SKIP() << "needs two ranks";
