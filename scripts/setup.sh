@@ -26,6 +26,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The venv, the CPU and CUDA builds and the test corpus take about 15 GiB; say so up front where
+# the disk has less, since pip and the compiler only report "No space left on device".
+free_kib=$(df -Pk "$root" | awk 'NR == 2 { print $4 }')
+if [ -n "$free_kib" ] && [ "$free_kib" -lt $((15 * 1024 * 1024)) ]; then
+  echo "setup: warning: $((free_kib / 1024 / 1024)) GiB free on the disk of $root; the venv, the" \
+    "builds and the tests need about 15 GiB" >&2
+fi
+
 # LibTorch comes from the CPU torch wheel, in a venv inside the project (ignored by git).
 torch_version=${GBMOE_TORCH_VERSION:-2.13.0}
 venv="$root/.venv"
