@@ -25,13 +25,34 @@ void Communicator::all_reduce(const torch::Tensor& t, ReduceOp op) {
   all_reduce_async(t, op)->wait();
 }
 
+void Communicator::check_sum_divided(const std::vector<torch::Tensor>& tensors,
+                                     const torch::Tensor& staging) {
+  TORCH_CHECK(!tensors.empty(), "sum_divided needs at least one tensor");
+  int64_t numel = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& t = tensors[i];
+    TORCH_CHECK(t.defined() && tensors[0].defined() &&
+                    t.scalar_type() == tensors[0].scalar_type() &&
+                    t.device() == tensors[0].device(),
+                "sum_divided: tensor ", i, " (", t.defined() ? t.toString() : "undefined",
+                ") is undefined or differs in dtype or device from tensor 0");
+    numel += t.numel();
+  }
+  TORCH_CHECK(staging.defined() && staging.dim() == 1 && staging.is_contiguous() &&
+                  staging.numel() >= numel && staging.scalar_type() == tensors[0].scalar_type() &&
+                  staging.device() == tensors[0].device(),
+              "sum_divided: staging (", staging.defined() ? staging.toString() : "undefined",
+              " of ", staging.defined() ? staging.numel() : 0, " elements, ",
+              staging.defined() ? staging.dim() : 0, "-dim) must be a contiguous 1-dim buffer of ",
+              "the tensors' dtype and device (", tensors[0].toString(), ") with at least ", numel,
+              " elements");
+}
+
 void Communicator::sum_divided(const std::vector<torch::Tensor>& tensors, double divisor,
                                const torch::Tensor& staging) {
+  check_sum_divided(tensors, staging);
   int64_t numel = 0;
   for (const auto& t : tensors) numel += t.numel();
-  TORCH_CHECK(staging.dim() == 1 && staging.is_contiguous() && staging.numel() >= numel,
-              "sum_divided: staging (shape ", staging.sizes(),
-              ") must be a contiguous 1-dim buffer ", "of at least ", numel, " elements");
   auto flat = staging.narrow(0, 0, numel);
   int64_t offset = 0;
   for (const auto& t : tensors) {

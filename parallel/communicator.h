@@ -65,12 +65,17 @@ class Communicator {
 
   /// Sums each of tensors over the group, in place, each sum then divided by divisor (as
   /// torch::div_out by a 0-dim tensor of their dtype): what DataParallel averages gradients with,
-  /// where the divisor need not be size(). The tensors share a dtype and a device and have the
-  /// same sizes on every rank; staging is a contiguous 1-dim buffer of that dtype with room for
-  /// all of them. Default: copy the tensors into staging, all_reduce(Sum) it, divide back out; a
-  /// backend may reduce the tensors where they are and leave staging alone.
+  /// where the divisor need not be size(). The tensors share a dtype and a device, do not
+  /// overlap in memory, and have the same sizes on every rank; staging is a contiguous 1-dim
+  /// buffer of that dtype and device with room for all of them (check_sum_divided). Default:
+  /// copy the tensors into staging, all_reduce(Sum) it, divide back out; a backend may reduce
+  /// the tensors where they are and leave staging alone.
   virtual void sum_divided(const std::vector<torch::Tensor>& tensors, double divisor,
                            const torch::Tensor& staging);
+  /// The checks of sum_divided's arguments, which every rank makes before choosing a path, so
+  /// that a bad call fails on every rank instead of leaving some waiting in a collective.
+  static void check_sum_divided(const std::vector<torch::Tensor>& tensors,
+                                const torch::Tensor& staging);
 
   /// Sum of a small buffer over the group, in place, as all_reduce_async, but in one round of
   /// messages where the backend has them, so that a rank's wait needs the others only to have

@@ -40,7 +40,10 @@ struct GradientBucket {
   bool expert = false;                // averaged over the expert-data-parallel group
   std::vector<torch::Tensor> params;  // in bucket order
   std::vector<std::string> names;
-  torch::Tensor flat;  // (sum of numels,) gradient buffer
+  // (sum of numels,) the gradients' staging: broadcast_parameters and the start/finish pair
+  // flatten into it, and so does Communicator::sum_divided's default; unused where
+  // average_gradients goes straight through node shared memory.
+  torch::Tensor flat;
 };
 
 /// Keeps the replicas of a module identical across the data-parallel ranks.

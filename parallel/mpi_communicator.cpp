@@ -249,6 +249,7 @@ void MpiCommunicator::sum_divided(const std::vector<torch::Tensor>& tensors, dou
                                   const torch::Tensor& staging) {
   // A rank whose tensors are not contiguous takes the default, whose all_reduce of staging goes
   // through the same chunks and phases of the window: the ranks need not agree on the path.
+  check_sum_divided(tensors, staging);
   if (size_ > 1 && detail::NodeSharedAllReduce::handles(tensors)) {
     if (auto* shared = node_shared_all_reduce()) {
       shared->sum_divided(

@@ -70,8 +70,8 @@ class MpiCommunicator : public Communicator {
                                          ReduceOp op = ReduceOp::Sum) override;
   /// Where all_reduce would take the tensors' concatenation through node shared memory and they
   /// are contiguous fp32 or fp64: straight from the tensors into the window and back, divided on
-  /// the way out, with staging unused (the same bits as the default, in less than half its memory
-  /// traffic). Otherwise the default.
+  /// the way out, with staging unused: the same bits as the default, without its two passes
+  /// through staging. Otherwise the default.
   void sum_divided(const std::vector<torch::Tensor>& tensors, double divisor,
                    const torch::Tensor& staging) override;
   /// When every rank of the group is on one node: through an MPI-3 shared-memory window

@@ -125,9 +125,10 @@ class NodeSharedSum {
 /// All-reduce of a large contiguous buffer, or of several taken as their concatenation, in
 /// chunks of up to kSegmentBytes. Per chunk: every rank copies its chunk into its segment; rank j
 /// adds share j of the chunk (the j-th of size near-equal ranges) over the segments in rank
-/// order, into its segment; every rank copies the shares from their owners' segments into its
-/// buffers (dividing on the way where asked). So each element is reduced once, in rank order,
-/// and every rank holds the same bits. Three phases a chunk, each ended by publishing a phase
+/// order, into its own buffers and then its segment; every rank copies the other shares from
+/// their owners' segments into its buffers (when dividing, all shares, its own too, divided on
+/// the way). So each element is reduced once, in rank order, and every rank holds the same
+/// bits. Three phases a chunk, each ended by publishing a phase
 /// number that the next phase waits for on every peer (the last one is waited for only when the
 /// segment is next written).
 ///
@@ -152,13 +153,15 @@ class NodeSharedAllReduce {
   /// NaN on any rank gives NaN.
   void all_reduce(const torch::Tensor& buffer, bool take_max);
 
-  /// Whether sum_divided takes pieces: at least one, each contiguous, all fp32 or all fp64, of at
-  /// least kMinBytes together.
+  /// Whether sum_divided takes pieces: at least one, each contiguous and on the CPU, all fp32 or
+  /// all fp64, of at least kMinBytes together.
   static bool handles(const std::vector<torch::Tensor>& pieces);
   /// Sums the pieces over the ranks as one buffer, their concatenation in order (so every rank
   /// must pass pieces of the same sizes), and writes each sum divided by divisor (a 0-dim tensor
   /// of their dtype; torch::div_out's rounding) back into the pieces. No staging copy: the
-  /// pieces go straight into the segments and come back out of them.
+  /// pieces go straight into the segments and come back out of them, chunk by chunk, so pieces
+  /// that overlap in memory would see earlier chunks' results (DataParallel's gradients do not
+  /// overlap).
   void sum_divided(const std::vector<torch::Tensor>& pieces, const torch::Tensor& divisor);
 
  private:

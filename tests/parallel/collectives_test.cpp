@@ -297,12 +297,15 @@ TEST(Collectives, SumDividedThroughSharedMemoryEqualsTheStagedPath) {
       direct[0] = wide.select(1, 0);
       direct[0].copy_(mine[0]);
     }
-    auto staging = torch::empty({total + 5}, k.dtype);
-    world->sum_divided(direct, divisor, staging);
-    world->Communicator::sum_divided(staged, divisor, staging);
-    messages->sum_divided(by_mpi, divisor, staging);
     const bool shared =
         k.dtype != torch::kBFloat16 && total * c10::elementSize(k.dtype) >= 64 << 10;
+    // Straight through the window, staging stays as it was (NaN); the default writes into it.
+    auto staging = torch::full({total + 5}, std::nan(""), torch::TensorOptions(k.dtype));
+    world->sum_divided(direct, divisor, staging);
+    const bool direct_path = R > 1 && shared && !(k.strided_on_last_rank && world->rank() == R - 1);
+    EXPECT_EQ(staging.isnan().all().item<bool>(), direct_path) << "case " << c;
+    world->Communicator::sum_divided(staged, divisor, staging);
+    messages->sum_divided(by_mpi, divisor, staging);
     for (size_t i = 0; i < mine.size(); ++i) {
       EXPECT_TRUE(torch::equal(direct[i], staged[i])) << "case " << c << " piece " << i;
       if (shared) {
@@ -319,6 +322,13 @@ TEST(Collectives, SumDividedThroughSharedMemoryEqualsTheStagedPath) {
     }
   }
   EXPECT_EQ(world->uses_node_shared_all_reduce(), R > 1);
+  // A staging buffer that could not hold the tensors fails on every rank, whichever path it
+  // would have taken.
+  auto x = torch::ones({100000});
+  expect_throw_with([&] { world->sum_divided({x}, 2.0, torch::empty({10})); },
+                    "must be a contiguous 1-dim buffer of the tensors' dtype and device");
+  expect_throw_with([&] { world->sum_divided({x}, 2.0, torch::empty({100000}, torch::kDouble)); },
+                    "with at least 100000 elements");
 }
 
 TEST(Collectives, OneRoundSumNamesAPeerThatPostedAnotherSize) {

@@ -140,13 +140,13 @@ TEST(DataParallel, BucketsFuseParametersAndMissingGradientsCountAsZero) {
 // apply_expert_parallel marks them), and two of the user's modules whose names merely mention
 // experts: an unsharded GroupedExperts called shared_experts and a Linear called experts.
 struct ShardedNet : torch::nn::Module {
-  explicit ShardedNet(int64_t shards) {
-    dense = register_module("dense", torch::nn::Linear(4, 4));
-    moe = register_module("moe", MoELayer(MoELayerOptions(4, 2, 3)));
+  explicit ShardedNet(int64_t shards, int64_t dim = 4, int64_t hidden = 3) {
+    dense = register_module("dense", torch::nn::Linear(dim, dim));
+    moe = register_module("moe", MoELayer(MoELayerOptions(dim, 2, hidden)));
     moe->experts->shards = shards;
     shared_experts =
-        register_module("shared_experts", GroupedExperts(GroupedExpertsOptions(2, 4, 3)));
-    experts = register_module("experts", torch::nn::Linear(4, 4));
+        register_module("shared_experts", GroupedExperts(GroupedExpertsOptions(2, dim, hidden)));
+    experts = register_module("experts", torch::nn::Linear(dim, dim));
   }
   // Every parameter but the routed experts'.
   std::vector<torch::Tensor> dense_parameters() const {
@@ -220,6 +220,44 @@ TEST(DataParallel, ExpertShardsUseTheirOwnGroup) {
   }
   for (auto& p : net->moe->experts->parameters()) {
     EXPECT_TRUE(torch::allclose(p.grad(), torch::full_like(p, expert_sum / R)));
+  }
+}
+
+// Buckets of 64 KiB and more go through node shared memory straight from the gradients: each
+// average is the ranks' gradients added by hand in rank order and divided by the data-parallel
+// size, bit for bit, with a gradient missing on rank 0 (zeros there) and the expert shards summed
+// over their own group.
+TEST(DataParallel, LargeBucketsAverageInRankOrderAsByHand) {
+  auto world = test_world();
+  const int R = world->size(), me = world->rank();
+  const int ep = R % 2 == 0 ? 2 : 1;
+  auto groups = build_process_groups(ParallelSizes{R, ep}, MPI_COMM_WORLD);
+  auto net = std::make_shared<ShardedNet>(ep, /*dim=*/128, /*hidden=*/256);  // 64 KiB-512 KiB
+  DataParallel dp(net, groups.data_parallel, groups.expert_data_parallel);
+  auto named = net->named_parameters();
+  // Rank r's gradient of parameter i: values whose fp32 sum depends on the order of addition.
+  auto grad_of = [&](int r, size_t i) {
+    const auto& p = named[i].value();
+    torch::manual_seed(100 * static_cast<int64_t>(i) + r);
+    return (torch::randn(p.sizes(), torch::kDouble) * std::pow(10.0, r % 3 * 3)).to(p.dtype());
+  };
+  const bool missing_here = me == 0;  // "experts.bias" has no gradient on rank 0
+  for (size_t i = 0; i < named.size(); ++i) {
+    if (missing_here && named[i].key() == "experts.bias") continue;
+    named[i].value().mutable_grad() = grad_of(me, i);
+  }
+  dp.average_gradients();
+  for (size_t i = 0; i < named.size(); ++i) {
+    const bool routed = named[i].key().rfind("moe.experts.", 0) == 0 && ep > 1;
+    torch::Tensor sum;
+    for (int r = routed ? me % ep : 0; r < R; r += routed ? ep : 1) {
+      auto g = r == 0 && named[i].key() == "experts.bias" ? torch::zeros_like(named[i].value())
+                                                          : grad_of(r, i);
+      sum = sum.defined() ? sum + g : g;
+    }
+    auto expected = R == 1 ? sum : sum / torch::scalar_tensor(R, sum.options());
+    ASSERT_TRUE(named[i].value().grad().defined()) << named[i].key();
+    EXPECT_TRUE(torch::equal(named[i].value().grad(), expected)) << named[i].key();
   }
 }
 
