@@ -28,9 +28,9 @@ struct CheckpointState : torch::CustomClassHolder {
   bool records = false;  // whether the forward recorded routing (the rerun must return the same)
   CudaAutocast autocast;
   RoutingContext forward_routing;  // the forward's records, handed on after apply()
-  // The caller's OnOutput and the index of the block's first record in the caller's context:
-  // the recomputation (whose graph the backward runs through) ties outputs as the caller would.
-  RoutingContext::OnOutput on_output;
+  // The caller's OnWeights and the index of the block's first record in the caller's context:
+  // the recomputation (whose graph the backward runs through) ties weights as the caller would.
+  RoutingContext::OnWeights on_weights;
   int64_t first_record = 0;
 
   // fn's output followed by each record's scores and logits.
@@ -67,11 +67,11 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
       torch::AutoGradMode grad_mode(true);
       RecomputeGuard recompute;  // a replaying router reuses the forward's choices
       AutocastRestore autocast(state.autocast);
-      // The recomputation's routing counts nowhere; its outputs are tied as the forward's.
-      RoutingContext::OnOutput tie;
-      if (state.on_output) {
-        tie = [&state](const RoutingRecord& r, int64_t index, const torch::Tensor& y) {
-          return state.on_output(r, state.first_record + index, y);
+      // The recomputation's routing counts nowhere; its weights are tied as the forward's.
+      RoutingContext::OnWeights tie;
+      if (state.on_weights) {
+        tie = [&state](const RoutingRecord& r, int64_t index, const torch::Tensor& w) {
+          return state.on_weights(r, state.first_record + index, w);
         };
       }
       RoutingContext scratch({}, tie);
@@ -99,7 +99,7 @@ torch::Tensor checkpoint(CheckpointedFn fn, const torch::Tensor& x, RoutingConte
   state->fn = std::move(fn);
   state->records = routing != nullptr;
   if (routing) {
-    state->on_output = routing->on_output();
+    state->on_weights = routing->on_weights();
     state->first_record = routing->size();
   }
   auto out = CheckpointFunction::apply(x, state);

@@ -89,6 +89,7 @@ torch::Tensor MoELayerImpl::forward(const torch::Tensor& x, const torch::Tensor&
     routing->record(
         RoutingRecord{routed, lead.vec(), options.num_experts(), dispatched.num_dropped});
   }
+  if (routing) dispatched.weights = routing->combine_weights(dispatched.weights);
   torch::Tensor y_TD;
   {
     GBMOE_PROFILE_REGION("moe.experts");
@@ -99,7 +100,6 @@ torch::Tensor MoELayerImpl::forward(const torch::Tensor& x, const torch::Tensor&
     GBMOE_PROFILE_REGION("moe.shared");
     y_TD = y_TD + shared->forward(x_TD);
   }
-  if (routing) y_TD = routing->output(y_TD);
   return y_TD.view(x.sizes());
 }
 

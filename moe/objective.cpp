@@ -1,7 +1,7 @@
 // TrainingObjective: stages each micro-batch's counts as the layers route, reduces them once per
 // micro-batch, keeps the step's running buffer and forms the token-weighted objective. The
 // waits for other ranks sit in two backward functions: the micro-batch's term (R/N) and the
-// tie of each global or group LBL gradient to its MoE layer's output.
+// tie of each global or group LBL gradient to its MoE layer's combine weights.
 #include "moe/objective.h"
 
 #include <string>
@@ -14,22 +14,26 @@ namespace gbmoe {
 /// reductions have arrived, and its values (before R/N) until then.
 struct TrainingObjective::MicroBatch : torch::CustomClassHolder {
   TrainingObjective* objective = nullptr;
-  int64_t index = 0;                 // m, from 0
-  bool resolved = false;             // counts and N arrived; f and the values formed
-  bool direct = false;               // micro_batch_loss(): the LBL terms are in its graph
-  int64_t tied_layers = 0;           // layers whose LBL gradient is tied to their output
-  int64_t ties_run = 0;              // tied gradients the backward has delivered
-  torch::Tensor grad_scale;          // () the gradient that reached the term (its backward)
-  torch::Tensor task;                // () fp64 the task loss sum
-  std::vector<torch::Tensor> z;      // per layer () z-loss sum, undefined when off
-  std::vector<torch::Tensor> lbl;    // per layer () the micro-batch's own LBL terms, or undefined
-  std::vector<torch::Tensor> P;      // per layer (E,) mean scores of the tied layers
-  std::vector<torch::Tensor> valid;  // per layer (T,) bool, or undefined
-  std::vector<torch::Tensor> f;      // per layer (E,) f of the running buffer (tied layers)
-  std::vector<double> n;             // per layer n, f . P's multiplier in a tied term (1: shuffle)
-  std::vector<int64_t> top_k;        // per layer K
-  torch::Tensor value;               // () fp64 the term R/N (task + z + LBL), once resolved
-  torch::Tensor subset_rows;         // (T,) bool shuffle: the rows of the step's subset S
+  int64_t index = 0;                  // m, from 0
+  torch::Tensor key;                  // the counts of its context's first record (which context)
+  torch::Tensor staged;               // (sum_l (E_l + 1),) fp64 its counts, reduced in place
+  torch::Tensor local_staged;         // the same, before reduction (this rank only)
+  std::function<void()> counts_wait;  // waits for the reduction of `staged`; null when none
+  bool resolved = false;              // counts and N arrived; f and the values formed
+  bool direct = false;                // micro_batch_loss(): the LBL terms are in its graph
+  int64_t tied_layers = 0;            // layers whose LBL gradient is tied to their weights
+  int64_t ties_run = 0;               // tied gradients the backward has delivered
+  torch::Tensor grad_scale;           // () the gradient that reached the term (its backward)
+  torch::Tensor task;                 // () fp64 the task loss sum
+  std::vector<torch::Tensor> z;       // per layer () z-loss sum, undefined when off
+  std::vector<torch::Tensor> lbl;     // per layer () the micro-batch's own LBL terms, or undefined
+  std::vector<torch::Tensor> P;       // per layer (E,) mean scores of the tied layers
+  std::vector<torch::Tensor> valid;   // per layer (T,) bool, or undefined
+  std::vector<torch::Tensor> f;       // per layer (E,) f of the running buffer (tied layers)
+  std::vector<double> n;              // per layer n, f . P's multiplier in a tied term (1: shuffle)
+  std::vector<int64_t> top_k;         // per layer K
+  torch::Tensor value;                // () fp64 the term R/N (task + z + LBL), once resolved
+  torch::Tensor subset_rows;          // (T,) bool shuffle: the rows of the step's subset S
 };
 
 /// What the backward functions reach inside the objective.
@@ -72,20 +76,23 @@ class StepTermFunction : public torch::autograd::Function<StepTermFunction> {
   }
 };
 
-// Ties a global or group LBL gradient to its MoE layer's output y: the forward is the identity on
-// y; the backward, which runs when the backward pass reaches the layer, passes y's gradient on
-// and gives the router's scores the LBL gradient, waiting for the micro-batch's counts first.
+// Ties a global or group LBL gradient to its MoE layer's combine weights w: the forward is the
+// identity on w; the backward passes w's gradient on and gives the router's scores the LBL
+// gradient, waiting for the micro-batch's counts first. It runs once the combine's backward has
+// given w its gradient and the experts' backward (later nodes, which autograd runs first) is
+// done: the last point before the router's backward, which needs the LBL gradient.
 class BalanceTieFunction : public torch::autograd::Function<BalanceTieFunction> {
  public:
-  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& y,
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& w,
                                const torch::Tensor& scores, MicroBatchPtr micro, int64_t layer) {
     ctx->save_for_backward({scores});
     ctx->saved_data["micro"] = c10::IValue::make_capsule(std::move(micro));
     ctx->saved_data["layer"] = layer;
-    return y.view_as(y);
+    return w.view_as(w);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    GBMOE_PROFILE_REGION("objective.tie (backward)");
     auto micro = micro_batch_of(ctx);
     auto scores = ctx->get_saved_variables()[0];
     auto grad_scores =
@@ -150,7 +157,9 @@ TrainingObjective::TrainingObjective(std::vector<MoELayer> layers, BalanceOption
 
 TrainingObjective::~TrainingObjective() {
   // Reductions still in flight write into this objective's buffers: let them finish.
-  if (counts_wait_) counts_wait_();
+  for (auto& micro : staged_) {
+    if (micro->counts_wait) micro->counts_wait();
+  }
   if (tokens_wait_) tokens_wait_();
 }
 
@@ -179,26 +188,23 @@ RoutingContext TrainingObjective::context() {
   auto micro = c10::make_intrusive<MicroBatch>();
   micro->objective = this;
   return RoutingContext([this, micro](RoutingContext& routing) { on_record(routing, micro); },
-                        [this, micro](const RoutingRecord& r, int64_t l, const torch::Tensor& y) {
-                          return on_output(r, l, y, micro);
+                        [this, micro](const RoutingRecord& r, int64_t l, const torch::Tensor& w) {
+                          return on_weights(r, l, w, micro);
                         });
 }
 
 void TrainingObjective::on_record(RoutingContext& routing, const MicroBatchPtr& micro) {
   if (routing.size() != num_layers()) return;
-  TORCH_CHECK(!staged_micro_, "a micro-batch's routing was recorded before the previous one's ",
-              "micro_batch_backward() or micro_batch_loss() was taken: take it after each forward");
   TORCH_CHECK(step_micro_batches_ > 0,
               "a training forward outside a step: call begin_step() before the micro-batches");
   TORCH_CHECK(micro_batches_ < step_micro_batches_, "micro-batch ", micro_batches_ + 1,
               " in a step opened for ", step_micro_batches_,
               " micro-batches: call begin_step(M) before the first micro-batch of each step");
   const auto& first = routing.layers().front().routing.counts;
-  if (!staged_.defined()) {
-    auto options = first.options().dtype(torch::kDouble);
-    staged_ = torch::zeros({offsets_.back()}, options);
-    running_ = torch::zeros_like(staged_);
-    local_running_ = torch::zeros_like(staged_);
+  auto options = first.options().dtype(torch::kDouble);
+  if (!running_.defined()) {
+    running_ = torch::zeros({offsets_.back()}, options);
+    local_running_ = torch::zeros_like(running_);
     votes_ = torch::zeros({offsets_.back()}, options);
     task_sum_ = torch::zeros({}, options);
     balance_sum_ = torch::zeros({}, options);
@@ -209,6 +215,8 @@ void TrainingObjective::on_record(RoutingContext& routing, const MicroBatchPtr& 
       micro_max_violation_sum_[l] = torch::zeros({}, options);
     }
   }
+  micro->staged = torch::empty({offsets_.back()}, options);
+  auto& staged = micro->staged;
   for (int64_t l = 0; l < num_layers(); ++l) {
     const auto& r = routing.layers()[l];
     const int64_t E = experts(l);
@@ -218,17 +226,19 @@ void TrainingObjective::on_record(RoutingContext& routing, const MicroBatchPtr& 
     TORCH_CHECK(options_.scope() != BalanceScope::Sequence || r.lead_shape.size() >= 2,
                 "balance scope sequence needs the MoE input as (B, S, D); MoE layer ", l, " got ",
                 input_shape(r), ": pass sequences, or use balance scope micro");
-    staged_.narrow(0, offsets_[l], E).copy_(r.routing.counts);
-    staged_[offsets_[l] + E].fill_(static_cast<double>(r.routing.num_valid));
+    staged.narrow(0, offsets_[l], E).copy_(r.routing.counts);
+    staged[offsets_[l] + E].fill_(static_cast<double>(r.routing.num_valid));
   }
-  local_staged_ = staged_.clone();
+  micro->local_staged = staged.clone();
   if (subset_) stage_subset(routing, *micro);
-  // One collective for all layers, in flight while the rest of the forward runs.
+  // One collective for all layers, in flight while the rest of the forward runs (and, where the
+  // caller runs later micro-batches' forwards first, those too).
   if (is_synchronized(options_.scope()) && reducers_.counts) {
-    counts_wait_ = reducers_.counts->sum_async(staged_);
+    micro->counts_wait = reducers_.counts->sum_async(staged);
   }
   micro->index = micro_batches_++;
-  staged_micro_ = micro;
+  micro->key = first;
+  staged_.push_back(micro);
 }
 
 // Shuffle: the counts reduced are those of the step's subset S; the local ones stay whole.
@@ -237,20 +247,21 @@ void TrainingObjective::stage_subset(const RoutingContext& routing, MicroBatch& 
   for (int64_t l = 0; l < num_layers(); ++l) {
     const auto& rt = routing.layers()[l].routing;
     const int64_t E = experts(l);
-    staged_.narrow(0, offsets_[l], E).copy_(count_selections(rt.expert_ids, micro.subset_rows, E));
-    staged_[offsets_[l] + E].copy_(micro.subset_rows.sum());
+    micro.staged.narrow(0, offsets_[l], E)
+        .copy_(count_selections(rt.expert_ids, micro.subset_rows, E));
+    micro.staged[offsets_[l] + E].copy_(micro.subset_rows.sum());
   }
 }
 
-torch::Tensor TrainingObjective::on_output(const RoutingRecord& r, int64_t layer,
-                                           const torch::Tensor& y, const MicroBatchPtr& micro) {
+torch::Tensor TrainingObjective::on_weights(const RoutingRecord& r, int64_t layer,
+                                            const torch::Tensor& w, const MicroBatchPtr& micro) {
   if (!ties_balance() || layer >= num_layers() || !torch::GradMode::is_enabled() ||
       !r.routing.scores.requires_grad()) {
-    return y;
+    return w;
   }
   micro->valid.resize(layers_.size());
   micro->valid[layer] = r.routing.valid;
-  return BalanceTieFunction::apply(y, r.routing.scores, micro, layer);
+  return BalanceTieFunction::apply(w, r.routing.scores, micro, layer);
 }
 
 c10::intrusive_ptr<TrainingObjective::MicroBatch> TrainingObjective::staged_micro_batch(
@@ -258,10 +269,21 @@ c10::intrusive_ptr<TrainingObjective::MicroBatch> TrainingObjective::staged_micr
   TORCH_CHECK(routing.size() == num_layers(), caller, "() needs the routing of one training ",
               "forward of each of the ", num_layers(), " MoE layers; the context holds ",
               routing.size(), " records (pass objective.context() to one forward per micro-batch)");
-  TORCH_CHECK(staged_micro_ && !staged_micro_->task.defined(), caller,
-              "(): the context's routing was not staged; use a context from this objective's ",
-              "context(), once");
-  return staged_micro_;
+  const auto& key = routing.layers().front().routing.counts;
+  for (const auto& micro : staged_) {
+    if (!micro->key.is_same(key)) continue;
+    TORCH_CHECK(!micro->task.defined(), caller, "(): the term of micro-batch ", micro->index + 1,
+                " was taken already; take it once per forward");
+    for (const auto& earlier : staged_) {
+      if (earlier == micro) break;
+      TORCH_CHECK(earlier->task.defined(), caller, "(): micro-batch ", micro->index + 1,
+                  "'s term was taken before micro-batch ", earlier->index + 1,
+                  "'s: take the micro-batches' terms in the order of their forwards");
+    }
+    return micro;
+  }
+  TORCH_CHECK(false, caller, "(): the context's routing was not staged; use a context from this ",
+              "objective's context(), once");
 }
 
 const torch::Tensor& TrainingObjective::weight() {
@@ -341,7 +363,7 @@ torch::Tensor TrainingObjective::local_layer_terms(int64_t l, const RoutingRecor
     switch (options_.scope()) {
       case BalanceScope::Global:
       case BalanceScope::Group:
-        // The global-batch term's gradient is tied to the layer's output (on_output). Its
+        // The global-batch term's gradient is tied to the layer's weights (on_weights). Its
         // f . P n; with shuffle f . (the subset's score sum scaled to N), multiplier 1.
         micro.P[l] = subset_ ? subset_->weighted_score_sum(rt.scores, micro.subset_rows) : P;
         micro.n[l] = subset_ ? 1.0 : n;
@@ -384,19 +406,21 @@ torch::Tensor TrainingObjective::local_layer_terms(int64_t l, const RoutingRecor
 // (the first tied gradient), or in micro_batch_loss().
 void TrainingObjective::resolve(MicroBatch& micro) {
   if (micro.resolved) return;
-  TORCH_CHECK(staged_micro_.get() == &micro, "the balance terms of micro-batch ", micro.index + 1,
-              " were backpropagated after a later micro-batch's forward: take each micro-batch's ",
-              "backward before the next forward");
+  TORCH_CHECK(!staged_.empty() && staged_.front().get() == &micro, "the balance terms of ",
+              "micro-batch ", micro.index + 1, " were backpropagated before those of micro-batch ",
+              staged_.empty() ? 0 : staged_.front()->index + 1,
+              ": backpropagate the micro-batches in the order of their forwards");
   torch::NoGradGuard no_grad;
   const auto& w = weight();
-  if (counts_wait_) {
+  if (micro.counts_wait) {
     GBMOE_PROFILE_REGION("objective.wait_counts");
-    counts_wait_();
-    counts_wait_ = nullptr;
+    micro.counts_wait();
+    micro.counts_wait = nullptr;
   }
-  running_ += staged_;
-  local_running_ += local_staged_;
-  staged_micro_.reset();
+  running_ += micro.staged;
+  local_running_ += micro.local_staged;
+  micro.staged = micro.local_staged = torch::Tensor();
+  staged_.pop_front();
   auto value = micro.task * w;
   task_sum_ += value;
   for (int64_t l = 0; l < num_layers(); ++l) {
@@ -510,7 +534,7 @@ StepValues TrainingObjective::step_values() const {
 }
 
 std::vector<LayerStepStats> TrainingObjective::end_step() {
-  TORCH_CHECK(!staged_micro_, "end_step() after a forward whose micro_batch_backward() or ",
+  TORCH_CHECK(staged_.empty(), "end_step() after a forward whose micro_batch_backward() or ",
               "micro_batch_loss() was not taken");
   std::vector<LayerStepStats> out(layers_.size());
   if (micro_batches_ > 0) {
@@ -530,8 +554,7 @@ std::vector<LayerStepStats> TrainingObjective::end_step() {
       st.routing_entropy = entropy_sum_[l].item<double>() / std::max(1.0, st.local_tokens);
       st.topk_score_sum = topk_sum_[l].item<double>() / std::max(1.0, st.local_tokens);
     }
-    for (auto* t :
-         {&staged_, &running_, &local_running_, &votes_, &task_sum_, &balance_sum_, &z_sum_}) {
+    for (auto* t : {&running_, &local_running_, &votes_, &task_sum_, &balance_sum_, &z_sum_}) {
       t->zero_();
     }
     for (int64_t l = 0; l < num_layers(); ++l) {

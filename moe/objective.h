@@ -7,6 +7,7 @@
 
 #include <torch/torch.h>
 
+#include <deque>
 #include <functional>
 #include <memory>
 #include <vector>
@@ -92,10 +93,14 @@ struct StepValues {
 ///
 /// No rank waits for another in the forward pass. The step's token count N is reduced from
 /// begin_step() on, each micro-batch's counts from the moment its last MoE layer has routed; the
-/// gradient of a global or group LBL term is tied to its MoE layer's output, so the backward pass
-/// waits for the counts only when it reaches the last MoE layer (after the output head and the
-/// cross-entropy), and for N only when it starts. micro_batch_backward() is that path;
-/// micro_batch_loss() returns the same term with its value, which needs the counts at once.
+/// gradient of a global or group LBL term is tied to its MoE layer's combine weights, so the
+/// backward pass waits for the counts only when it reaches the router of the last MoE layer
+/// (after the output head, the cross-entropy and that layer's experts), and for N only when it
+/// starts. micro_batch_backward() is that path; micro_batch_loss() returns the same term with its
+/// value, which needs the counts at once. The forwards of later micro-batches may run before a
+/// micro-batch's backward (forward_ahead), so that its reduction has a whole forward to arrive in:
+/// the terms are taken, and backpropagated, in the order of the forwards, and each micro-batch's
+/// f still counts micro-batches 1..m only.
 ///
 /// Example:
 ///   TrainingObjective objective(model->moe_layers(), options, reducers);  // {} on one process
@@ -106,6 +111,7 @@ struct StepValues {
 ///       auto logits = model->forward(x, mask, &routing);
 ///       objective.micro_batch_backward(routing, token_loss_sum(logits));
 ///     }
+///     // or: the forward of micro-batch m + 1 before micro_batch_backward() of m
 ///     average_gradients(); optimizer.step();
 ///     auto values = objective.step_values();
 ///     objective.end_step();
@@ -151,6 +157,11 @@ class TrainingObjective {
   std::vector<LayerStepStats> end_step();
 
   const BalanceOptions& options() const { return options_; }
+  /// Whether a micro-batch's backward waits for other ranks' counts (a global or group LBL over
+  /// more than one rank): then running the next micro-batch's forward first hides the wait.
+  bool waits_for_counts() const {
+    return ties_balance() && reducers_.counts && reducers_.counts->size() > 1;
+  }
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
   /// Running buffer of layer l: the scope's counts (E,) fp64 and tokens since the last end_step().
   torch::Tensor running_counts(int64_t layer) const;
@@ -164,8 +175,8 @@ class TrainingObjective {
 
  private:
   void on_record(RoutingContext& routing, const c10::intrusive_ptr<MicroBatch>& micro);
-  torch::Tensor on_output(const RoutingRecord& r, int64_t layer, const torch::Tensor& y,
-                          const c10::intrusive_ptr<MicroBatch>& micro);
+  torch::Tensor on_weights(const RoutingRecord& r, int64_t layer, const torch::Tensor& w,
+                           const c10::intrusive_ptr<MicroBatch>& micro);
   c10::intrusive_ptr<MicroBatch> staged_micro_batch(RoutingContext& routing, const char* caller);
   torch::Tensor local_terms(const RoutingContext& routing, const torch::Tensor& task_loss_sum,
                             MicroBatch& micro);
@@ -187,14 +198,14 @@ class TrainingObjective {
   ObjectiveReducers reducers_;
   int64_t data_parallel_size_ = 1;
   std::vector<int64_t> offsets_;  // layer l's counts at [offsets_[l], offsets_[l] + E_l), tokens
-  torch::Tensor staged_;          // (sum_l (E_l + 1),) fp64: this micro-batch, reduced in place
-  torch::Tensor local_staged_;    // the same, before reduction (this rank only)
   torch::Tensor running_;         // the scope's counts of the step so far
   torch::Tensor local_running_;   // this rank's counts of the step so far
   torch::Tensor token_buffer_;    // (1,) fp64 this rank's step tokens, then their sum N
   torch::Tensor weight_;          // () fp64 R / N, once N is known
-  std::function<void()> counts_wait_, tokens_wait_;
-  c10::intrusive_ptr<MicroBatch> staged_micro_;  // the micro-batch whose counts are staged
+  std::function<void()> tokens_wait_;
+  // Micro-batches whose forward has recorded and whose counts are not in the running buffer yet,
+  // oldest first: each holds its staged counts and their reduction in flight.
+  std::deque<c10::intrusive_ptr<MicroBatch>> staged_;
   int64_t micro_batches_ = 0;
   int64_t step_micro_batches_ = 0;
   // Per layer, summed over the step: bias votes sum_units sign(mean - c) (E,) and unit counts,

@@ -35,16 +35,17 @@ class RoutingContext {
   /// Called after each record with the context; TrainingObjective uses it to start the count
   /// reduction once every MoE layer of the micro-batch has routed.
   using OnRecord = std::function<void(RoutingContext&)>;
-  /// Called with a MoE layer's output, its record and the record's index (its MoE layer's place
-  /// in the forward); the layer returns what it returns. TrainingObjective ties the layer's
-  /// global-batch balance gradient to the output there, so that the backward pass waits for the
-  /// count reduction only when it reaches the layer.
-  using OnOutput =
+  /// Called with a MoE layer's combine weights (the routing weight of each row it dispatched,
+  /// differentiable), its record and the record's index (its MoE layer's place in the forward);
+  /// the layer combines its experts' outputs with what it returns. TrainingObjective ties the
+  /// layer's global-batch balance gradient to them, so that the backward pass waits for the
+  /// count reduction only once it has run the layer's experts backward and reaches its router.
+  using OnWeights =
       std::function<torch::Tensor(const RoutingRecord&, int64_t index, const torch::Tensor&)>;
 
   RoutingContext() = default;
-  explicit RoutingContext(OnRecord on_record, OnOutput on_output = {})
-      : on_record_(std::move(on_record)), on_output_(std::move(on_output)) {}
+  explicit RoutingContext(OnRecord on_record, OnWeights on_weights = {})
+      : on_record_(std::move(on_record)), on_weights_(std::move(on_weights)) {}
 
   /// Appends a layer's routing (called by MoELayer::forward right after dispatch).
   void record(RoutingRecord layer) {
@@ -52,13 +53,13 @@ class RoutingContext {
     if (on_record_) on_record_(*this);
   }
 
-  /// The layer's output as the layer returns it (called by MoELayer::forward after its record):
-  /// y itself unless the context has an OnOutput.
-  torch::Tensor output(const torch::Tensor& y) {
-    TORCH_CHECK(!layers_.empty(), "RoutingContext::output() before any record");
-    return on_output_ ? on_output_(layers_.back(), size() - 1, y) : y;
+  /// The combine weights (N,) the layer combines with (called by MoELayer::forward after its
+  /// record, before its experts run): weights_N itself unless the context has an OnWeights.
+  torch::Tensor combine_weights(const torch::Tensor& weights_N) {
+    TORCH_CHECK(!layers_.empty(), "RoutingContext::combine_weights() before any record");
+    return on_weights_ ? on_weights_(layers_.back(), size() - 1, weights_N) : weights_N;
   }
-  const OnOutput& on_output() const { return on_output_; }
+  const OnWeights& on_weights() const { return on_weights_; }
 
   const std::vector<RoutingRecord>& layers() const { return layers_; }
   std::vector<RoutingRecord>& layers() { return layers_; }
@@ -67,7 +68,7 @@ class RoutingContext {
  private:
   std::vector<RoutingRecord> layers_;
   OnRecord on_record_;
-  OnOutput on_output_;
+  OnWeights on_weights_;
 };
 
 /// The routing results of a context's records, in order.

@@ -149,6 +149,10 @@ class ConfigError : public std::invalid_argument {
     "compute dtype (parameters and optimizer state stay float32)")                                 \
   X(bool, activation_checkpointing, false, AnyValue(),                                             \
     "recompute each block's activations in the backward pass to save memory")                      \
+  X(bool, forward_ahead, true, AnyValue(),                                                         \
+    "with global or group balancing over several ranks and data.grad_accum > 1, run each "         \
+    "micro-batch's forward before the previous one's backward, so that the count reduction "       \
+    "overlaps a whole forward; holds one more micro-batch's activations; false = in turn")         \
   X(int64_t, threads, 1, Between(1, 1024), "intra-op CPU threads per rank")                        \
   X(int64_t, profile_steps, 0, AtLeast(0),                                                         \
     "profile this many steps from train.profile_start on: where the time goes, by region, into "   \

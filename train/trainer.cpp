@@ -154,35 +154,75 @@ LanguageModelOptions model_options_from_config(const Config& config, int64_t voc
       .activation_checkpointing(config.train.activation_checkpointing);
 }
 
+namespace {
+// Whether a backward would recompute a block whose router replays or records ids: the recomputed
+// forward reuses the router's last ids, which must then be the forward it recomputes.
+bool recomputes_replayed_routing(const LanguageModel& model) {
+  if (!model->options.activation_checkpointing()) return false;
+  for (const auto& layer : model->moe_layers()) {
+    if (layer->router->replay_mode() != RoutingReplayMode::Off) return true;
+  }
+  return false;
+}
+
+// One micro-batch between its forward and its backward.
+struct ForwardDone {
+  RoutingContext routing;
+  torch::Tensor task;  // () the token-summed cross-entropy
+};
+}  // namespace
+
 StepLosses forward_backward(LanguageModel& model, TrainingObjective& objective,
                             const std::vector<Batch>& micro_batches, const torch::Device& device,
-                            bool autocast_bf16, const MicroBatchHooks& hooks) {
+                            bool autocast_bf16, const MicroBatchHooks& hooks, bool forward_ahead) {
   double local_tokens = 0;
   for (const auto& b : micro_batches) local_tokens += b.mask.sum().item<double>();
-  objective.begin_step(static_cast<int64_t>(micro_batches.size()), local_tokens);
+  const auto M = static_cast<int64_t>(micro_batches.size());
+  objective.begin_step(M, local_tokens);
   const auto ce_sum = torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum);
-  for (size_t m = 0; m < micro_batches.size(); ++m) {
+  auto forward = [&](int64_t m) {
     const auto& b = micro_batches[m];
-    if (hooks.before_forward) hooks.before_forward(static_cast<int64_t>(m), b);
-    auto routing = objective.context();
-    torch::Tensor task;
+    if (hooks.before_forward) hooks.before_forward(m, b);
+    ForwardDone done{objective.context(), {}};
     {
       AutocastScope autocast(autocast_bf16);
-      auto logits = model->forward(b.inputs.to(device), b.mask.to(device), &routing);
+      auto logits = model->forward(b.inputs.to(device), b.mask.to(device), &done.routing);
       // Padding targets are -100 (ignored): the sum runs over exactly the valid tokens.
       GBMOE_PROFILE_REGION("cross_entropy");
       auto logits_NV = logits.flatten(0, 1);
       auto targets_N = b.targets.to(device).flatten();
-      task = cross_entropy_sum_cpu_applies(logits_NV, targets_N)
-                 ? cross_entropy_sum_cpu(logits_NV, targets_N)
-                 : torch::nn::functional::cross_entropy(logits_NV, targets_N, ce_sum);
+      done.task = cross_entropy_sum_cpu_applies(logits_NV, targets_N)
+                      ? cross_entropy_sum_cpu(logits_NV, targets_N)
+                      : torch::nn::functional::cross_entropy(logits_NV, targets_N, ce_sum);
     }
     if (hooks.after_forward) {
       GBMOE_PROFILE_REGION("routing_monitor");
-      hooks.after_forward(static_cast<int64_t>(m), b, routing);
+      hooks.after_forward(m, b, done.routing);
     }
+    return done;
+  };
+  auto backward = [&](ForwardDone& done) {
     GBMOE_PROFILE_REGION("objective.backward");  // the terms and the engine's own work
-    objective.micro_batch_backward(routing, task);
+    objective.micro_batch_backward(done.routing, done.task);
+  };
+  // Forward ahead: micro-batch m + 1's forward runs before m's backward, so m's count reduction
+  // has that whole forward to arrive in, and a rank that runs behind is met once per step rather
+  // than once per micro-batch. It holds one more micro-batch's activations, so it is used only
+  // where the backward waits for other ranks' counts.
+  const bool ahead =
+      forward_ahead && M > 1 && objective.waits_for_counts() && !recomputes_replayed_routing(model);
+  if (ahead) {
+    auto next = forward(0);
+    for (int64_t m = 0; m < M; ++m) {
+      auto current = std::move(next);
+      if (m + 1 < M) next = forward(m + 1);
+      backward(current);
+    }
+  } else {
+    for (int64_t m = 0; m < M; ++m) {
+      auto done = forward(m);
+      backward(done);
+    }
   }
   StepLosses out;
   out.values = objective.step_values();
@@ -468,7 +508,8 @@ bool Trainer::train_step(int64_t step, int64_t stop_after) {
     monitor_->after_forward(step + 1, m, b, routings_of(routing));
   };
   objective_->set_step(step);  // the Shuffle subset of a resumed step is the uninterrupted one's
-  const auto losses = forward_backward(model_, *objective_, micro, device_, autocast_bf16_, hooks);
+  const auto losses = forward_backward(model_, *objective_, micro, device_, autocast_bf16_, hooks,
+                                       config_.train.forward_ahead);
   const bool stop_after_here = stop_after >= 0 && step + 1 >= stop_after;
   auto flags = torch::tensor(
       {losses.finite ? 0.0 : 1.0, stop_requested() ? 1.0 : 0.0, stop_after_here ? 1.0 : 0.0},

@@ -43,13 +43,19 @@ struct MicroBatchHooks {
 /// ranks in the forward pass), and the gradients
 /// accumulate in the parameters' .grad (not yet averaged over ranks). Opens the objective's
 /// step (begin_step); the caller averages gradients, steps the optimizer and calls end_step().
+/// forward_ahead (train.forward_ahead): where the objective waits for other ranks' counts and
+/// there are several micro-batches, micro-batch m + 1's forward runs before m's backward (the
+/// same gradients, bit for bit; one more micro-batch's activations held). Not with activation
+/// checkpointing of a router in replay or record mode, whose recomputation needs the forward
+/// it recomputes to be the router's last.
 ///
 /// Example:
 ///   auto losses = forward_backward(model, objective, micro_batches, device, false);
 ///   dp.average_gradients(); optimizer.step(); objective.end_step();
 StepLosses forward_backward(LanguageModel& model, TrainingObjective& objective,
                             const std::vector<Batch>& micro_batches, const torch::Device& device,
-                            bool autocast_bf16, const MicroBatchHooks& hooks = {});
+                            bool autocast_bf16, const MicroBatchHooks& hooks = {},
+                            bool forward_ahead = false);
 
 /// Validation figures of one evaluation.
 struct EvalResult {

@@ -286,6 +286,10 @@ TEST(TrainingObjective, BackwardWaitsForOtherRanksOnlyWhereItNeedsTheirCounts) {
   auto others = torch::tensor({2.0, 1.0, 3.0, 0.0, 3.0});
   auto reducer = std::make_shared<FakeReducer>(others, 2, 6.0, &log);
   TrainingObjective objective({layer}, options(BalanceScope::Global), {reducer, reducer});
+  layer->experts->gate_up.register_hook(
+      [&log](const torch::Tensor&) { log.push_back("expert gradient"); });
+  layer->router->weight.register_hook(
+      [&log](const torch::Tensor&) { log.push_back("router gradient"); });
   objective.begin_step(2, 10);
   for (int m = 0; m < 2; ++m) {
     auto routing = objective.context();
@@ -294,9 +298,11 @@ TEST(TrainingObjective, BackwardWaitsForOtherRanksOnlyWhereItNeedsTheirCounts) {
     log.push_back("forward " + std::to_string(m + 1) + " done");
     objective.micro_batch_backward(routing, logits.square().sum());
   }
-  const std::vector<std::string> expected{"forward 1 done",  "wait for N",     "head gradient",
-                                          "wait for counts", "forward 2 done", "head gradient",
-                                          "wait for counts"};
+  // The counts are awaited after the experts' backward, right before the router's.
+  const std::vector<std::string> expected{"forward 1 done",  "wait for N",      "head gradient",
+                                          "expert gradient", "wait for counts", "router gradient",
+                                          "forward 2 done",  "head gradient",   "expert gradient",
+                                          "wait for counts", "router gradient"};
   EXPECT_EQ(log, expected);
   EXPECT_EQ(objective.step_tokens(), 16.0);
   objective.end_step();
@@ -345,6 +351,77 @@ TEST(TrainingObjective, MicroBatchBackwardEqualsTheLossBackward) {
       EXPECT_LT(max_rel_diff(grads[1][i], grads[0][i]), 1e-13) << name << " gradient " << i;
     }
   }
+}
+
+// The forwards of later micro-batches may run first (the trainer's train.forward_ahead): each
+// backward waits for its own micro-batch's counts only, the reductions of the later forwards
+// stay in flight, and the gradients and values are those of forwards and backwards in turn, bit
+// for bit. Terms taken out of the forwards' order are refused.
+TEST(TrainingObjective, LaterForwardsBeforeABackwardGiveTheSameStep) {
+  const int64_t E = 4, M = 3;
+  std::vector<torch::Tensor> grads[2];
+  StepValues values[2];
+  std::vector<std::string> log;
+  for (int ahead = 0; ahead < 2; ++ahead) {
+    torch::manual_seed(10);
+    auto layer = make_layer(E, 2);
+    auto head = torch::randn({kD, 3}, torch::kDouble).requires_grad_();
+    auto reducer = std::make_shared<FakeReducer>(torch::tensor({3.0, 1.0, 2.0, 4.0, 5.0}), 2, 5.0,
+                                                 ahead ? &log : nullptr);
+    TrainingObjective objective({layer}, options(BalanceScope::Global).micro_alpha(0.02),
+                                {reducer, reducer});
+    objective.begin_step(M, 12);
+    std::vector<RoutingContext> routing(M);
+    std::vector<torch::Tensor> task(M);
+    auto forward = [&](int64_t m) {
+      routing[m] = objective.context();
+      auto x = torch::randn({4, kD}, torch::kDouble) * (1.0 + static_cast<double>(m));
+      task[m] = layer->forward(x, {}, &routing[m]).matmul(head).square().sum();
+      if (ahead) log.push_back("forward " + std::to_string(m + 1));
+    };
+    auto backward = [&](int64_t m) {
+      if (ahead) log.push_back("backward " + std::to_string(m + 1));
+      objective.micro_batch_backward(routing[m], task[m]);
+    };
+    if (ahead) {
+      forward(0);
+      for (int64_t m = 0; m < M; ++m) {
+        if (m + 1 < M) forward(m + 1);
+        backward(m);
+      }
+    } else {
+      for (int64_t m = 0; m < M; ++m) forward(m), backward(m);
+    }
+    values[ahead] = objective.step_values();
+    EXPECT_EQ(reducer->calls, 1 + M);
+    objective.end_step();
+    for (const auto& p : layer->parameters()) grads[ahead].push_back(p.grad().clone());
+    grads[ahead].push_back(head.grad().clone());
+  }
+  const std::vector<std::string> expected{
+      "forward 1", "forward 2",  "backward 1",      "wait for N", "wait for counts",
+      "forward 3", "backward 2", "wait for counts", "backward 3", "wait for counts"};
+  EXPECT_EQ(log, expected);
+  EXPECT_EQ(values[1].task, values[0].task);
+  EXPECT_EQ(values[1].balance, values[0].balance);
+  for (size_t i = 0; i < grads[0].size(); ++i) {
+    EXPECT_TRUE(torch::equal(grads[1][i], grads[0][i])) << "gradient " << i;
+  }
+
+  auto layer = make_layer(E, 2);
+  auto reducer = std::make_shared<FakeReducer>(torch::tensor({3.0, 1.0, 2.0, 4.0, 5.0}), 2, 5.0);
+  TrainingObjective objective({layer}, options(BalanceScope::Global), {reducer, reducer});
+  objective.begin_step(2, 8);
+  RoutingContext first = objective.context(), second = objective.context();
+  auto y1 = layer->forward(torch::randn({4, kD}, torch::kDouble), {}, &first).sum();
+  auto y2 = layer->forward(torch::randn({4, kD}, torch::kDouble), {}, &second).sum();
+  expect_throw_with([&] { objective.micro_batch_backward(second, y2); },
+                    "micro-batch 2's term was taken before micro-batch 1's");
+  objective.micro_batch_backward(first, y1);
+  objective.micro_batch_backward(second, y2);
+  expect_throw_with([&] { objective.micro_batch_backward(second, y2); },
+                    "the context's routing was not staged");
+  objective.end_step();
 }
 
 TEST(TrainingObjective, MisuseIsReportedClearly) {

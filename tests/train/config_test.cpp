@@ -90,6 +90,7 @@ const std::map<std::string, std::string> kEveryKeyChanged = {
     {"train.device", "cuda"},
     {"train.dtype", "bfloat16"},
     {"train.activation_checkpointing", "true"},
+    {"train.forward_ahead", "false"},
     {"train.cpu_buffer_cache_mib", "512"},
     {"train.tensorboard", "false"},
     {"train.routing_trace_every", "50"},

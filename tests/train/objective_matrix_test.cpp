@@ -165,7 +165,9 @@ class ObjectiveMatrix : public ::testing::Test {
     DataParallel dp(model.ptr(), groups.data_parallel,
                     c.expert_parallel > 1 ? groups.expert_data_parallel : nullptr);
     std::vector<Batch> micro(config.data.grad_accum, rank_batch(rank));
-    auto losses = forward_backward(model, objective, micro, torch::kCPU, false);
+    // The trainer's default train.forward_ahead: ahead for global and group with M > 1.
+    auto losses = forward_backward(model, objective, micro, torch::kCPU, false, {},
+                                   config.train.forward_ahead);
     ASSERT_TRUE(losses.finite) << losses.bad_term;
     dp.average_gradients();
 
@@ -211,7 +213,7 @@ class ObjectiveMatrix : public ::testing::Test {
       for (int64_t m = 0; m < config.data.grad_accum; ++m) {
         micro.push_back(rank_batch(groups.world->rank() + 3 * step + static_cast<int>(m)));
       }
-      forward_backward(model, objective, micro, torch::kCPU, false);
+      forward_backward(model, objective, micro, torch::kCPU, false, {}, config.train.forward_ahead);
       dp.average_gradients();
       optimizer.step();
       objective.end_step();
@@ -252,6 +254,69 @@ TEST_F(ObjectiveMatrix, QuantileAndShuffleEqualOneProcessOnTheGlobalBatch) {
   run({"global", "quantile", 2, 1, false});
   for (int64_t ep : {1, 2}) {
     for (bool checkpointing : {false, true}) run({"shuffle", "aux_loss", ep, 1, checkpointing});
+  }
+}
+
+// train.forward_ahead: micro-batch m + 1's forward before m's backward gives the gradients and
+// values of forwards and backwards in turn, bit for bit. The micro-batches differ, so a
+// micro-batch whose f counted a later micro-batch's selections would change the gradient. It runs
+// ahead exactly where the backward waits for other ranks' counts: the running buffer, read after
+// micro-batch 2's forward, is still empty only then.
+TEST_F(ObjectiveMatrix, ForwardAheadTrainsBitForBitAsInTurn) {
+  int R = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &R);
+  for (const char* scope : {"global", "group", "micro"}) {
+    for (int64_t ep : {1, 2}) {
+      for (bool checkpointing : {false, true}) {
+        if (R % ep != 0) continue;
+        const Case c{scope, "aux_loss", ep, 3, checkpointing};
+        SCOPED_TRACE(c.name());
+        auto config = tiny_config(c);
+        if (c.scope == "group") config.balance.group_size = R >= 4 ? 2 : R;
+        auto groups = build_process_groups(
+            ParallelSizes{R, ep, c.scope == "group" ? config.balance.group_size : 0});
+        const int rank = groups.world->rank();
+        std::vector<Batch> micro;
+        for (int m = 0; m < 3; ++m) micro.push_back(rank_batch(rank + 5 * m));
+        std::vector<torch::Tensor> grads[2];
+        StepValues values[2];
+        std::vector<double> running_after_forward[2];
+        bool waits = false;
+        for (int ahead = 0; ahead < 2; ++ahead) {
+          auto model = make_model(config);
+          if (ep > 1) apply_expert_parallel(*model, groups);
+          const auto balance = balance_options_from_config(config);
+          TrainingObjective objective(model->moe_layers(), balance,
+                                      objective_reducers(balance, groups));
+          waits = objective.waits_for_counts();
+          MicroBatchHooks hooks;
+          hooks.after_forward = [&](int64_t, const Batch&, const RoutingContext&) {
+            running_after_forward[ahead].push_back(objective.running_tokens(0));
+          };
+          values[ahead] =
+              forward_backward(model, objective, micro, torch::kCPU, false, hooks, ahead == 1)
+                  .values;
+          objective.end_step();
+          for (const auto& p : model->parameters()) {
+            grads[ahead].push_back(p.grad().defined() ? p.grad().clone() : torch::Tensor());
+          }
+        }
+        EXPECT_EQ(waits, c.scope != "micro" && R > 1);
+        ASSERT_EQ(running_after_forward[1].size(), 3u);
+        EXPECT_GT(running_after_forward[0][1], 0.0);
+        EXPECT_EQ(running_after_forward[1][1] == 0.0, waits);
+        EXPECT_EQ(values[1].task, values[0].task);
+        EXPECT_EQ(values[1].balance, values[0].balance);
+        EXPECT_EQ(values[1].z_loss, values[0].z_loss);
+        ASSERT_EQ(grads[1].size(), grads[0].size());
+        for (size_t i = 0; i < grads[0].size(); ++i) {
+          ASSERT_EQ(grads[1][i].defined(), grads[0][i].defined()) << "gradient " << i;
+          if (grads[0][i].defined()) {
+            EXPECT_TRUE(torch::equal(grads[1][i], grads[0][i])) << "gradient " << i;
+          }
+        }
+      }
+    }
   }
 }
 

@@ -582,7 +582,7 @@ TEST_F(TrainerTest, ProfiledStepsWriteWhereTheTimeWentAndTrainTheSame) {
         "cross_entropy", "optimizer", "gradients.clip", "data"}) {
     EXPECT_NE(table.find("\n" + std::string(region) + " "), std::string::npos) << region;
   }
-  EXPECT_NE(table.find("\nBalanceTieFunction (backward) "), std::string::npos) << table;
+  EXPECT_NE(table.find("\nobjective.tie (backward) "), std::string::npos) << table;
   const std::string trace = slurp(dir / ("rank" + r + ".trace.json"));
   EXPECT_NE(trace.find("gbmoe::attention.sdpa"), std::string::npos);
 }
