@@ -6,17 +6,21 @@
 # every round. For a change that a switch turns on and off, e.g. the node shared-memory
 # collectives:
 #   scripts/bench_ab.sh --ranks 4 --a GBMOE_NODE_SHARED_MEMORY=0 --b GBMOE_NODE_SHARED_MEMORY=1
-# Usage: scripts/bench_ab.sh --a "K=V ..." --b "K=V ..." [--ranks 2] [--rounds 5] [--steps 30]
-#   [--skip 5] [--set K=V]...
+# or, for a config setting, --a-set / --b-set (config overrides of one side only):
+#   scripts/bench_ab.sh --a-set train.forward_ahead=false --b-set train.forward_ahead=true
+# Usage: scripts/bench_ab.sh [--a "K=V ..."] [--b "K=V ..."] [--a-set K=V]... [--b-set K=V]...
+#   [--ranks 2] [--rounds 5] [--steps 30] [--skip 5] [--set K=V]...
 #   (needs a built tree, $GBMOE_BUILD_DIR or build/, and data/corpus; --set K=V go to every run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ranks=2 rounds=5 steps=30 skip=5 env_a="" env_b=""
-extra=()
+extra=() set_a=() set_b=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --a) env_a=$2; shift 2 ;;
     --b) env_b=$2; shift 2 ;;
+    --a-set) set_a+=(--set "$2"); shift 2 ;;
+    --b-set) set_b+=(--set "$2"); shift 2 ;;
     --ranks) ranks=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
     --steps) steps=$2; shift 2 ;;
@@ -35,14 +39,15 @@ export OMP_NUM_THREADS=1
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
-# tokens/s of one run under the environment assignments $1
+# tokens/s of one run under the environment assignments $1 and the config overrides after it
 run_once() {
-  local run=$out/run
+  local run=$out/run environment=$1
+  shift
   rm -rf "$run"
-  # shellcheck disable=SC2086  # $1 is a list of K=V words
-  env $1 mpirun -np "$ranks" "$build/train/gbmoe-train" --config configs/default.yaml \
+  # shellcheck disable=SC2086  # $environment is a list of K=V words
+  env $environment mpirun -np "$ranks" "$build/train/gbmoe-train" --config configs/default.yaml \
     --set train.steps="$steps" --set train.eval_every=0 --set train.checkpoint_every=0 \
-    --set train.log_every="$steps" --set train.run_dir="$run" ${extra[@]+"${extra[@]}"} \
+    --set train.log_every="$steps" --set train.run_dir="$run" ${extra[@]+"${extra[@]}"} "$@" \
     > "$out/train.log" 2>&1 || { tail -20 "$out/train.log" >&2; exit 1; }
   python3 - "$run/metrics.jsonl" "$skip" <<'PY'
 import json, sys
@@ -53,12 +58,13 @@ PY
 }
 
 ratios=()
-echo "bench_ab: ranks=$ranks rounds=$rounds steps=$steps (skip $skip); A: ${env_a:-(none)}; B: ${env_b:-(none)}"
+echo "bench_ab: ranks=$ranks rounds=$rounds steps=$steps (skip $skip);" \
+  "A: ${env_a:-(no environment)} ${set_a[*]-}; B: ${env_b:-(no environment)} ${set_b[*]-}"
 for ((r = 0; r < rounds; r++)); do
   if ((r % 2 == 0)); then
-    a=$(run_once "$env_a"); b=$(run_once "$env_b")
+    a=$(run_once "$env_a" ${set_a[@]+"${set_a[@]}"}); b=$(run_once "$env_b" ${set_b[@]+"${set_b[@]}"})
   else
-    b=$(run_once "$env_b"); a=$(run_once "$env_a")
+    b=$(run_once "$env_b" ${set_b[@]+"${set_b[@]}"}); a=$(run_once "$env_a" ${set_a[@]+"${set_a[@]}"})
   fi
   ratio=$(python3 -c "print(f'{$b / $a:.4f}')")
   ratios+=("$ratio")
