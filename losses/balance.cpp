@@ -74,6 +74,15 @@ torch::Tensor mean_scores(const torch::Tensor& scores, const torch::Tensor& vali
   return (scores * w).sum(0) / n;
 }
 
+torch::Tensor mean_scores_backward(const torch::Tensor& grad_P, const torch::Tensor& valid,
+                                   int64_t num_rows) {
+  const int64_t E = grad_P.size(-1);
+  if (!valid.defined()) return grad_P.unsqueeze(0).expand({num_rows, E}) / num_rows;
+  auto w = valid.to(grad_P.scalar_type()).unsqueeze(-1);
+  auto n = valid.sum().clamp_min(1).to(grad_P.scalar_type());
+  return (grad_P / n).unsqueeze(0).expand({num_rows, E}) * w;
+}
+
 torch::Tensor load_balancing_loss(const torch::Tensor& counts, double num_tokens,
                                   const torch::Tensor& prob_mean, int64_t top_k, double alpha) {
   const int64_t E = prob_mean.size(-1);

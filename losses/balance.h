@@ -66,6 +66,12 @@ torch::Tensor selection_frequency(const torch::Tensor& counts, double num_tokens
 /// Differentiable in scores.
 torch::Tensor mean_scores(const torch::Tensor& scores, const torch::Tensor& valid = {});
 
+/// The gradient (T, E) of mean_scores(scores, valid) with respect to scores (T rows) for the
+/// gradient grad_P (E,) of its result: the ops autograd runs for it, in its order, so the same
+/// bits, without building or running a graph.
+torch::Tensor mean_scores_backward(const torch::Tensor& grad_P, const torch::Tensor& valid,
+                                   int64_t num_rows);
+
 /// LBL(f, P) = alpha * E * sum_i f_i * P_i, with f = counts / (K * num_tokens).
 /// counts and num_tokens may be counted over a larger set than P (the global batch): only P
 /// carries gradient. Equals alpha at perfect balance and alpha * E when every token picks

@@ -86,4 +86,11 @@ torch::Tensor BalanceSubset::weighted_score_sum(const torch::Tensor& scores_TE,
   return (scores_TE * rows_T.unsqueeze(-1).to(scores_TE.scalar_type())).sum(0) * scale;
 }
 
+torch::Tensor BalanceSubset::weighted_score_sum_backward(const torch::Tensor& grad_E,
+                                                         const torch::Tensor& rows_T) const {
+  const double scale = subset_tokens_ > 0 ? step_tokens_ / static_cast<double>(subset_tokens_) : 0;
+  return (grad_E * scale).unsqueeze(0).expand({rows_T.size(0), grad_E.size(-1)}) *
+         rows_T.unsqueeze(-1).to(grad_E.scalar_type());
+}
+
 }  // namespace gbmoe

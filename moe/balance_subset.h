@@ -63,6 +63,10 @@ class BalanceSubset {
   /// The same over rows_T (T,) bool, rows an earlier next_micro_batch() call of this step gave.
   torch::Tensor weighted_score_sum(const torch::Tensor& scores_TE,
                                    const torch::Tensor& rows_T) const;
+  /// The gradient (T, E) of weighted_score_sum(scores_TE, rows_T) with respect to scores_TE for
+  /// the gradient grad_E of its result: autograd's ops in its order (the same bits), no graph.
+  torch::Tensor weighted_score_sum_backward(const torch::Tensor& grad_E,
+                                            const torch::Tensor& rows_T) const;
 
   double step_tokens() const { return step_tokens_; }       // N
   int64_t subset_tokens() const { return subset_tokens_; }  // n_S

@@ -43,7 +43,9 @@ struct Dispatched {
   torch::Tensor group_sizes;  // (E_local,) int64 on CPU: rows of each local expert
   torch::Tensor token_index;  // (N_sent,) int64 source token of each row this process sent
   torch::Tensor weights;      // (N_sent,) combine weight of each sent row (differentiable);
-                              // the sent rows are `tokens` for the local dispatcher
+                              // the sent rows are `tokens` for the local dispatcher. MoELayer
+                              // may replace it between dispatch and combine (the objective's
+                              // balance tie): combine must weight with this field.
   int64_t num_tokens = 0;     // T of the input
   int64_t num_dropped = 0;    // assignments dropped by capacity
   /// Backend state that combine needs (e.g. the all-to-all split sizes); opaque to callers.

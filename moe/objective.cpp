@@ -5,6 +5,7 @@
 #include "moe/objective.h"
 
 #include <string>
+#include <utility>
 
 #include "moe/profile_region.h"
 
@@ -158,7 +159,7 @@ TrainingObjective::TrainingObjective(std::vector<MoELayer> layers, BalanceOption
 TrainingObjective::~TrainingObjective() {
   // Reductions still in flight write into this objective's buffers: let them finish.
   for (auto& micro : staged_) {
-    if (micro->counts_wait) micro->counts_wait();
+    if (micro->counts_wait) std::exchange(micro->counts_wait, nullptr)();
   }
   if (tokens_wait_) tokens_wait_();
 }
@@ -307,7 +308,8 @@ void TrainingObjective::micro_batch_backward(RoutingContext& routing,
   resolve(*micro);  // when no tied gradient did (scopes micro and sequence, loss-free)
   TORCH_CHECK(micro->ties_run == micro->tied_layers, "micro_batch_backward(): the balance ",
               "gradient of ", micro->tied_layers - micro->ties_run, " of ", micro->tied_layers,
-              " MoE layers did not run: their output must be part of task_loss_sum's graph");
+              " MoE layers did not run: their output, combined with the combine weights the ",
+              "routing context returned, must be part of task_loss_sum's graph");
 }
 
 torch::Tensor TrainingObjective::micro_batch_loss(RoutingContext& routing,
@@ -315,12 +317,15 @@ torch::Tensor TrainingObjective::micro_batch_loss(RoutingContext& routing,
   auto micro = staged_micro_batch(routing, "micro_batch_loss");
   auto local = local_terms(routing, task_loss_sum, *micro);
   resolve(*micro);  // the value and the global-batch terms need the counts and N now
-  // The global or group LBL terms enter this graph; the ties to the layers' outputs stand aside.
+  // The global or group LBL terms enter this graph; the ties to the layers' weights stand aside.
   micro->direct = true;
   for (int64_t l = 0; l < num_layers(); ++l) {
     if (!micro->f[l].defined()) continue;
     const double alpha_E = options_.alpha() * static_cast<double>(experts(l));
-    local = local + alpha_E * (micro->f[l] * micro->P[l]).sum() * micro->n[l];
+    const auto& rt = routing.layers()[l].routing;
+    auto P = subset_ ? subset_->weighted_score_sum(rt.scores, micro->subset_rows)
+                     : mean_scores(rt.scores, rt.valid);
+    local = local + alpha_E * (micro->f[l] * P).sum() * micro->n[l];
   }
   return StepTermFunction::apply(local, micro->value, micro);
 }
@@ -365,7 +370,11 @@ torch::Tensor TrainingObjective::local_layer_terms(int64_t l, const RoutingRecor
       case BalanceScope::Group:
         // The global-batch term's gradient is tied to the layer's weights (on_weights). Its
         // f . P n; with shuffle f . (the subset's score sum scaled to N), multiplier 1.
-        micro.P[l] = subset_ ? subset_->weighted_score_sum(rt.scores, micro.subset_rows) : P;
+        // Kept without its graph: a differentiable P would tie the micro-batch to the graph,
+        // and through a checkpoint's saved state (which holds this objective's tie) back to
+        // itself, so it would never be freed.
+        micro.P[l] =
+            (subset_ ? subset_->weighted_score_sum(rt.scores, micro.subset_rows) : P).detach();
         micro.n[l] = subset_ ? 1.0 : n;
         if (rt.scores.requires_grad() && torch::GradMode::is_enabled()) ++micro.tied_layers;
         if (options_.micro_alpha() > 0) lbl = micro_lbl(options_.micro_alpha());
@@ -465,11 +474,8 @@ torch::Tensor TrainingObjective::tied_balance_gradient(MicroBatch& micro, int64_
   const auto dtype = scores.scalar_type();
   auto grad_P = (grad_scale.to(dtype) * weight().to(dtype)) * micro.n[l];
   grad_P = (grad_P * (options_.alpha() * static_cast<double>(E))).expand({E}) * micro.f[l];
-  auto s = scores.detach().requires_grad_(true);
-  torch::AutoGradMode grad_mode(true);
-  auto P =
-      subset_ ? subset_->weighted_score_sum(s, micro.subset_rows) : mean_scores(s, micro.valid[l]);
-  return torch::autograd::grad({P}, {s}, {grad_P})[0];
+  return subset_ ? subset_->weighted_score_sum_backward(grad_P, micro.subset_rows)
+                 : mean_scores_backward(grad_P, micro.valid[l], scores.size(0));
 }
 
 void TrainingObjective::accumulate_bias_votes(int64_t l, const RoutingRecord& r) {

@@ -206,9 +206,9 @@ StepLosses forward_backward(LanguageModel& model, TrainingObjective& objective,
     objective.micro_batch_backward(done.routing, done.task);
   };
   // Forward ahead: micro-batch m + 1's forward runs before m's backward, so m's count reduction
-  // has that whole forward to arrive in, and a rank that runs behind is met once per step rather
-  // than once per micro-batch. It holds one more micro-batch's activations, so it is used only
-  // where the backward waits for other ranks' counts.
+  // has that whole forward to arrive in, and a rank that runs behind by less than a forward is
+  // not waited for until the end of the step. It holds one more micro-batch's activations, so
+  // it is used only where the backward waits for other ranks' counts.
   const bool ahead =
       forward_ahead && M > 1 && objective.waits_for_counts() && !recomputes_replayed_routing(model);
   if (ahead) {
@@ -508,8 +508,12 @@ bool Trainer::train_step(int64_t step, int64_t stop_after) {
     monitor_->after_forward(step + 1, m, b, routings_of(routing));
   };
   objective_->set_step(step);  // the Shuffle subset of a resumed step is the uninterrupted one's
-  const auto losses = forward_backward(model_, *objective_, micro, device_, autocast_bf16_, hooks,
-                                       config_.train.forward_ahead);
+  // The monitor switches replay on per micro-batch in before_forward, so forward_backward cannot
+  // see it: a recomputed block would reuse the next micro-batch's replayed ids.
+  const bool ahead = config_.train.forward_ahead && !(config_.train.activation_checkpointing &&
+                                                      !config_.train.routing_replay.empty());
+  const auto losses =
+      forward_backward(model_, *objective_, micro, device_, autocast_bf16_, hooks, ahead);
   const bool stop_after_here = stop_after >= 0 && step + 1 >= stop_after;
   auto flags = torch::tensor(
       {losses.finite ? 0.0 : 1.0, stop_requested() ? 1.0 : 0.0, stop_after_here ? 1.0 : 0.0},

@@ -31,6 +31,7 @@ struct StepLosses {
 };
 
 /// Optional calls around each micro-batch's forward (gbmoe-train's RoutingMonitor uses them).
+/// With forward_ahead, those of micro-batch m + 1 run before micro-batch m's backward.
 struct MicroBatchHooks {
   std::function<void(int64_t micro_batch, const Batch& batch)> before_forward;
   std::function<void(int64_t micro_batch, const Batch& batch, const RoutingContext& routing)>
@@ -43,11 +44,13 @@ struct MicroBatchHooks {
 /// ranks in the forward pass), and the gradients
 /// accumulate in the parameters' .grad (not yet averaged over ranks). Opens the objective's
 /// step (begin_step); the caller averages gradients, steps the optimizer and calls end_step().
-/// forward_ahead (train.forward_ahead): where the objective waits for other ranks' counts and
-/// there are several micro-batches, micro-batch m + 1's forward runs before m's backward (the
-/// same gradients, bit for bit; one more micro-batch's activations held). Not with activation
-/// checkpointing of a router in replay or record mode, whose recomputation needs the forward
-/// it recomputes to be the router's last.
+/// forward_ahead (train.forward_ahead): where the objective waits for other ranks' counts
+/// (objective.waits_for_counts()) and there are several micro-batches, micro-batch m + 1's
+/// forward runs before m's backward (the same gradients, bit for bit; one more micro-batch's
+/// activations held). Not with activation checkpointing of a router in replay or record mode
+/// when the step begins, whose recomputation needs the forward it recomputes to be the router's
+/// last; a caller that switches replay on in before_forward must pass false itself (the
+/// trainer does, for train.routing_replay with activation checkpointing).
 ///
 /// Example:
 ///   auto losses = forward_backward(model, objective, micro_batches, device, false);

@@ -8,6 +8,24 @@
 namespace gbmoe {
 namespace {
 
+// mean_scores_backward is autograd's gradient of mean_scores, bit for bit, with and without a
+// mask (one with no valid row), in fp32 and fp64.
+TEST(MeanScores, BackwardIsAutogradsGradientBitForBit) {
+  torch::manual_seed(3);
+  for (auto dtype : {torch::kFloat, torch::kDouble}) {
+    auto scores = torch::rand({7, 5}, dtype).requires_grad_();
+    auto grad_P = torch::randn({5}, dtype);
+    auto some = torch::tensor({true, false, true, true, false, true, false});
+    for (const auto& valid : {torch::Tensor(), some, torch::zeros({7}, torch::kBool)}) {
+      auto expected = torch::autograd::grad({mean_scores(scores, valid)}, {scores}, {grad_P})[0];
+      auto got = mean_scores_backward(grad_P, valid, 7);
+      EXPECT_TRUE(torch::equal(got, expected)) << dtype << " mask " << valid.defined();
+      EXPECT_GT(got.abs().sum().item<double>() + (valid.defined() && !valid.any().item<bool>()),
+                0.0);
+    }
+  }
+}
+
 TEST(LoadBalancingLoss, EqualsAlphaAtPerfectBalance) {
   const int64_t E = 4, K = 2;
   auto counts = torch::full({E}, 5, torch::kLong);  // 10 tokens x 2 selections spread evenly

@@ -15,6 +15,27 @@ constexpr int64_t kD = 8, kE = 5, kK = 2;
 constexpr double kAlpha = 0.1;
 constexpr uint64_t kSeed = 77;
 
+// weighted_score_sum_backward is autograd's gradient of weighted_score_sum, bit for bit.
+TEST(BalanceSubset, ScoreSumBackwardIsAutogradsGradientBitForBit) {
+  torch::manual_seed(4);
+  BalanceSubset subset(kSeed);
+  const int64_t T = 12;
+  auto valid = torch::ones({T}, torch::kBool);
+  valid[3] = false;
+  subset.begin_step(0, 1, valid.sum().item<double>(), nullptr);
+  auto rows = subset.next_micro_batch(valid);
+  ASSERT_GT(rows.sum().item<int64_t>(), 0);
+  for (auto dtype : {torch::kFloat, torch::kDouble}) {
+    auto scores = torch::rand({T, kE}, dtype).requires_grad_();
+    auto grad_E = torch::randn({kE}, dtype);
+    auto expected =
+        torch::autograd::grad({subset.weighted_score_sum(scores, rows)}, {scores}, {grad_E})[0];
+    auto got = subset.weighted_score_sum_backward(grad_E, rows);
+    EXPECT_TRUE(torch::equal(got, expected)) << dtype;
+    EXPECT_GT(got.abs().sum().item<double>(), 0.0);
+  }
+}
+
 TEST(BalanceSubset, SizeIsAMicroBatchOnAverage) {
   EXPECT_EQ(shuffle_subset_size(8, 2, 2), 2);
   EXPECT_EQ(shuffle_subset_size(10, 2, 2), 3);  // 2.5 rounds up

@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include "moe/checkpoint.h"
 #include "tests/test_util.h"
 
 namespace gbmoe {
@@ -424,6 +425,36 @@ TEST(TrainingObjective, LaterForwardsBeforeABackwardGiveTheSameStep) {
   objective.end_step();
 }
 
+// A step's micro-batches are freed with it, under activation checkpointing too (whose saved
+// state holds the objective's tie, and so the micro-batch): the counts tensor of the context's
+// record, which the micro-batch keeps, has no other owner once the step and the context are gone.
+TEST(TrainingObjective, AStepsMicroBatchesAreFreedWithIt) {
+  auto layer = make_layer();
+  auto reducer = std::make_shared<FakeReducer>(torch::tensor({1.0, 2.0, 0.0, 1.0, 4.0}), 2, 4.0);
+  for (bool direct : {false, true}) {
+    TrainingObjective objective({layer}, options(BalanceScope::Global).micro_alpha(0.02),
+                                {reducer, reducer});
+    objective.begin_step(1, 4);
+    torch::Tensor counts;
+    {
+      auto routing = objective.context();
+      auto x = torch::randn({4, kD}, torch::kDouble).requires_grad_();
+      auto y = checkpoint(
+          [&](const torch::Tensor& in, RoutingContext* r) { return layer->forward(in, {}, r); }, x,
+          &routing);
+      counts = routing.layers()[0].routing.counts;
+      auto task = y.square().sum();
+      if (direct) {
+        objective.micro_batch_loss(routing, task).backward();
+      } else {
+        objective.micro_batch_backward(routing, task);
+      }
+    }
+    objective.end_step();
+    EXPECT_EQ(counts.use_count(), 1) << (direct ? "micro_batch_loss" : "micro_batch_backward");
+  }
+}
+
 TEST(TrainingObjective, MisuseIsReportedClearly) {
   auto layer = make_layer();
   TrainingObjective objective({layer}, options(BalanceScope::Global));
@@ -448,13 +479,13 @@ TEST(TrainingObjective, MisuseIsReportedClearly) {
       "micro-batch 2 in a step opened for 1");
   expect_throw_with([&] { objective.begin_step(1, 4); }, "begin_step() inside a step");
   objective.end_step();
-  // The balance gradient is tied to the layer's output: a term without it is refused.
+  // The balance gradient is tied to the layer's combine weights: a term without them is refused.
   TrainingObjective with_z({layer}, options(BalanceScope::Global).z_loss(0.01));
   with_z.begin_step(1, 4);
   auto routing = with_z.context();
   layer->forward(torch::randn({4, kD}, torch::kDouble), {}, &routing);
   expect_throw_with([&] { with_z.micro_batch_backward(routing, torch::zeros({})); },
-                    "their output must be part of task_loss_sum's graph");
+                    "must be part of task_loss_sum's graph");
   expect_throw_with([&] { objective.begin_step(0, 4); }, "num_micro_batches (0)");
   expect_throw_with([] { TrainingObjective({}, BalanceOptions()); }, "at least one MoE layer");
 }
